@@ -1,0 +1,114 @@
+"""Configuration, validated once at the edge.
+
+`EngineArgs` is what users write (CLI flags, `engine_kwargs` of an LLMConfig), with vLLM's names; pydantic
+checks it and names the field and the fix when a value is wrong; an unknown key is an error. Inside the
+stack everything reads the frozen `EngineConfig` it produces.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+DEFAULT_MAX_PIXELS = 12845056  # Qwen2.5-VL's released preprocessor default (16384 * 28 * 28)
+
+
+class EngineArgs(BaseModel):
+    """Engine options, with the names vLLM users already write (`engine_kwargs`, `vllm serve` flags)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, protected_namespaces=())
+
+    model: str = Field("demo", description="checkpoint directory or Hugging Face repo id")
+    served_model_name: str | None = Field(None, description="model id in the API; default: `model`")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
+    max_num_seqs: int = Field(64, ge=1, description="most requests in one batch")
+    max_num_batched_tokens: int | None = Field(
+        None, ge=16, description="token budget per step (chunked prefill); default 8192 on GPU, 2048 on CPU"
+    )
+    block_size: int = Field(16, ge=1, le=256)
+    gpu_memory_utilization: float = Field(0.9, gt=0.0, le=1.0)
+    kv_cache_memory_gb: float | None = Field(
+        None, gt=0.0, description="KV cache size on CPU (GPU sizes it from gpu_memory_utilization)"
+    )
+    num_kv_blocks: int | None = Field(None, ge=2, description="override the number of KV blocks")
+    enable_prefix_caching: bool = True
+    encoder_cache_tokens: int | None = Field(
+        None, ge=1, description="vision-encoder cache capacity in embedding rows; default 4x the token budget"
+    )
+    limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 4})
+    mm_processor_kwargs: dict[str, int] = Field(default_factory=dict)
+    max_queued_requests: int | None = Field(
+        None, ge=1, description="waiting requests before 503; None: no cap"
+    )
+    seed: int = 0
+    enforce_eager: bool = False
+    trust_remote_code: bool = Field(False, description="accepted for vLLM compatibility; never needed")
+
+    @field_validator("limit_mm_per_prompt", "mm_processor_kwargs", mode="before")
+    @classmethod
+    def _json_string(cls, v: Any) -> Any:
+        if isinstance(v, str):
+            try:
+                return json.loads(v)
+            except json.JSONDecodeError as e:
+                raise ValueError(f'expected a JSON object such as {{"image": 3}}, got {v!r}') from e
+        return v
+
+    @field_validator("limit_mm_per_prompt")
+    @classmethod
+    def _limits(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = set(v) - {"image", "video"}
+        if unknown:
+            raise ValueError(f"unknown modality {sorted(unknown)}; supported: image")
+        if any(n < 0 for n in v.values()):
+            raise ValueError("limits must be >= 0")
+        return v
+
+    @field_validator("mm_processor_kwargs")
+    @classmethod
+    def _mm_kwargs(cls, v: dict[str, int]) -> dict[str, int]:
+        unknown = set(v) - {"min_pixels", "max_pixels"}
+        if unknown:
+            raise ValueError(
+                f"unknown mm_processor_kwargs {sorted(unknown)}; supported: min_pixels, max_pixels"
+            )
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> EngineArgs:
+        mp = self.mm_processor_kwargs
+        if "min_pixels" in mp and "max_pixels" in mp and mp["min_pixels"] > mp["max_pixels"]:
+            raise ValueError(
+                f"mm_processor_kwargs.min_pixels ({mp['min_pixels']}) exceeds max_pixels ({mp['max_pixels']})"
+            )
+        return self
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """Resolved engine settings (after the model and the device are known). Frozen: read, never changed."""
+
+    model_path: str
+    served_model_name: str
+    dtype: str
+    device: str
+    max_model_len: int
+    max_num_seqs: int
+    max_num_batched_tokens: int
+    block_size: int
+    gpu_memory_utilization: float
+    kv_cache_memory_bytes: int
+    num_kv_blocks: int | None
+    enable_prefix_caching: bool
+    encoder_cache_tokens: int
+    limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
+    mm_processor_kwargs: dict[str, int] = field(default_factory=dict)
+    max_queued_requests: int | None = None
+    seed: int = 0
+    enforce_eager: bool = False

@@ -1,0 +1,27 @@
+"""Every environment variable vlmserve reads, in one place, typed. Nothing else reads os.environ.
+
+(huggingface_hub reads its own: HF_TOKEN, HF_HOME, HF_HUB_OFFLINE.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+
+def _float(name: str, default: float) -> float:
+    value = os.environ.get(name)
+    return default if value in (None, "") else float(value)
+
+
+def _path(name: str, default: Path) -> Path:
+    value = os.environ.get(name)
+    return default if not value else Path(value).expanduser()
+
+
+# KV cache size on CPU when neither kv_cache_memory_gb nor num_kv_blocks is given.
+VLMSERVE_CPU_KV_CACHE_GB: float = _float("VLMSERVE_CPU_KV_CACHE_GB", 1.0)
+# Where generated artefacts (the random demo checkpoint) are cached.
+VLMSERVE_CACHE_DIR: Path = _path("VLMSERVE_CACHE_DIR", Path.home() / ".cache" / "vlmserve")
+# API keys (comma-separated) when --api-key is not given; unset: any bearer token is accepted.
+VLMSERVE_API_KEY: str | None = os.environ.get("VLMSERVE_API_KEY") or None

@@ -1,0 +1,21 @@
+"""RMSNorm, computed in float32 and cast back before the weight multiply (as the reference does)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, hidden_size: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x32 = x.float()
+        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        # NOTE: the reference casts to the input dtype *before* multiplying by the weight; doing it after
+        # changes bf16 results by one rounding step.
+        return self.weight * x32.to(dtype)

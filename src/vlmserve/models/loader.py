@@ -1,0 +1,189 @@
+"""Find a checkpoint (local directory or Hugging Face repo id) and load it into the model.
+
+Owns: resolving `model_source`, reading config.json, reading safetensors (single file or sharded index),
+dtype and device placement, and the errors a user gets when any of that is wrong. Does not know about the
+engine, the processor or serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+logger = logging.getLogger(__name__)
+
+# What a checkpoint needs at run time; nothing else is downloaded.
+CHECKPOINT_PATTERNS = (
+    "config.json",
+    "generation_config.json",
+    "preprocessor_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.json",
+    "chat_template.jinja",
+    "*.safetensors",
+    "model.safetensors.index.json",
+)
+
+DTYPES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "float": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+    "half": torch.float16,
+}
+
+_REPO_ID = re.compile(r"^[A-Za-z0-9][\w.\-]*/[\w.\-]+$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be found or loaded; the message says what to do."""
+
+
+def resolve_model_path(source: str | Path, revision: str | None = None, token: str | None = None) -> Path:
+    """A local checkpoint directory, or a Hugging Face repo id downloaded (or found in the local HF cache).
+
+    huggingface_hub itself honours HF_TOKEN, HF_HOME and HF_HUB_OFFLINE.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise CheckpointError(f"{path} has no config.json: point model_source at a checkpoint directory")
+        return path.resolve()
+    source = str(source)
+    if not _REPO_ID.match(source):
+        raise CheckpointError(
+            f"model_source {source!r} is neither an existing directory nor a Hugging Face repo id "
+            "(like 'Qwen/Qwen2.5-VL-7B-Instruct')"
+        )
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    try:
+        return Path(
+            snapshot_download(
+                source, revision=revision, token=token, allow_patterns=list(CHECKPOINT_PATTERNS)
+            )
+        )
+    except GatedRepoError as e:
+        raise CheckpointError(
+            f"{source} is a gated model: accept its license at https://huggingface.co/{source} and set "
+            "HF_TOKEN to a token of that account (in Ray: runtime_env.env_vars.HF_TOKEN)"
+        ) from e
+    except RepositoryNotFoundError as e:
+        raise CheckpointError(
+            f"Hugging Face repo {source!r} does not exist or is private: check the id, or set HF_TOKEN "
+            "to a token that can read it"
+        ) from e
+    except RevisionNotFoundError as e:
+        raise CheckpointError(f"revision {revision!r} does not exist in {source}") from e
+    except LocalEntryNotFoundError as e:
+        raise CheckpointError(
+            f"{source} is not in the local Hugging Face cache and cannot be downloaded (offline: "
+            "HF_HUB_OFFLINE is set or the hub is unreachable). Download it on a connected machine "
+            "(`huggingface-cli download " + source + "`) or pass a local directory"
+        ) from e
+
+
+def read_config(path: Path) -> Qwen2_5_VLConfig:
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise CheckpointError(f"missing config.json in {path}")
+    try:
+        raw = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{cfg_file} is not valid JSON: {e}") from e
+    gen_file = path / "generation_config.json"
+    if gen_file.is_file():
+        eos = json.loads(gen_file.read_text()).get("eos_token_id")
+        if eos is not None:
+            raw = {**raw, "eos_token_id": eos}
+    try:
+        return Qwen2_5_VLConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"{cfg_file}: {e}") from e
+
+
+def safetensors_files(path: Path) -> list[Path]:
+    index = path / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text()).get("weight_map", {})
+        files = sorted({path / f for f in weight_map.values()})
+        missing = [f.name for f in files if not f.is_file()]
+        if missing:
+            raise CheckpointError(f"{index} lists shards that are missing from {path}: {', '.join(missing)}")
+        return files
+    single = path / "model.safetensors"
+    if single.is_file():
+        return [single]
+    shards = sorted(path.glob("*.safetensors"))
+    if shards:
+        return shards
+    raise CheckpointError(f"no weights in {path}: expected model.safetensors or model.safetensors.index.json")
+
+
+def iter_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[str, torch.Tensor]]:
+    with tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress) as bar:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, st.get_tensor(name)
+            bar.update(1)
+
+
+def resolve_dtype(dtype: str | torch.dtype, config: Qwen2_5_VLConfig, device: torch.device) -> torch.dtype:
+    """'auto' is the checkpoint's dtype on GPU and float32 on CPU (CPU bf16 matmuls are slow without AMX)."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype == "auto":
+        return DTYPES.get(config.torch_dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise CheckpointError(
+            f"dtype {dtype!r} is not supported; use one of auto, {', '.join(sorted(DTYPES))}"
+        )
+    return DTYPES[dtype]
+
+
+def load_model(
+    path: str | Path,
+    dtype: str | torch.dtype = "auto",
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> Qwen2_5_VLForConditionalGeneration:
+    """Build the model from `path`/config.json and fill it from the safetensors in `path`."""
+    path = Path(path)
+    device = torch.device(device)
+    config = read_config(path)
+    files = safetensors_files(path)
+    torch_dtype = resolve_dtype(dtype, config, device)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config)
+    model = model.to_empty(device=device).to(torch_dtype)
+    model.model.rotary.rebuild(device)
+    written = model.load_weights(iter_weights(files, progress))
+    missing = sorted(model.expected_weight_keys() - written)
+    if missing:
+        shown = ", ".join(m.split("#")[0] for m in missing[:5])
+        raise CheckpointError(
+            f"the checkpoint in {path} lacks {len(missing)} tensor(s) the model needs, e.g. {shown} "
+            "(incomplete download, or weights of another model?)"
+        )
+    return model.eval()

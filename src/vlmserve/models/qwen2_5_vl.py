@@ -1,0 +1,481 @@
+"""Qwen2.5-VL in native PyTorch, read top to bottom.
+
+    config -> vision tower (patch embedding, 2-D rotary, window / full attention blocks, 2x2 patch merger)
+           -> language model (Qwen2: GQA with qkv bias, multimodal RoPE, RMSNorm, SwiGLU) -> logits
+
+The model computes; it does not schedule, sample or own a KV cache. Tokens of many sequences arrive packed
+as one (T, hidden) batch; causal attention with whatever KV cache the caller uses goes through the
+`AttentionBackend` passed to `forward`. Parameter names follow the released checkpoints (`visual.*`,
+`model.*`, `lm_head.*`), except that q/k/v and gate/up projections are fused; `load_weights` maps the
+checkpoint's separate tensors into the fused ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vlmserve.models.layers.activation import silu_and_mul
+from vlmserve.models.layers.attention import AttentionBackend, varlen_attention
+from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary, inverse_frequencies
+
+ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
+
+
+# ----------------------------------------------------------------------------------------------- config
+
+
+@dataclass(frozen=True)
+class VisionConfig:
+    depth: int = 32
+    hidden_size: int = 1280
+    intermediate_size: int = 3420
+    num_heads: int = 16
+    in_channels: int = 3
+    patch_size: int = 14
+    spatial_merge_size: int = 2
+    temporal_patch_size: int = 2
+    window_size: int = 112
+    fullatt_block_indexes: tuple[int, ...] = (7, 15, 23, 31)
+    out_hidden_size: int = 3584
+    tokens_per_second: int = 2
+    rope_theta: float = 10000.0
+
+
+@dataclass(frozen=True)
+class TextConfig:
+    vocab_size: int = 152064
+    hidden_size: int = 3584
+    intermediate_size: int = 18944
+    num_hidden_layers: int = 28
+    num_attention_heads: int = 28
+    num_key_value_heads: int = 4
+    rms_norm_eps: float = 1e-5  # transformers' default when config.json omits it
+    rope_theta: float = 1_000_000.0
+    mrope_section: tuple[int, ...] = (16, 24, 24)
+    max_position_embeddings: int = 128000
+    tie_word_embeddings: bool = False
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+
+@dataclass(frozen=True)
+class Qwen2_5_VLConfig:
+    text: TextConfig
+    vision: VisionConfig
+    image_token_id: int = 151655
+    video_token_id: int = 151656
+    vision_start_token_id: int = 151652
+    vision_end_token_id: int = 151653
+    torch_dtype: str = "bfloat16"
+    eos_token_ids: tuple[int, ...] = ()
+    raw: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
+
+    @classmethod
+    def from_dict(cls, cfg: dict[str, Any]) -> Qwen2_5_VLConfig:
+        """Parse config.json as released (text fields at the top level) or as transformers 5 saves it
+        (text fields under "text_config")."""
+        archs = cfg.get("architectures") or []
+        if not any(a in ARCHITECTURES for a in archs):
+            raise ValueError(
+                f"unsupported architecture {archs or cfg.get('model_type')!r} in config.json; "
+                f"vlmserve supports: {', '.join(ARCHITECTURES)}"
+            )
+        text = dict(cfg)
+        text.update(cfg.get("text_config") or {})
+        rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
+        tie = bool(cfg.get("tie_word_embeddings", False) or text.get("tie_word_embeddings", False))
+        text_fields = {k: text[k] for k in TextConfig.__dataclass_fields__ if k in text}
+        text_fields.pop("tie_word_embeddings", None)
+        if "rope_theta" in rope:
+            text_fields["rope_theta"] = rope["rope_theta"]
+        if "mrope_section" in rope:
+            text_fields["mrope_section"] = tuple(rope["mrope_section"])
+        vis = dict(cfg.get("vision_config") or {})
+        if "in_chans" in vis and "in_channels" not in vis:
+            vis["in_channels"] = vis["in_chans"]
+        vis_rope = vis.get("rope_parameters") or {}
+        vis_fields = {k: vis[k] for k in VisionConfig.__dataclass_fields__ if k in vis}
+        if "rope_theta" in vis_rope:
+            vis_fields["rope_theta"] = vis_rope["rope_theta"]
+        if "fullatt_block_indexes" in vis_fields:
+            vis_fields["fullatt_block_indexes"] = tuple(vis_fields["fullatt_block_indexes"])
+        eos = text.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        ids = {k: text[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id") if k in text}
+        if "vision_end_token_id" in text:
+            ids["vision_end_token_id"] = text["vision_end_token_id"]
+        return cls(
+            text=TextConfig(**text_fields, tie_word_embeddings=tie),
+            vision=VisionConfig(**vis_fields),
+            torch_dtype=str(
+                cfg.get("torch_dtype") or cfg.get("dtype") or text.get("torch_dtype") or "bfloat16"
+            ),
+            eos_token_ids=eos_ids,
+            raw=cfg,
+            **ids,
+        )
+
+
+# --------------------------------------------------------------------------------------- vision tower
+
+
+class PatchEmbed(nn.Module):
+    """(N, C*T*P*P) flattened patches -> (N, hidden). A Conv3d whose kernel equals its stride is a matmul."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.kernel = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
+        self.proj = nn.Conv3d(
+            cfg.in_channels,
+            cfg.hidden_size,
+            kernel_size=self.kernel[1:],
+            stride=self.kernel[1:],
+            bias=False,
+        )
+
+    def forward(self, patches: torch.Tensor) -> torch.Tensor:
+        w = self.proj.weight  # (hidden, C, T, P, P)
+        return patches.to(w.dtype) @ w.view(w.shape[0], -1).t()  # (N, hidden)
+
+
+class VisionAttention(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.num_heads = cfg.num_heads
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
+        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        n = x.shape[0]
+        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (N, H, D)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = varlen_attention(q, k, v, cu_seqlens, scale=self.head_dim**-0.5)  # (N, H, D)
+        return self.proj(out.reshape(n, -1))
+
+
+class VisionMLP(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=True)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class VisionBlock(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6)
+        self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6)
+        self.attn = VisionAttention(cfg)
+        self.mlp = VisionMLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+    ) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class PatchMerger(nn.Module):
+    """Each 2x2 group of neighbouring patches (adjacent rows in the patch order) -> one LM token."""
+
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.merged_dim = cfg.hidden_size * cfg.spatial_merge_size**2
+        self.ln_q = RMSNorm(cfg.hidden_size, eps=1e-6)
+        self.mlp = nn.Sequential(
+            nn.Linear(self.merged_dim, self.merged_dim),
+            nn.GELU(),
+            nn.Linear(self.merged_dim, cfg.out_hidden_size),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.mlp(self.ln_q(x).view(-1, self.merged_dim))
+
+
+@dataclass
+class VisionLayout:
+    """Everything about a batch of images that depends only on their grids, not on pixel values."""
+
+    window_index: torch.Tensor  # (N / unit,) merge-unit order used inside the tower (window-major)
+    reverse_index: torch.Tensor  # (N / unit,) back to raster order for the LM
+    cu_window_seqlens: torch.Tensor  # (W + 1,) window boundaries in patches, window order
+    cu_seqlens: torch.Tensor  # (I * T + 1,) image (frame) boundaries in patches
+    pos_hw: torch.Tensor  # (N, 2) (row, col) of each patch, window order
+
+
+def vision_layout(grids: list[tuple[int, int, int]], cfg: VisionConfig, device: torch.device) -> VisionLayout:
+    """Patch order, windows and 2-D positions for images with grids (t, h, w) in patches.
+
+    Patches arrive from the processor grouped by merge unit: each run of merge**2 consecutive patches is one
+    2x2 block, blocks in raster order. Window attention regroups the blocks into windows of
+    (window_size / patch_size / merge)**2 blocks, raster order inside each window.
+    """
+    m = cfg.spatial_merge_size
+    unit = m * m
+    win = cfg.window_size // m // cfg.patch_size  # window side, in merged blocks
+    window_index, window_lens, pos, frame_lens = [], [], [], []
+    base = 0
+    for t, h, w in grids:
+        bh, bw = h // m, w // m
+        blocks = torch.arange(t * bh * bw).view(t, bh, bw)
+        pad_h, pad_w = -bh % win, -bw % win
+        padded = F.pad(blocks, (0, pad_w, 0, pad_h), value=-1)
+        nh, nw = (bh + pad_h) // win, (bw + pad_w) // win
+        windows = padded.view(t, nh, win, nw, win).permute(0, 1, 3, 2, 4).reshape(t * nh * nw, win * win)
+        keep = windows >= 0
+        window_index.append(windows[keep] + base)
+        lens = keep.sum(-1)
+        window_lens.append(lens[lens > 0] * unit)
+        # (row, col) of each patch in processor order: block (r, c), then the m x m cell inside it.
+        rows = torch.arange(h).view(bh, m, 1, 1).expand(bh, m, bw, m).permute(0, 2, 1, 3).reshape(-1)
+        cols = torch.arange(w).view(1, 1, bw, m).expand(bh, m, bw, m).permute(0, 2, 1, 3).reshape(-1)
+        pos.append(torch.stack([rows, cols], dim=-1).repeat(t, 1))
+        frame_lens += [h * w] * t
+        base += t * bh * bw
+    widx = torch.cat(window_index)
+    zero = torch.zeros(1, dtype=torch.int32)
+    cu_win = torch.cat([zero, torch.cat(window_lens).cumsum(0).to(torch.int32)])
+    cu = torch.cat([zero, torch.tensor(frame_lens).cumsum(0).to(torch.int32)])
+    pos_hw = torch.cat(pos).view(-1, unit, 2)[widx].view(-1, 2)
+    return VisionLayout(
+        window_index=widx.to(device),
+        reverse_index=torch.argsort(widx).to(device),
+        cu_window_seqlens=cu_win.to(device),
+        cu_seqlens=cu.to(device),
+        pos_hw=pos_hw.to(device),
+    )
+
+
+class VisionTransformer(nn.Module):
+    def __init__(self, cfg: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.patch_embed = PatchEmbed(cfg)
+        self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
+        self.merger = PatchMerger(cfg)
+        self.head_dim = cfg.hidden_size // cfg.num_heads
+
+    def rotary(self, pos_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(N, 2) patch (row, col) -> cos, sin (N, head_dim): the first half of the rotary slots follow the
+        row, the second half the column."""
+        inv_freq = inverse_frequencies(self.head_dim // 2, self.cfg.rope_theta, pos_hw.device)  # (D/4,)
+        freqs = (pos_hw[..., None].float() * inv_freq).flatten(1)  # (N, D/2): [row freqs | col freqs]
+        emb = torch.cat([freqs, freqs], dim=-1)  # (N, D)
+        return emb.cos(), emb.sin()
+
+    def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
+        """patches (N, C*T*P*P) for all images, grids [(t, h, w)] -> (N / merge**2, out_hidden)."""
+        layout = vision_layout(grids, self.cfg, patches.device)
+        unit = self.cfg.spatial_merge_size**2
+        x = self.patch_embed(patches)  # (N, hidden)
+        n = x.shape[0]
+        x = x.view(n // unit, unit, -1)[layout.window_index].view(n, -1)  # window order
+        cos, sin = self.rotary(layout.pos_hw)
+        full = set(self.cfg.fullatt_block_indexes)
+        for i, block in enumerate(self.blocks):
+            cu = layout.cu_seqlens if i in full else layout.cu_window_seqlens
+            # NOTE: full attention is per image: cu_seqlens are image boundaries, but the patches are in
+            # window order. That is sound because windows never straddle images, so each image's patches
+            # stay contiguous.
+            x = block(x, cu, cos, sin)
+        return self.merger(x)[layout.reverse_index]  # (N / unit, out_hidden), raster order
+
+
+# ------------------------------------------------------------------------------------- language model
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # (T, Hq, D)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, D)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = attn(self.layer_idx, q, k, v)  # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = MLP(cfg)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, list(cfg.mrope_section), cfg.max_position_embeddings
+        )
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """embeds (T, hidden); positions (3, T) multimodal or (T,) text-only -> (T, hidden) final-normed."""
+        cos, sin = self.rotary(positions)  # (T, D) each, computed once for all layers
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
+
+
+# ------------------------------------------------------------------------------------------ the model
+
+
+class Qwen2_5_VLForConditionalGeneration(nn.Module):
+    def __init__(self, cfg: Qwen2_5_VLConfig) -> None:
+        super().__init__()
+        self.config = cfg
+        self.visual = VisionTransformer(cfg.vision)
+        self.model = Qwen2Model(cfg.text)
+        if not cfg.text.tie_word_embeddings:
+            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+
+    def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
+        """All images' patches packed (N, C*T*P*P) -> one (tokens_i, hidden) embedding per image."""
+        out = self.visual(patches, grids)
+        unit = self.config.vision.spatial_merge_size**2
+        return list(out.split([t * h * w // unit for t, h, w in grids]))
+
+    def embed(
+        self,
+        token_ids: torch.Tensor,
+        image_embeds: torch.Tensor | None = None,
+        image_mask: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """token_ids (T,) -> (T, hidden), with rows where image_mask is set replaced by image_embeds in order."""
+        x = self.model.embed_tokens(token_ids)
+        if image_embeds is not None and image_mask is not None:
+            x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype))
+        return x
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        return self.model(embeds, positions, attn)
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = (
+            self.model.embed_tokens.weight if self.config.text.tie_word_embeddings else self.lm_head.weight
+        )
+        return hidden @ weight.t()
+
+    # --- weights -------------------------------------------------------------------------------------
+
+    # (checkpoint name fragment, fused parameter fragment, shard index) for separately stored projections.
+    FUSED: tuple[tuple[str, str, int], ...] = (
+        (".self_attn.q_proj.", ".self_attn.qkv_proj.", 0),
+        (".self_attn.k_proj.", ".self_attn.qkv_proj.", 1),
+        (".self_attn.v_proj.", ".self_attn.qkv_proj.", 2),
+        (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
+        (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
+    )
+
+    def shard_slices(self, fused_name: str) -> list[slice]:
+        """Row ranges of each shard inside a fused parameter."""
+        if ".self_attn.qkv_proj." in fused_name:
+            layer = self.model.layers[0].self_attn
+            q, kv = layer.q_size, layer.kv_size
+            return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
+        if fused_name.startswith("visual."):
+            inter = self.config.vision.intermediate_size
+        else:
+            inter = self.model.layers[0].mlp.down_proj.in_features
+        return [slice(0, inter), slice(inter, 2 * inter)]
+
+    @staticmethod
+    def canonical_name(name: str) -> str:
+        """Checkpoint names as released (`visual.`, `model.`) or as transformers 5 saves them
+        (`model.visual.`, `model.language_model.`) -> our names."""
+        if name.startswith("model.visual."):
+            return name[len("model.") :]
+        if name.startswith("model.language_model."):
+            return "model." + name[len("model.language_model.") :]
+        return name
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+        """Copy checkpoint tensors into parameters (casting dtype). Returns the parameter names written;
+        raises on an unexpected tensor or a shape mismatch."""
+        params = dict(self.named_parameters())
+        written: set[str] = set()
+        for raw_name, tensor in weights:
+            name = self.canonical_name(raw_name)
+            if self.config.text.tie_word_embeddings and name == "lm_head.weight":
+                continue  # tied: the embedding table is the head
+            target, rows = name, slice(None)
+            for ckpt_part, fused_part, shard in self.FUSED:
+                if ckpt_part in name:
+                    target = name.replace(ckpt_part, fused_part)
+                    rows = self.shard_slices(target)[shard]
+                    break
+            param = params.get(target)
+            if param is None:
+                raise ValueError(
+                    f"unexpected tensor {raw_name!r} in the checkpoint: Qwen2.5-VL has no such parameter "
+                    "(is the config.json from the same model as the weights?)"
+                )
+            dest = param.data[rows]
+            if dest.shape != tensor.shape:
+                raise ValueError(
+                    f"shape mismatch for {raw_name!r}: checkpoint has {tuple(tensor.shape)}, the model built "
+                    f"from config.json expects {tuple(dest.shape)}"
+                )
+            dest.copy_(tensor)
+            written.add(target if rows == slice(None) else f"{target}#{rows.start}")
+        return written
+
+    def expected_weight_keys(self) -> set[str]:
+        """The `written` keys a complete checkpoint produces (fused parameters count once per shard)."""
+        keys: set[str] = set()
+        for name, _ in self.named_parameters():
+            if any(fused in name for _, fused, _ in self.FUSED):
+                keys |= {f"{name}#{s.start}" for s in self.shard_slices(name)}
+            else:
+                keys.add(name)
+        return keys

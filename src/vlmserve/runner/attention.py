@@ -1,0 +1,80 @@
+"""Paged attention in plain torch: correct on any device, the reference for faster kernels.
+
+The KV cache of each layer is a pair of (num_blocks, block_size, Hkv, D) tensors. A sequence's tokens live in
+the blocks of its block table, in order. Per forward, `PagedAttentionMetadata` says where each new token's
+K/V goes (slot_mapping) and which cached tokens each sequence attends to.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from vlmserve.models.layers.attention import causal_attention
+
+
+@dataclass
+class PagedAttentionMetadata:
+    slot_mapping: torch.Tensor  # (T,) int64: block_id * block_size + offset of each new token
+    query_lens: list[int]  # (B,) new tokens per sequence, packed in this order
+    seq_lens: list[int]  # (B,) context length per sequence after this step (cached + new)
+    block_tables: torch.Tensor  # (B, max_blocks) int64, padded with 0 (never read past seq_len)
+    # Sequences with exactly one new token (decodes) go through one batched call.
+    decode_rows: list[int]
+    prefill_rows: list[int]
+
+
+class TorchPagedAttention:
+    """AttentionBackend over a paged KV cache, in torch ops."""
+
+    def __init__(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: PagedAttentionMetadata, scale: float
+    ) -> None:
+        self.kv_caches = kv_caches
+        self.meta = meta
+        self.scale = scale
+        m = meta
+        self.q_starts = [0]
+        for n in m.query_lens:
+            self.q_starts.append(self.q_starts[-1] + n)
+        if m.decode_rows:
+            dev = m.block_tables.device
+            rows = torch.tensor(m.decode_rows, device=dev)
+            self.decode_q_index = torch.tensor([self.q_starts[r] for r in m.decode_rows], device=dev)
+            lens = torch.tensor([m.seq_lens[r] for r in m.decode_rows], device=dev)
+            max_len = int(lens.max())
+            block_size = kv_caches[0][0].shape[1]
+            n_blocks = -(-max_len // block_size)
+            self.decode_tables = m.block_tables[rows, :n_blocks]  # (Bd, nb)
+            self.decode_max_len = max_len
+            # (Bd, 1, 1, S) key mask: positions past each sequence's length are padding.
+            self.decode_mask = (torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_caches[layer_idx]  # (N, bs, Hkv, D)
+        _, block_size, hkv, dim = k_cache.shape
+        k_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, k.to(k_cache.dtype))
+        v_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, v.to(v_cache.dtype))
+        out = torch.empty_like(q)  # (T, Hq, D)
+        m = self.meta
+        for r in m.prefill_rows:
+            s, e, seq_len = self.q_starts[r], self.q_starts[r + 1], m.seq_lens[r]
+            table = m.block_tables[r, : -(-seq_len // block_size)]
+            ks = k_cache[table].view(-1, hkv, dim)[:seq_len]
+            vs = v_cache[table].view(-1, hkv, dim)[:seq_len]
+            out[s:e] = causal_attention(q[s:e], ks.to(q.dtype), vs.to(q.dtype), self.scale)
+        if m.decode_rows:
+            hq = q.shape[1]
+            bd = len(m.decode_rows)
+            qd = q[self.decode_q_index].view(bd, hq, 1, dim)  # (Bd, Hq, 1, D)
+            kd = k_cache[self.decode_tables].view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+            vd = v_cache[self.decode_tables].view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+            kd, vd = (t.transpose(1, 2).to(q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
+            if hkv != hq:
+                kd = kd.repeat_interleave(hq // hkv, dim=1)
+                vd = vd.repeat_interleave(hq // hkv, dim=1)
+            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, scale=self.scale)
+            out[self.decode_q_index] = od.view(bd, hq, dim)
+        return out

@@ -1,0 +1,197 @@
+"""The model runner: the one place that turns scheduled work into tensors.
+
+Owns the model, the paged KV cache, the vision-encoder output cache and per-request sampling state (seeded
+generators). Each `execute(scheduler_output)` encodes the images the scheduler asked for, packs every
+scheduled request's new tokens into one batch (token ids, multimodal positions, KV slots, image rows),
+runs one forward, and samples for the requests whose prompt is complete. It does not decide what runs.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import dataclass
+
+import torch
+
+from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
+from vlmserve.runner.sampler import Sampler, build_sampling_batch, make_generator
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class SampledToken:
+    token_id: int
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+
+
+def kv_bytes_per_block(model: Qwen2_5_VLForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
+    t = model.config.text
+    elem = torch.tensor([], dtype=dtype).element_size()
+    return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * elem
+
+
+class ModelRunner:
+    def __init__(
+        self,
+        model: Qwen2_5_VLForConditionalGeneration,
+        num_blocks: int,
+        block_size: int,
+        eos_token_ids: tuple[int, ...],
+    ) -> None:
+        self.model = model
+        param = next(model.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.block_size = block_size
+        self.num_blocks = num_blocks
+        self.eos_token_ids = list(eos_token_ids)
+        t = model.config.text
+        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=self.dtype, device=self.device),
+            )
+            for _ in range(t.num_hidden_layers)
+        ]
+        self.scale = t.head_dim**-0.5
+        self.image_token_id = model.config.image_token_id
+        self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> (tokens, hidden)
+        self.generators: dict[str, torch.Generator | None] = {}
+        self.sampler = Sampler()
+
+    # --- encoder ---------------------------------------------------------------------------------------
+
+    def _run_encoder(self, sched) -> None:
+        todo: dict[str, object] = {}
+        for req, idx in sched.encoder_inputs:
+            img = req.images[idx]
+            if img.mm_hash not in self.encoder_cache:
+                todo.setdefault(img.mm_hash, img)
+        if not todo:
+            return
+        imgs = list(todo.values())
+        patches = torch.cat([img.data[0] for img in imgs]).to(self.device, self.dtype)
+        grids = [tuple(img.data[1]) for img in imgs]
+        for img, emb in zip(imgs, self.model.encode_images(patches, grids), strict=True):
+            if emb.shape[0] != img.length:
+                raise RuntimeError(
+                    f"image {img.mm_hash}: encoder gave {emb.shape[0]} rows, prompt has {img.length}"
+                )
+            self.encoder_cache[img.mm_hash] = emb
+
+    # --- inputs ----------------------------------------------------------------------------------------
+
+    def _positions(self, req, start: int, n: int) -> torch.Tensor:
+        """(3, n) multimodal positions of tokens [start, start + n)."""
+        mp = req.mrope_positions
+        end = start + n
+        known = 0 if mp is None else mp.shape[1]
+        parts = []
+        if start < known:
+            parts.append(mp[:, start : min(end, known)])
+        if end > known:
+            # Past the original prompt (generated tokens, also when recomputed after preemption).
+            lo = max(start, known)
+            parts.append((torch.arange(lo, end) + req.mrope_delta).expand(3, -1))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    @torch.inference_mode()
+    def execute(self, sched) -> dict[str, SampledToken]:
+        for h in sched.free_encoder_hashes:
+            self.encoder_cache.pop(h, None)
+        for rid in sched.finished_request_ids:
+            self.generators.pop(rid, None)
+        if not sched.scheduled:
+            return {}
+        self._run_encoder(sched)
+
+        bs = self.block_size
+        token_ids: list[int] = []
+        positions: list[torch.Tensor] = []
+        slots: list[torch.Tensor] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        tables: list[list[int]] = []
+        image_rows: list[torch.Tensor] = []
+        image_spans: list[tuple[int, int]] = []  # (flat start, flat end) of rows replaced by image rows
+        sample_index: list[int] = []
+        sample_reqs = []
+        flat = 0
+        for s in sched.scheduled:
+            req, start, n = s.request, s.start, s.num_tokens
+            end = start + n
+            token_ids.extend(req.all_token_ids[start:end])
+            positions.append(self._positions(req, start, n))
+            table = torch.tensor(req.block_ids, dtype=torch.long)
+            idx = torch.arange(start, end)
+            slots.append(table[idx // bs] * bs + idx % bs)
+            query_lens.append(n)
+            seq_lens.append(end)
+            tables.append(req.block_ids)
+            for img in req.images:
+                lo, hi = max(start, img.offset), min(end, img.offset + img.length)
+                if lo < hi:
+                    image_rows.append(self.encoder_cache[img.mm_hash][lo - img.offset : hi - img.offset])
+                    image_spans.append((flat + lo - start, flat + hi - start))
+            flat += n
+            if s.sample:
+                sample_index.append(flat - 1)
+                sample_reqs.append(req)
+
+        dev = self.device
+        ids = torch.tensor(token_ids, device=dev)
+        pos = torch.cat(positions, dim=1).to(dev)
+        max_blocks = max(len(t) for t in tables)
+        block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.long)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
+        meta = PagedAttentionMetadata(
+            slot_mapping=torch.cat(slots).to(dev),
+            query_lens=query_lens,
+            seq_lens=seq_lens,
+            block_tables=block_tables.to(dev),
+            decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
+            prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
+        )
+        if image_rows:
+            mask = torch.zeros(len(token_ids), dtype=torch.bool)
+            for a, b in image_spans:
+                mask[a:b] = True
+            x = self.model.embed(ids, torch.cat(image_rows), mask.to(dev))
+        else:
+            x = self.model.embed(ids)
+        hidden = self.model(x, pos, TorchPagedAttention(self.kv_caches, meta, self.scale))
+        if not sample_reqs:
+            return {}
+        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)]).float()
+        return self._sample(logits, sample_reqs)
+
+    def _sample(self, logits: torch.Tensor, reqs: list) -> dict[str, SampledToken]:
+        gens = []
+        for r in reqs:
+            if r.request_id not in self.generators:
+                self.generators[r.request_id] = make_generator(r.sampling_params.seed, self.device)
+            gens.append(self.generators[r.request_id])
+        batch = build_sampling_batch(
+            [r.sampling_params for r in reqs],
+            [r.output_token_ids for r in reqs],
+            [r.prompt_token_ids for r in reqs],
+            gens,
+            self.eos_token_ids,
+            self.device,
+        )
+        out = self.sampler(logits, batch)
+        result: dict[str, SampledToken] = {}
+        for i, r in enumerate(reqs):
+            lp = out.logprobs[i] if out.logprobs is not None else None
+            top = out.top_logprobs[i] if out.top_logprobs is not None else None
+            result[r.request_id] = SampledToken(out.token_ids[i], lp, top)
+        return result
+
+
+def num_blocks_for_memory(memory_bytes: int, per_block: int) -> int:
+    return max(2, math.floor(memory_bytes / per_block))
