@@ -1,0 +1,169 @@
+"""The engine's async front: the step loop on its own thread, results streamed to asyncio callers.
+
+`generate(request)` hands a request to the loop and yields its `CompletionDelta`s; cancelling the iterator
+(a client that went away) aborts the request and frees its KV blocks. The loop thread owns the `EngineCore`
+entirely: callers only enqueue commands, so tokenization, image decoding and JSON on the event loop never
+stall a step, and a step never blocks the event loop. Torch releases the GIL inside kernels.
+
+What it does not know: HTTP, OpenAI shapes, images. It only moves requests in and deltas out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from vlmserve.engine.core import EngineCore
+from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.outputs import CompletionDelta
+
+logger = logging.getLogger(__name__)
+
+# After this many consecutive failed steps the engine is declared dead: /health fails so a supervisor
+# (Ray Serve, Kubernetes) replaces the process.
+MAX_CONSECUTIVE_STEP_FAILURES = 3
+
+
+class EngineDeadError(RuntimeError):
+    pass
+
+
+@dataclass
+class _Add:
+    request: EngineRequest
+    sink: Callable[[list[CompletionDelta]], None]
+    accepted: asyncio.Future
+    loop: asyncio.AbstractEventLoop
+
+
+@dataclass
+class _Abort:
+    request_id: str
+
+
+class AsyncEngine:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self._commands: queue.Queue[Any] = queue.Queue()
+        self._stop = threading.Event()
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[list[CompletionDelta]], None]]] = {}
+        self.dead_reason: str | None = None
+        self.last_step_time = time.monotonic()
+        self._thread = threading.Thread(target=self._run, name="vlmserve-engine", daemon=True)
+        self._thread.start()
+
+    # --- caller side (any event loop) -----------------------------------------------------------------
+
+    @property
+    def is_alive(self) -> bool:
+        return self.dead_reason is None and self._thread.is_alive()
+
+    async def generate(self, request: EngineRequest) -> AsyncIterator[CompletionDelta]:
+        """Yield the request's deltas until every choice finished. Raises the engine's validation errors
+        (prompt too long, queue full) before the first delta."""
+        if not self.is_alive:
+            raise EngineDeadError(f"engine is not running: {self.dead_reason or 'stopped'}")
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue[list[CompletionDelta]] = asyncio.Queue()
+        accepted: asyncio.Future = loop.create_future()
+        self._commands.put(_Add(request, inbox.put_nowait, accepted, loop))
+        await accepted  # raises the core's ValueError / QueueFullError
+        n = request.sampling_params.n
+        done = 0
+        try:
+            while done < n:
+                for delta in await inbox.get():
+                    if delta.finished:
+                        done += 1
+                    yield delta
+        finally:
+            if done < n:
+                self.abort(request.request_id)
+
+    def abort(self, request_id: str) -> None:
+        self._commands.put(_Abort(request_id))
+
+    def stats(self) -> dict[str, float]:
+        return self.core.stats()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        self._stop.set()
+        self._commands.put(None)
+        self._thread.join(timeout)
+
+    # --- loop thread ------------------------------------------------------------------------------------
+
+    def _handle(self, cmd: Any) -> None:
+        if isinstance(cmd, _Add):
+            rid = cmd.request.request_id
+            try:
+                self.core.add_request(cmd.request)
+            except Exception as e:
+                cmd.loop.call_soon_threadsafe(_set_exception, cmd.accepted, e)
+                return
+            self._sinks[rid] = (cmd.loop, cmd.sink)
+            cmd.loop.call_soon_threadsafe(_set_result, cmd.accepted, None)
+        elif isinstance(cmd, _Abort):
+            self._sinks.pop(cmd.request_id, None)
+            self.core.abort(cmd.request_id)
+
+    def _dispatch(self, deltas: list[CompletionDelta]) -> None:
+        by_request: dict[str, list[CompletionDelta]] = {}
+        for d in deltas:
+            by_request.setdefault(d.request_id, []).append(d)
+        for rid, ds in by_request.items():
+            target = self._sinks.get(rid)
+            if target is None:
+                continue
+            if self.core.is_request_done(rid):
+                self._sinks.pop(rid, None)
+            loop, sink = target
+            loop.call_soon_threadsafe(sink, ds)
+
+    def _run(self) -> None:
+        failures = 0
+        while not self._stop.is_set():
+            # Block for work when idle; otherwise take whatever arrived since the last step.
+            block = not self.core.has_unfinished_requests()
+            try:
+                cmd = self._commands.get(timeout=0.5) if block else self._commands.get_nowait()
+            except queue.Empty:
+                cmd = None
+            while cmd is not None:
+                self._handle(cmd)
+                try:
+                    cmd = self._commands.get_nowait()
+                except queue.Empty:
+                    cmd = None
+            if self._stop.is_set() or not self.core.has_unfinished_requests():
+                continue
+            try:
+                deltas = self.core.step()
+                failures = 0
+            except Exception as e:
+                failures += 1
+                logger.exception("engine step failed (%d in a row)", failures)
+                deltas = self.core.fail_scheduled(f"engine step failed: {type(e).__name__}: {e}")
+                if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
+                    self.dead_reason = f"{failures} consecutive step failures, last: {e!r}"
+                    deltas += self.core.fail_all(self.dead_reason)
+                    self._dispatch(deltas)
+                    return
+            self.last_step_time = time.monotonic()
+            self._dispatch(deltas)
+
+
+def _set_result(fut: asyncio.Future, value: Any) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _set_exception(fut: asyncio.Future, exc: BaseException) -> None:
+    if not fut.done():
+        fut.set_exception(exc)

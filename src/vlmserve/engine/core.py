@@ -1,0 +1,254 @@
+"""The engine core: one synchronous step loop over the scheduler, the model runner and the detokenizers.
+
+    step():  schedule -> runner.execute -> scheduler.update_from_output -> detokenize -> deltas
+
+Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It runs on the
+engine thread (see async_engine.py); it never touches asyncio or HTTP.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vlmserve.config import EngineConfig
+from vlmserve.engine.detokenizer import IncrementalDetokenizer
+from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
+from vlmserve.engine.request import Request, RequestStatus, requests_from_engine_request
+from vlmserve.engine.scheduler import Scheduler, SchedulerConfig
+from vlmserve.models.loader import load_model
+from vlmserve.models.processor import Qwen2_5_VLProcessor
+from vlmserve.runner.model_runner import ModelRunner, SampledToken, kv_bytes_per_block
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class _Choice:
+    """Per-choice state the scheduler does not keep: text, logprobs not yet reported."""
+
+    request_id: str
+    index: int
+    detok: IncrementalDetokenizer
+    pending_ids: list[int] = dataclasses.field(default_factory=list)
+    pending_logprobs: list[TokenLogprob] = dataclasses.field(default_factory=list)
+    reported_tokens: int = 0
+
+
+class EngineCore:
+    def __init__(self, config: EngineConfig, processor: Qwen2_5_VLProcessor | None = None) -> None:
+        self.config = config
+        device = torch.device(config.device)
+        self.processor = processor or Qwen2_5_VLProcessor.from_pretrained(config.model_path)
+        torch.manual_seed(config.seed)
+        self.model = load_model(config.model_path, config.dtype, device)
+        self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
+        dtype = next(self.model.parameters()).dtype
+        per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
+        min_blocks = -(-config.max_model_len // config.block_size) + 1
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
+                "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
+            )
+        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids)
+        # One image must fit into a step's encoder budget and into the encoder cache, whatever the
+        # token budget: size both for the largest image the processor can produce.
+        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
+        max_image_tokens = (
+            max(config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
+        )
+        self.scheduler = Scheduler(
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.max_model_len,
+                block_size=config.block_size,
+                num_blocks=num_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+                encoder_cache_size=max(config.encoder_cache_tokens, max_image_tokens),
+                max_encoder_tokens_per_step=max(config.max_num_batched_tokens, max_image_tokens),
+                max_queued_requests=config.max_queued_requests,
+            ),
+            eos_token_ids=self.eos_token_ids,
+        )
+        self.num_blocks = num_blocks
+        self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
+        self._children: dict[str, list[str]] = {}  # caller's request id -> scheduler request ids
+        self._last_scheduled: list[str] = []
+        self._tokens_generated = 0
+        self._prompt_tokens_computed = 0
+        self._started = time.monotonic()
+        logger.info(
+            "KV cache: %d blocks of %d tokens (%.1f MiB)",
+            num_blocks,
+            config.block_size,
+            num_blocks * per_block / 2**20,
+        )
+
+    def _blocks_from_memory(self, per_block: int, device: torch.device) -> int:
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+            free, total = torch.cuda.mem_get_info(device)
+            used_by_others = total - free - torch.cuda.memory_allocated(device)
+            # Activations at the token budget: measured by the runner's warm-up in a later pass; until
+            # then reserve a conservative slice for them.
+            budget = (
+                total * self.config.gpu_memory_utilization
+                - torch.cuda.memory_allocated(device)
+                - used_by_others
+            )
+            budget -= max(2 << 30, 0.05 * total)
+            return max(2, int(budget // per_block))
+        return max(2, self.config.kv_cache_memory_bytes // per_block)
+
+    # --- requests ----------------------------------------------------------------------------------------
+
+    def add_request(self, req: EngineRequest) -> None:
+        if req.request_id in self._children:
+            raise ValueError(f"request id {req.request_id!r} is already running")
+        children = requests_from_engine_request(req)
+        self.scheduler.add_requests(children)  # all or none: raises on too long / queue full
+        params = req.sampling_params
+        for child in children:
+            self._choices[child.request_id] = _Choice(
+                req.request_id,
+                child.index,
+                IncrementalDetokenizer(
+                    self.processor.tokenizer,
+                    req.prompt_token_ids,
+                    skip_special_tokens=params.skip_special_tokens,
+                    stop=params.stop,
+                    include_stop_str_in_output=params.include_stop_str_in_output,
+                ),
+            )
+        self._children[req.request_id] = [c.request_id for c in children]
+
+    def abort(self, request_id: str) -> None:
+        for rid in self._children.pop(request_id, []):
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
+            self._choices.pop(rid, None)
+
+    def is_request_done(self, request_id: str) -> bool:
+        return request_id not in self._children
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # --- the step ------------------------------------------------------------------------------------------
+
+    def step(self) -> list[CompletionDelta]:
+        sched = self.scheduler.schedule()
+        self._last_scheduled = [s.request.request_id for s in sched.scheduled]
+        sampled = self.runner.execute(sched)
+        for s in sched.scheduled:
+            if s.request.num_output_tokens == 0:
+                self._prompt_tokens_computed += s.num_tokens
+        updated = self.scheduler.update_from_output(sched, {rid: t.token_id for rid, t in sampled.items()})
+        self._tokens_generated += len(sampled)
+        return self._deltas(updated, sampled)
+
+    def _deltas(self, updated: list[Request], sampled: dict[str, SampledToken]) -> list[CompletionDelta]:
+        out: list[CompletionDelta] = []
+        for req in updated:
+            choice = self._choices.get(req.request_id)
+            if choice is None:
+                continue
+            tok = sampled.get(req.request_id)
+            new_ids = req.output_token_ids[choice.reported_tokens :]
+            choice.reported_tokens = len(req.output_token_ids)
+            finished = req.is_finished
+            text_ids = new_ids
+            if finished and new_ids and self._ended_on_stop_token(req):
+                text_ids = new_ids[:-1]  # EOS / a stop token id is reported as a token, never as text
+            delta = choice.detok.update(text_ids, finished=finished)
+            if req.sampling_params.logprobs is not None and tok is not None and tok.logprob is not None:
+                choice.pending_logprobs.append(
+                    TokenLogprob(tok.token_id, tok.logprob, tok.top_logprobs or [])
+                )
+            choice.pending_ids += new_ids
+            if delta.stop_string is not None and not finished:
+                self.scheduler.finish_request(
+                    req.request_id, RequestStatus.FINISHED_STOPPED, delta.stop_string
+                )
+                finished = True
+            if not delta.text and not finished:
+                continue  # hold back ids whose text is not complete yet (partial UTF-8 / possible stop)
+            out.append(self._emit(choice, req, delta.text, finished))
+        return out
+
+    def _ended_on_stop_token(self, req: Request) -> bool:
+        if req.status is not RequestStatus.FINISHED_STOPPED or not req.output_token_ids:
+            return False
+        last = req.output_token_ids[-1]
+        return last in req.sampling_params.stop_token_ids or (
+            not req.sampling_params.ignore_eos and last in self.eos_token_ids
+        )
+
+    def _emit(self, choice: _Choice, req: Request, text: str, finished: bool) -> CompletionDelta:
+        reason = None
+        if finished:
+            reason = req.status.finish_reason or "stop"
+            self._choices.pop(req.request_id, None)
+            siblings = self._children.get(choice.request_id, [])
+            if all(s not in self._choices for s in siblings):
+                self._children.pop(choice.request_id, None)
+        d = CompletionDelta(
+            request_id=choice.request_id,
+            index=choice.index,
+            text=text,
+            token_ids=choice.pending_ids,
+            logprobs=choice.pending_logprobs if req.sampling_params.logprobs is not None else None,
+            finish_reason=reason,
+            stop_reason=req.stop_reason if finished else None,
+            num_prompt_tokens=req.num_prompt_tokens,
+            num_cached_tokens=req.num_cached_tokens,
+            num_output_tokens=req.num_output_tokens,
+        )
+        choice.pending_ids, choice.pending_logprobs = [], []
+        return d
+
+    # --- faults ----------------------------------------------------------------------------------------------
+
+    def fail_scheduled(self, message: str) -> list[CompletionDelta]:
+        """Finish the requests of the step that failed with an error; the rest keep running."""
+        return self._fail([rid for rid in self._last_scheduled if rid in self._choices], message)
+
+    def fail_all(self, message: str) -> list[CompletionDelta]:
+        return self._fail(list(self._choices), message)
+
+    def _fail(self, rids: list[str], message: str) -> list[CompletionDelta]:
+        out = []
+        for rid in rids:
+            choice = self._choices.pop(rid)
+            self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR)
+            siblings = self._children.get(choice.request_id, [])
+            if all(s not in self._choices for s in siblings):
+                self._children.pop(choice.request_id, None)
+            out.append(CompletionDelta(choice.request_id, choice.index, "", [], None, "error", error=message))
+        return out
+
+    # --- stats -------------------------------------------------------------------------------------------------
+
+    def stats(self) -> dict[str, float]:
+        s = self.scheduler.stats()
+        return {
+            "num_requests_running": s.num_running,
+            "num_requests_waiting": s.num_waiting,
+            "kv_cache_usage": s.kv_cache_usage,
+            "num_free_kv_blocks": s.num_free_blocks,
+            "prefix_cache_queries": s.prefix_cache_queries,
+            "prefix_cache_hits": s.prefix_cache_hits,
+            "num_preemptions": s.num_preemptions,
+            "encoder_cache_usage": s.encoder_cache_usage,
+            "generation_tokens_total": self._tokens_generated,
+            "prompt_tokens_computed_total": self._prompt_tokens_computed,
+            "num_kv_blocks": self.num_blocks,
+        }
