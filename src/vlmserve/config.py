@@ -24,6 +24,7 @@ class EngineArgs(BaseModel):
     model: str = Field("demo", description="checkpoint directory or Hugging Face repo id")
     served_model_name: str | None = Field(None, description="model id in the API; default: `model`")
     revision: str | None = None
+    load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (benchmarks)")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
@@ -96,6 +97,7 @@ class EngineConfig:
 
     model_path: str
     served_model_name: str
+    load_format: str
     dtype: str
     device: str
     max_model_len: int

@@ -57,6 +57,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
     return EngineConfig(
         model_path=str(path),
         served_model_name=args.served_model_name or args.model,
+        load_format=args.load_format,
         dtype=args.dtype,
         device=device,
         max_model_len=max_model_len,

@@ -46,7 +46,7 @@ class EngineCore:
         device = torch.device(config.device)
         self.processor = processor or Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model_path, config.dtype, device)
+        self.model = load_model(config.model_path, config.dtype, device, load_format=config.load_format)
         self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
         dtype = next(self.model.parameters()).dtype
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
@@ -179,8 +179,8 @@ class EngineCore:
                     req.request_id, RequestStatus.FINISHED_STOPPED, delta.stop_string
                 )
                 finished = True
-            if not delta.text and not finished:
-                continue  # hold back ids whose text is not complete yet (partial UTF-8 / possible stop)
+            # NOTE: a delta goes out for every new token even when its text is held back (a partial UTF-8
+            # character, a possible stop-string prefix): token ids, logprobs and timing stay per token.
             out.append(self._emit(choice, req, delta.text, finished))
         return out
 

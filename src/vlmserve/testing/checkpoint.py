@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+from vlmserve.models.loader import dummy_tensor
 from vlmserve.testing.tokenizer import build_tokenizer_files, write_preprocessor_config
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -204,19 +205,6 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator) -> torch.Tensor:
-    """Weights scaled so activations stay O(1) through the stack and logits are decisive (top-2 gaps far
-    above float32 rounding, so greedy parity tests are not decided by noise)."""
-    if name.endswith("norm.weight") or "layernorm" in name or name.endswith("ln_q.weight") or ".norm" in name:
-        return 1.0 + 0.1 * torch.randn(shape, generator=gen)
-    if name.endswith(".bias"):
-        return 0.1 * torch.randn(shape, generator=gen)
-    if "embed_tokens" in name:
-        return torch.randn(shape, generator=gen)
-    fan_in = math.prod(shape[1:])
-    return torch.randn(shape, generator=gen) / math.sqrt(fan_in)
-
-
 def write_checkpoint(
     out_dir: str | Path,
     preset: str = "tiny",
@@ -228,8 +216,10 @@ def write_checkpoint(
     max_pixels: int | None = None,
     min_pixels: int = 4 * 28 * 28,
     shards: int = 1,
+    weights: bool = True,
 ) -> Path:
-    """Write a complete checkpoint into `out_dir` and return it. `text` / `vision` override preset fields."""
+    """Write a complete checkpoint into `out_dir` and return it. `text` / `vision` override preset fields.
+    weights=False writes everything but the tensors (for `load_format="dummy"`, e.g. the 7B benchmark)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     p = PRESETS[preset]
@@ -242,9 +232,11 @@ def write_checkpoint(
     (out / "config.json").write_text(json.dumps(config, indent=2))
     write_preprocessor_config(out, min_pixels=min_pixels, max_pixels=max_pixels or p["max_pixels"])
 
+    if not weights:
+        return out
     gen = torch.Generator().manual_seed(seed)
     shapes = tensor_shapes(config)
-    tensors = {name: random_tensor(name, shape, gen).to(dtype) for name, shape in shapes.items()}
+    tensors = {name: dummy_tensor(name, shape, gen).to(dtype) for name, shape in shapes.items()}
     if shards <= 1:
         save_file(tensors, str(out / "model.safetensors"), metadata={"format": "pt"})
     else:

@@ -1,0 +1,216 @@
+"""Offline engine benchmark (no HTTP): time to first token, decode time per token, throughput.
+
+    python -m vlmserve.bench.offline --preset 7b --load-format dummy --hf-baseline --json out.json
+
+Workloads (from the performance targets):
+  W1: one 1280x720 image + a question, 1235 prompt tokens, 128 output tokens (ignore_eos)
+  W2: one 448x448 image + a question, 512 output tokens (ignore_eos)
+The same run measures HF transformers' generate() on the same architecture as the baseline (--hf-baseline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from vlmserve.config import EngineArgs
+from vlmserve.engine.core import EngineCore
+from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.llm import build_engine_config
+from vlmserve.models.processor import Qwen2_5_VLProcessor
+
+WORKLOADS = {"W1": ((1280, 720), 1235, 128), "W2": ((448, 448), None, 512)}
+
+
+@dataclass
+class Prompt:
+    text: str
+    image: Image.Image
+
+
+def synthetic_image(size: tuple[int, int], seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    w, h = size
+    # Smooth gradients + noise: realistic enough for resize, and every seed a distinct image (no cache hits).
+    base = np.linspace(0, 255, w)[None, :, None] * rng.random(3)[None, None, :]
+    arr = (base + rng.integers(0, 64, (h, w, 3))).clip(0, 255).astype(np.uint8)
+    return Image.fromarray(arr, "RGB")
+
+
+def make_prompt(
+    proc: Qwen2_5_VLProcessor, size: tuple[int, int], target_len: int | None, seed: int
+) -> Prompt:
+    """A chat prompt with one image whose token count is `target_len` (padding the question with words)."""
+    image = synthetic_image(size, seed)
+    question = "Describe this image in detail."
+    while True:
+        text = proc.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
+        )
+        n = len(proc.process(text, [image]).token_ids)
+        if target_len is None or n >= target_len:
+            return Prompt(text, image)
+        question += " Please"
+
+
+def run_batch(
+    core: EngineCore, proc: Qwen2_5_VLProcessor, prompts: list[Prompt], out_len: int
+) -> dict[str, Any]:
+    """Submit all prompts at once, step to completion; per-request first-token and finish times."""
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    t0 = time.perf_counter()
+    first: dict[str, float] = {}
+    done: dict[str, float] = {}
+    for i, p in enumerate(prompts):
+        pp = proc.process(p.text, [p.image])
+        core.add_request(
+            EngineRequest(
+                f"b{i}-{time.monotonic_ns()}",
+                pp.token_ids,
+                params,
+                pp.images,
+                pp.mrope_positions,
+                pp.mrope_delta,
+            )
+        )
+    n_tokens = 0
+    while core.has_unfinished_requests():
+        for d in core.step():
+            now = time.perf_counter()
+            n_tokens += len(d.token_ids)
+            first.setdefault(d.request_id, now)
+            if d.finished:
+                done[d.request_id] = now
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    ttfts = sorted(v - t0 for v in first.values())
+    tpots = [(done[r] - first[r]) / max(out_len - 1, 1) for r in done]
+    return {
+        "requests": len(prompts),
+        "seconds": total,
+        "requests_per_s": len(prompts) / total,
+        "output_tokens_per_s": n_tokens / total,
+        "ttft_p50_ms": 1e3 * statistics.median(ttfts),
+        "tpot_mean_ms": 1e3 * statistics.mean(tpots),
+    }
+
+
+def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: str) -> dict[str, Any]:
+    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+
+    from vlmserve.models.processor import Qwen2_5_VLProcessor as P
+
+    cfg = AutoConfig.from_pretrained(ckpt)
+    with torch.device(device):
+        model = Qwen2_5_VLForConditionalGeneration._from_config(
+            cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
+        )
+    model.eval()
+    proc = P.from_pretrained(ckpt)
+    pp = proc.process(prompt.text, [prompt.image])
+    ids = torch.tensor([pp.token_ids] * batch, device=device)
+    pixels = torch.cat([pp.images[0].data[0]] * batch).to(device, torch.bfloat16)
+    grid = torch.tensor([pp.images[0].data[1]] * batch, device=device)
+    mm = (ids == cfg.image_token_id).int()
+    kw = dict(
+        input_ids=ids,
+        attention_mask=torch.ones_like(ids),
+        pixel_values=pixels,
+        image_grid_thw=grid,
+        mm_token_type_ids=mm,
+    )
+    res = {}
+    with torch.inference_mode():
+        model.generate(**kw, max_new_tokens=4, do_sample=False, eos_token_id=None)  # warm-up
+        for n, key in ((1, "ttft_ms"), (out_len, "total_ms")):
+            torch.cuda.synchronize()
+            t = time.perf_counter()
+            model.generate(**kw, max_new_tokens=n, min_new_tokens=n, do_sample=False, eos_token_id=None)
+            torch.cuda.synchronize()
+            res[key] = 1e3 * (time.perf_counter() - t)
+    res["ms_per_token"] = (res["total_ms"] - res["ttft_ms"]) / (out_len - 1)
+    res["output_tokens_per_s"] = batch * out_len / (res["total_ms"] / 1e3)
+    res["batch"] = batch
+    del model
+    gc.collect()
+    torch.cuda.empty_cache()
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", help="checkpoint dir; default: a generated one of --preset")
+    ap.add_argument("--preset", default="7b")
+    ap.add_argument("--load-format", default="dummy")
+    ap.add_argument("--hf-baseline", action="store_true")
+    ap.add_argument("--batches", default="1,8,32,64", help="W1 concurrency levels")
+    ap.add_argument("--w2-concurrency", type=int, default=128)
+    ap.add_argument("--json", type=Path)
+    ap.add_argument("--engine-kwargs", default="{}", help="JSON of extra EngineArgs")
+    args = ap.parse_args(argv)
+
+    from vlmserve.testing.checkpoint import write_checkpoint
+
+    ckpt = (
+        Path(args.model)
+        if args.model
+        else write_checkpoint(
+            Path(tempfile.mkdtemp()) / args.preset, preset=args.preset, weights=args.load_format != "dummy"
+        )
+    )
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    proc = Qwen2_5_VLProcessor.from_pretrained(ckpt)
+    (w1_size, w1_len, w1_out) = WORKLOADS["W1"]
+    results: dict[str, Any] = {
+        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "torch": torch.__version__,
+    }
+    w1 = make_prompt(proc, w1_size, w1_len, seed=0)
+    results["w1_prompt_tokens"] = len(proc.process(w1.text, [w1.image]).token_ids)
+    if args.hf_baseline and device == "cuda":
+        import transformers
+
+        results["transformers"] = transformers.__version__
+        results["hf_w1_batch1"] = hf_baseline(ckpt, w1, w1_out, 1, device)
+        print("HF W1 batch 1:", results["hf_w1_batch1"], flush=True)
+
+    extra = json.loads(args.engine_kwargs)
+    config = build_engine_config(EngineArgs(model=str(ckpt), load_format=args.load_format, **extra))
+    t = time.perf_counter()
+    core = EngineCore(config, proc)
+    results["engine_load_s"] = time.perf_counter() - t
+    run_batch(core, proc, [make_prompt(proc, w1_size, w1_len, seed=999)], 8)  # warm-up
+    seed = 1
+    for b in [int(x) for x in args.batches.split(",")]:
+        prompts = [make_prompt(proc, w1_size, w1_len, seed=seed + i) for i in range(b)]
+        seed += b
+        r = run_batch(core, proc, prompts, w1_out)
+        results[f"w1_batch{b}"] = r
+        print(f"W1 batch {b}:", r, flush=True)
+    if args.w2_concurrency:
+        w2_size, _, w2_out = WORKLOADS["W2"]
+        prompts = [make_prompt(proc, w2_size, None, seed=seed + i) for i in range(args.w2_concurrency)]
+        r = run_batch(core, proc, prompts, w2_out)
+        results[f"w2_c{args.w2_concurrency}"] = r
+        print(f"W2 concurrency {args.w2_concurrency}:", r, flush=True)
+    results["engine_stats"] = core.stats()
+    print(json.dumps(results, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+
+
+if __name__ == "__main__":
+    main()
