@@ -1,9 +1,16 @@
-"""Shared fixtures: tiny random-weight checkpoints built once per session, offline."""
+"""Shared fixtures: tiny random-weight checkpoints built once per session, offline; helpers that run
+`vlmserve serve` as a subprocess for end-to-end tests."""
 
 from __future__ import annotations
 
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -20,3 +27,52 @@ def random_image(width: int, height: int, seed: int = 0, mode: str = "RGB") -> I
     rng = np.random.default_rng(seed)
     img = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
     return img if mode == "RGB" else img.convert(mode)
+
+
+# ------------------------------------------------------------------------------------------ server processes
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int:
+    """SIGTERM (graceful shutdown), then SIGKILL if it hangs; returns the exit status."""
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
+def start_vlmserve(
+    checkpoint: Path, log: Path, *flags: str, timeout: float = 120.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`python -m vlmserve serve CHECKPOINT --port <free> *flags`, output to `log`; returns once /health
+    answers 200, with the process and its base URL. The caller stops it with stop_process."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "vlmserve", "serve", str(checkpoint), "--port", str(port), *flags]
+    with log.open("wb") as out:
+        process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+    base_url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + timeout
+    try:
+        while True:
+            if process.poll() is not None:
+                pytest.fail(f"vlmserve serve exited with {process.returncode}:\n{log.read_text()}")
+            try:
+                if httpx.get(f"{base_url}/health", timeout=2).status_code == 200:
+                    return process, base_url
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"vlmserve serve was not healthy after {timeout} s:\n{log.read_text()}")
+            time.sleep(0.1)
+    except BaseException:
+        stop_process(process)
+        raise

@@ -73,10 +73,11 @@ class AsyncEngine:
         inbox: asyncio.Queue[list[CompletionDelta]] = asyncio.Queue()
         accepted: asyncio.Future = loop.create_future()
         self._commands.put(_Add(request, inbox.put_nowait, accepted, loop))
-        await accepted  # raises the core's ValueError / QueueFullError
         n = request.sampling_params.n
         done = 0
         try:
+            # Inside the try: a caller cancelled while waiting here must still abort its request.
+            await accepted  # raises the core's ValueError / QueueFullError
             while done < n:
                 for delta in await inbox.get():
                     if delta.finished:

@@ -58,7 +58,15 @@ class EngineCore:
                 f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
                 "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
             )
-        self.runner = ModelRunner(self.model, num_blocks, config.block_size, self.eos_token_ids)
+        self.runner = ModelRunner(
+            self.model,
+            num_blocks,
+            config.block_size,
+            self.eos_token_ids,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+        )
         # One image must fit into a step's encoder budget and into the encoder cache, whatever the
         # token budget: size both for the largest image the processor can produce.
         unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2

@@ -41,6 +41,9 @@ class ModelRunner:
         num_blocks: int,
         block_size: int,
         eos_token_ids: tuple[int, ...],
+        max_model_len: int = 32768,
+        max_num_seqs: int = 64,
+        enforce_eager: bool = False,
     ) -> None:
         self.model = model
         param = next(model.parameters())
@@ -62,6 +65,9 @@ class ModelRunner:
         self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> (tokens, hidden)
         self.generators: dict[str, torch.Generator | None] = {}
         self.sampler = Sampler()
+        self.graphs: CudaGraphDecoder | None = None
+        if self.device.type == "cuda" and not enforce_eager:
+            self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
 
     # --- encoder ---------------------------------------------------------------------------------------
 
@@ -142,6 +148,14 @@ class ModelRunner:
                 sample_index.append(flat - 1)
                 sample_reqs.append(req)
 
+        if self.graphs is not None and not image_rows and all(n == 1 for n in query_lens):
+            logits = self.graphs.run(
+                token_ids, torch.cat(positions, dim=1), torch.cat(slots), tables, seq_lens
+            )
+            if logits is not None:
+                rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
+                return self._sample(logits[rows].float(), sample_reqs) if sample_reqs else {}
+
         dev = self.device
         ids = torch.tensor(token_ids, device=dev)
         pos = torch.cat(positions, dim=1).to(dev)
@@ -191,6 +205,94 @@ class ModelRunner:
             top = out.top_logprobs[i] if out.top_logprobs is not None else None
             result[r.request_id] = SampledToken(out.token_ids[i], lp, top)
         return result
+
+
+class CudaGraphDecoder:
+    """Decode steps (one new token per sequence, no images) replayed from CUDA graphs, one per batch size.
+
+    Kernel launches, not math, dominate a decode step at small batch: a graph replays the whole model
+    forward (embedding -> 28 layers with paged Triton attention -> logits) as one launch. Inputs go through
+    static device buffers; a batch is padded up to the next captured size with rows that write to the
+    reserved null block 0 and read one token.
+    """
+
+    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int) -> None:
+        from vlmserve.runner.triton_attention import PARTITION, TritonDecodeAttention
+
+        self.runner = runner
+        model, dev = runner.model, runner.device
+        self.max_blocks = -(-max_model_len // runner.block_size)
+        self.num_partitions = -(-max_model_len // PARTITION)
+        self.sizes = sorted(
+            {b for b in (1, 2, 4, 8, *range(16, 257, 16)) if b <= max_num_seqs} | {max_num_seqs}
+        )
+        n = self.sizes[-1]
+        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
+        self.pos = torch.zeros(3, n, dtype=torch.long, device=dev)
+        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
+        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
+        self.logits: dict[int, torch.Tensor] = {}
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        pool = None
+        for b in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
+            attn = TritonDecodeAttention(
+                runner.kv_caches,
+                self.slots[:b],
+                self.tables[:b],
+                self.seq_lens[:b],
+                runner.scale,
+                self.num_partitions,
+            )
+
+            def forward(b: int = b, attn: TritonDecodeAttention = attn) -> torch.Tensor:
+                hidden = model(model.embed(self.ids[:b]), self.pos[:, :b], attn)
+                return model.compute_logits(hidden)
+
+            with torch.inference_mode():
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):
+                    forward()  # warm-up: Triton compilation, cuBLAS handles
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=pool):
+                    self.logits[b] = forward()
+            pool = graph.pool()
+            self.graphs[b] = graph
+        torch.cuda.synchronize()
+        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
+
+    def run(
+        self,
+        token_ids: list[int],
+        positions: torch.Tensor,  # (3, B)
+        slots: torch.Tensor,  # (B,)
+        tables: list[list[int]],
+        seq_lens: list[int],
+    ) -> torch.Tensor | None:
+        """(B, V) logits, or None when the batch is larger than every captured graph."""
+        bsz = len(token_ids)
+        size = next((s for s in self.sizes if s >= bsz), None)
+        if size is None:
+            return None
+        width = max(len(t) for t in tables)
+        table = torch.zeros(bsz, width, dtype=torch.int32)
+        for i, t in enumerate(tables):
+            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        # Padding rows: token 0 at position 0, written into the null block, attending to one token.
+        self.ids[bsz:size].zero_()
+        self.pos[:, bsz:size].zero_()
+        self.slots[bsz:size].zero_()
+        self.seq_lens[bsz:size].fill_(1)
+        self.tables[bsz:size, :1].zero_()
+        self.ids[:bsz].copy_(torch.tensor(token_ids), non_blocking=True)
+        self.pos[:, :bsz].copy_(positions, non_blocking=True)
+        self.slots[:bsz].copy_(slots, non_blocking=True)
+        self.tables[:bsz, :width].copy_(table, non_blocking=True)
+        self.seq_lens[:bsz].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        self.graphs[size].replay()
+        return self.logits[size][:bsz]
 
 
 def num_blocks_for_memory(memory_bytes: int, per_block: int) -> int:

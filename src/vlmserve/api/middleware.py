@@ -1,0 +1,171 @@
+"""Two pure ASGI middlewares that run before any route: API-key auth and the request-body size cap.
+
+Pure ASGI (not Starlette's BaseHTTPMiddleware) so that they never buffer a body or a streamed response,
+and so that the size cap can count bytes as they arrive instead of trusting Content-Length.
+
+Does not know: routes, models, the engine. Both answer in OpenAI's error shape (errors.error_json).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from collections.abc import Iterable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from vlmserve.api.errors import error_json
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_MAX_REQUEST_BODY_BYTES = 64 * 2**20  # a few base64 images of max_image_bytes, plus the text
+
+
+async def _send_error(
+    send: Send, status: int, body: str, headers: Iterable[tuple[bytes, bytes]] = ()
+) -> None:
+    raw = body.encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [
+                (b"content-type", b"application/json"),
+                (b"content-length", str(len(raw)).encode()),
+                *headers,
+            ],
+        }
+    )
+    await send({"type": "http.response.body", "body": raw, "more_body": False})
+
+
+class APIKeyMiddleware:
+    """With keys configured, every /v1 request needs `Authorization: Bearer <one of the keys>`.
+
+    Paths outside /v1 (/health, /version, /metrics) stay open, as in vLLM, so that probes and scrapers need
+    no secret. With no keys configured any bearer token (or none) is accepted, which is what clients that
+    insist on a key expect (`api_key="FAKE_KEY"`).
+    """
+
+    def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
+        self.app = app
+        self._keys = [k.encode() for k in api_keys if k]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not self._keys or not scope["path"].startswith("/v1"):
+            await self.app(scope, receive, send)
+            return
+        if scope["method"] == "OPTIONS":  # CORS preflights carry no credentials
+            await self.app(scope, receive, send)
+            return
+        token = _bearer_token(scope)
+        if token is None:
+            message = (
+                "Missing API key: send it as 'Authorization: Bearer <key>' (the openai client's api_key)."
+            )
+        elif self._matches(token):
+            await self.app(scope, receive, send)
+            return
+        else:
+            # Never echo or log the key that was sent.
+            message = "Incorrect API key provided."
+        await _send_error(
+            send,
+            401,
+            error_json(message, "authentication_error", None, "invalid_api_key"),
+            [(b"www-authenticate", b"Bearer")],
+        )
+
+    def _matches(self, token: bytes) -> bool:
+        # Compare against every key without stopping at the first match, so the time taken does not reveal
+        # which key (or how much of one) matched.
+        matched = False
+        for key in self._keys:
+            matched |= hmac.compare_digest(token, key)
+        return matched
+
+
+def _bearer_token(scope: Scope) -> bytes | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"authorization":
+            scheme, _, token = value.partition(b" ")
+            if scheme.lower() == b"bearer" and token.strip():
+                return token.strip()
+            return None
+    return None
+
+
+class _BodyTooLarge(Exception):
+    pass
+
+
+class BodySizeLimitMiddleware:
+    """Answers 413 when a request body exceeds `max_bytes`: at once from Content-Length, else while counting
+    the streamed (chunked) body, without reading the rest of it."""
+
+    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
+        if max_bytes < 1:
+            raise ValueError(f"max_request_body_bytes must be >= 1, got {max_bytes}")
+        self.app = app
+        self.max_bytes = max_bytes
+
+    def _error(self) -> str:
+        return error_json(
+            f"The request body is larger than this server's limit of {self.max_bytes} bytes "
+            "(--max-request-body-bytes); send smaller or fewer images, or link them by URL instead of "
+            "inlining them as base64.",
+            "invalid_request_error",
+            None,
+            "request_too_large",
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        declared = _content_length(scope)
+        if declared is not None and declared > self.max_bytes:
+            await _send_error(send, 413, self._error(), [(b"connection", b"close")])
+            return
+
+        received = 0
+        exceeded = False
+        response_started = False
+
+        async def counting_receive() -> Message:
+            nonlocal received, exceeded
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                if received > self.max_bytes:
+                    exceeded = True
+                    raise _BodyTooLarge
+            return message
+
+        async def guarded_send(message: Message) -> None:
+            nonlocal response_started
+            if exceeded:
+                # Whatever the app answers after its body read failed (FastAPI turns it into a 400) is
+                # replaced by our 413 below.
+                return
+            if message["type"] == "http.response.start":
+                response_started = True
+            await send(message)
+
+        try:
+            await self.app(scope, counting_receive, guarded_send)
+        except Exception:
+            if not exceeded:
+                raise
+        if exceeded and not response_started:
+            await _send_error(send, 413, self._error(), [(b"connection", b"close")])
+
+
+def _content_length(scope: Scope) -> int | None:
+    for name, value in scope.get("headers", ()):
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None

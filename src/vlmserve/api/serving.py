@@ -1,0 +1,525 @@
+"""One served model: everything between a validated OpenAI request and the engine's stream of deltas.
+
+`ModelServer` holds what serving one model id takes (the AsyncEngine, the processor, the frozen
+EngineConfig, the MediaLoader) and turns requests into `EngineRequest`s: collect the image parts, enforce
+limit_mm_per_prompt and the server's pixel bounds, load the images concurrently, render the checkpoint's chat
+template, preprocess (resize + patchify, in a worker thread: it is CPU work), map the OpenAI / vLLM sampling
+fields onto `SamplingParams` and check the context length. `start()` hands a request to the engine and
+surfaces the errors the engine raises before the first delta (prompt too long, queue full, engine dead) as
+API errors, so that a stream never begins with a 200 that then fails.
+
+An app routes by model id over several `ModelServer`s (server.py), which is how one process, or a Ray Serve
+deployment, can serve more than one model. Engine construction lives in `from_engine_args`, not in routes.
+
+Does not know: HTTP (FastAPI objects), response shapes, SSE, metrics.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncGenerator, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import jinja2
+from PIL import Image
+
+from vlmserve.api.errors import APIError, InvalidRequestError, RequestTooLargeError, ServiceUnavailableError
+from vlmserve.api.logprobs import TokenTexts
+from vlmserve.api.protocol import (
+    ChatCompletionRequest,
+    ChatMessage,
+    CompletionRequest,
+    ModelCard,
+    SamplingFields,
+)
+from vlmserve.config import EngineArgs, EngineConfig
+from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from vlmserve.engine.core import EngineCore
+from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.outputs import CompletionDelta
+from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from vlmserve.engine.scheduler import QueueFullError
+from vlmserve.llm import build_engine_config
+from vlmserve.media import MediaConfig, MediaError, MediaLoader
+from vlmserve.models.processor import Qwen2_5_VLProcessor
+
+logger = logging.getLogger(__name__)
+
+# OpenAI's own cap on `n`; beyond it one request could flood the engine with sequences.
+MAX_N = 128
+# Prompts in one /v1/completions batch.
+MAX_PROMPTS = 1024
+# A client-chosen request id (body `request_id` or the X-Request-Id header) longer than this is replaced.
+MAX_CLIENT_ID_CHARS = 256
+
+# The name of the field a SamplingParams error is about (its message starts with it) -> the API parameter.
+_CHAT_PARAM = {"logprobs": "top_logprobs"}
+
+
+@dataclass(frozen=True)
+class ImageRef:
+    """Where an image part sits in the request, for error messages that point at it."""
+
+    url: str
+    param: str  # e.g. messages[1].content[0].image_url
+
+
+class ModelServer:
+    """The engine, processor, config and media loader of one model id."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        processor: Qwen2_5_VLProcessor,
+        config: EngineConfig,
+        media: MediaLoader,
+        *,
+        model_id: str | None = None,
+    ) -> None:
+        self.engine = engine
+        self.processor = processor
+        self.config = config
+        self.media = media
+        self.model_id = model_id or config.served_model_name
+        self.created = int(time.time())
+        self.token_texts = TokenTexts(processor.tokenizer)
+        self._vocab_size = processor.tokenizer.get_vocab_size(with_added_tokens=True)
+        # The server's image bounds: the operator's mm_processor_kwargs, else the checkpoint's. A request may
+        # ask for anything inside them, never more pixels (= more tokens, more compute) than the operator set.
+        server_kwargs = config.mm_processor_kwargs
+        self.min_pixels = int(server_kwargs.get("min_pixels", processor.min_pixels))
+        self.max_pixels = int(server_kwargs.get("max_pixels", processor.max_pixels))
+        if self.min_pixels > self.max_pixels:
+            raise ValueError(
+                f"mm_processor_kwargs gives min_pixels={self.min_pixels} above max_pixels={self.max_pixels} "
+                f"(the checkpoint's unless set); set both so that min_pixels <= max_pixels"
+            )
+        self.image_limit: int | None = config.limit_mm_per_prompt.get("image")
+
+    @classmethod
+    def from_engine_args(cls, args: EngineArgs, media_config: MediaConfig | None = None) -> ModelServer:
+        """Build everything for one model: config, processor, engine (loads the weights), media loader."""
+        return cls.from_config(build_engine_config(args), media_config)
+
+    @classmethod
+    def from_config(cls, config: EngineConfig, media_config: MediaConfig | None = None) -> ModelServer:
+        processor = Qwen2_5_VLProcessor.from_pretrained(config.model_path)
+        engine = AsyncEngine(EngineCore(config, processor))
+        return cls(engine, processor, config, MediaLoader(media_config or MediaConfig()))
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+
+    @property
+    def is_alive(self) -> bool:
+        return self.engine.is_alive
+
+    def stats(self) -> dict[str, float]:
+        return self.engine.stats()
+
+    def model_card(self) -> ModelCard:
+        return ModelCard(
+            id=self.model_id,
+            created=self.created,
+            root=self.config.model_path,
+            max_model_len=self.config.max_model_len,
+        )
+
+    async def aclose(self) -> None:
+        """Stop the engine (its thread finishes the step it is in) and close the media connection pool."""
+        await asyncio.to_thread(self.engine.shutdown)
+        await self.media.aclose()
+
+    # --- chat ----------------------------------------------------------------------------------------------
+
+    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> EngineRequest:
+        _refuse_unsupported_chat(body)
+        refs = _image_refs(body.messages)
+        if self.image_limit is not None and len(refs) > self.image_limit:
+            raise InvalidRequestError(
+                f"This request has {len(refs)} images, more than this server's limit_mm_per_prompt "
+                f"{{'image': {self.image_limit}}}; send at most {self.image_limit} images per request "
+                "(the operator sets the limit with --limit-mm-per-prompt).",
+                param="messages",
+                code="limit_mm_per_prompt",
+            )
+        min_pixels, max_pixels = self._pixel_bounds(body)
+        images = await self._load_images(refs)
+        messages = _hf_messages(body.messages)
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        try:
+            processed = await asyncio.to_thread(
+                self._render_and_process,
+                messages,
+                images,
+                min_pixels,
+                max_pixels,
+                body.add_generation_prompt,
+                template_kwargs,
+            )
+        except (ValueError, jinja2.TemplateError) as e:
+            raise InvalidRequestError(
+                f"Could not build the prompt from 'messages': {e}", param="messages"
+            ) from e
+        num_prompt = len(processed.token_ids)
+        self._check_prompt_length(num_prompt, "messages")
+        max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
+        max_tokens_param = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
+        if body.top_logprobs is not None and not body.logprobs:
+            raise InvalidRequestError(
+                "top_logprobs needs logprobs=true; set logprobs to true or drop top_logprobs.",
+                param="top_logprobs",
+            )
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        params = self._sampling_params(
+            body,
+            num_prompt=num_prompt,
+            max_tokens=max_tokens,
+            max_tokens_param=max_tokens_param,
+            max_tokens_default=None,
+            logprobs=logprobs,
+            rename=_CHAT_PARAM,
+        )
+        return EngineRequest(
+            request_id,
+            processed.token_ids,
+            params,
+            images=processed.images,
+            mrope_positions=processed.mrope_positions,
+            mrope_delta=processed.mrope_delta,
+        )
+
+    def _render_and_process(
+        self,
+        messages: list[dict[str, Any]],
+        images: list[Image.Image],
+        min_pixels: int | None,
+        max_pixels: int | None,
+        add_generation_prompt: bool,
+        template_kwargs: dict[str, Any],
+    ) -> Any:
+        prompt = self.processor.apply_chat_template(
+            messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+        )
+        return self.processor.process(prompt, images, min_pixels=min_pixels, max_pixels=max_pixels)
+
+    def _pixel_bounds(self, body: ChatCompletionRequest) -> tuple[int | None, int | None]:
+        """The request's (min_pixels, max_pixels), checked against the server's bounds."""
+        kwargs = body.mm_processor_kwargs
+        lo, hi = self.min_pixels, self.max_pixels
+        if kwargs is None or (kwargs.min_pixels is None and kwargs.max_pixels is None):
+            return (lo, hi) if self.config.mm_processor_kwargs else (None, None)
+        for name in ("min_pixels", "max_pixels"):
+            value = getattr(kwargs, name)
+            if value is not None and value > hi:
+                raise InvalidRequestError(
+                    f"mm_processor_kwargs.{name}={value} exceeds this server's max_pixels={hi}; ask for at "
+                    f"most {hi} pixels per image (the operator sets the bound with --mm-processor-kwargs).",
+                    param=f"mm_processor_kwargs.{name}",
+                )
+        req_hi = kwargs.max_pixels if kwargs.max_pixels is not None else hi
+        # A request that lowers max_pixels below the server's min_pixels lowers the minimum with it.
+        req_lo = kwargs.min_pixels if kwargs.min_pixels is not None else min(lo, req_hi)
+        factor = self.processor.patch_size * self.processor.spatial_merge_size
+        if req_hi < factor * factor:
+            raise InvalidRequestError(
+                f"mm_processor_kwargs.max_pixels={req_hi} is below one {factor}x{factor} patch "
+                f"({factor * factor} pixels); ask for at least {factor * factor}.",
+                param="mm_processor_kwargs.max_pixels",
+            )
+        if req_lo > req_hi:
+            raise InvalidRequestError(
+                f"mm_processor_kwargs.min_pixels={req_lo} exceeds max_pixels={req_hi}.",
+                param="mm_processor_kwargs.min_pixels",
+            )
+        return req_lo, req_hi
+
+    async def _load_images(self, refs: list[ImageRef]) -> list[Image.Image]:
+        try:
+            return await self.media.load_images([r.url for r in refs])
+        except MediaError as e:
+            param = refs[e.index].param if e.index is not None and e.index < len(refs) else "messages"
+            error_cls: type[APIError] = RequestTooLargeError if e.status_code == 413 else InvalidRequestError
+            raise error_cls(e.message, param=param, code="invalid_image") from e
+
+    # --- completions ----------------------------------------------------------------------------------------
+
+    async def prepare_completions(self, body: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        """One engine request per prompt of the batch, with ids f"{request_id}-{i}"."""
+        _refuse_unsupported_completion(body)
+        prompts = _prompt_list(body.prompt)
+        if len(prompts) > MAX_PROMPTS:
+            raise InvalidRequestError(
+                f"'prompt' holds {len(prompts)} prompts, more than {MAX_PROMPTS}; split the batch.",
+                param="prompt",
+            )
+        requests = []
+        for i, prompt in enumerate(prompts):
+            param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
+            if isinstance(prompt, str):
+                try:
+                    processed = await asyncio.to_thread(self.processor.process, prompt, [])
+                except ValueError as e:
+                    raise InvalidRequestError(f"Invalid {param}: {e}", param=param) from e
+                token_ids, positions, delta = (
+                    processed.token_ids,
+                    processed.mrope_positions,
+                    processed.mrope_delta,
+                )
+            else:
+                token_ids, positions, delta = self._check_token_prompt(prompt, param), None, 0
+            if not token_ids:
+                raise InvalidRequestError(f"{param} is empty; it needs at least one token.", param=param)
+            self._check_prompt_length(len(token_ids), param)
+            explicit = "max_tokens" in body.model_fields_set and body.max_tokens is not None
+            params = self._sampling_params(
+                body,
+                num_prompt=len(token_ids),
+                max_tokens=body.max_tokens if explicit else None,
+                max_tokens_param="max_tokens",
+                max_tokens_default=None if explicit else 16,
+                logprobs=body.logprobs,
+                rename={},
+            )
+            rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
+            requests.append(
+                EngineRequest(rid, token_ids, params, mrope_positions=positions, mrope_delta=delta)
+            )
+        return requests
+
+    def _check_token_prompt(self, ids: list[int], param: str) -> list[int]:
+        for i, t in enumerate(ids):
+            if not 0 <= t < self._vocab_size:
+                raise InvalidRequestError(
+                    f"{param}[{i}] = {t} is not a token id of this model (0 <= id < {self._vocab_size}).",
+                    param=param,
+                )
+            if t == self.processor.image_token_id:
+                raise InvalidRequestError(
+                    f"{param}[{i}] is the image placeholder token {t}; /v1/completions takes no images, send "
+                    "them as image_url parts to /v1/chat/completions.",
+                    param=param,
+                )
+        return list(ids)
+
+    def prompt_text(self, request: EngineRequest) -> str:
+        """The prompt as text (for `echo`)."""
+        return self.processor.decode(request.prompt_token_ids, skip_special_tokens=False)
+
+    # --- shared --------------------------------------------------------------------------------------------
+
+    def _check_prompt_length(self, num_prompt: int, param: str) -> None:
+        limit = self.config.max_model_len
+        if num_prompt >= limit:
+            raise InvalidRequestError(
+                f"This model's maximum context length is {limit} tokens, but the prompt has {num_prompt} "
+                "tokens, which leaves no room for output. Shorten the input (less text, fewer or smaller "
+                "images; mm_processor_kwargs.max_pixels lowers an image's token count).",
+                param=param,
+                code="context_length_exceeded",
+            )
+
+    def _sampling_params(
+        self,
+        body: SamplingFields,
+        *,
+        num_prompt: int,
+        max_tokens: int | None,
+        max_tokens_param: str,
+        max_tokens_default: int | None,
+        logprobs: int | None,
+        rename: dict[str, str],
+    ) -> SamplingParams:
+        room = self.config.max_model_len - num_prompt
+        if max_tokens is None:
+            max_tokens = room if max_tokens_default is None else min(max_tokens_default, room)
+        elif max_tokens > room:
+            raise InvalidRequestError(
+                f"'{max_tokens_param}' is too large: {max_tokens}. This model's maximum context length is "
+                f"{self.config.max_model_len} tokens and the prompt has {num_prompt} tokens, so at most {room} "
+                f"can be generated; lower {max_tokens_param}.",
+                param=max_tokens_param,
+                code="context_length_exceeded",
+            )
+        if not 1 <= body.n <= MAX_N:
+            raise InvalidRequestError(f"n must be between 1 and {MAX_N}, got {body.n}.", param="n")
+        if logprobs is not None and not 0 <= logprobs <= MAX_LOGPROBS:
+            name = rename.get("logprobs", "logprobs")
+            raise InvalidRequestError(
+                f"{name} must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", param=name
+            )
+        stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        try:
+            return SamplingParams(
+                n=body.n,
+                temperature=1.0 if body.temperature is None else body.temperature,
+                top_p=1.0 if body.top_p is None else body.top_p,
+                top_k=0 if body.top_k is None else body.top_k,
+                min_p=0.0 if body.min_p is None else body.min_p,
+                seed=body.seed,
+                presence_penalty=body.presence_penalty,
+                frequency_penalty=body.frequency_penalty,
+                repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+                max_tokens=max_tokens,
+                min_tokens=body.min_tokens,
+                ignore_eos=body.ignore_eos,
+                stop=tuple(stop),
+                stop_token_ids=tuple(body.stop_token_ids or ()),
+                include_stop_str_in_output=body.include_stop_str_in_output,
+                logprobs=logprobs,
+                skip_special_tokens=body.skip_special_tokens,
+            )
+        except ValueError as e:
+            # SamplingParams' messages start with the field's name: that is the parameter to fix.
+            field = str(e).split(" ", 1)[0].strip("'")
+            if field == "max_tokens":
+                field = max_tokens_param
+            param = rename.get(field, field) if field.isidentifier() else None
+            raise InvalidRequestError(str(e), param=param) from e
+
+    async def start(self, request: EngineRequest) -> DeltaStream:
+        """Hand `request` to the engine and wait for its first delta; return the stream of all its deltas.
+
+        Errors the engine raises before it runs the request become API errors here. Closing the returned
+        stream (or cancelling its consumer) aborts the request and frees its KV blocks.
+        """
+        deltas = self.engine.generate(request)
+        try:
+            first = await anext(deltas)
+        except BaseException as e:
+            # Also when cancelled (the client left): the add may already be queued in the engine, and an abort
+            # queued after it removes it again. Aborting an unknown id is a no-op.
+            self.engine.abort(request.request_id)
+            await deltas.aclose()
+            if isinstance(e, QueueFullError):
+                raise ServiceUnavailableError(str(e), code="queue_full") from e
+            if isinstance(e, EngineDeadError):
+                raise ServiceUnavailableError(str(e), code="engine_dead") from e
+            if isinstance(e, ValueError):
+                raise InvalidRequestError(str(e)) from e
+            raise
+        return DeltaStream(first, deltas)
+
+
+class DeltaStream:
+    """The deltas of one running engine request. Not a generator on purpose: `aclose()` aborts the request
+    (if unfinished) even when nobody ever iterated the stream, e.g. when the client left between the first
+    token and the start of the response."""
+
+    def __init__(self, first: CompletionDelta, rest: AsyncGenerator[CompletionDelta, None]) -> None:
+        self._first: CompletionDelta | None = first
+        self._rest = rest  # AsyncEngine.generate, started: closing it runs its abort-if-unfinished cleanup
+
+    def __aiter__(self) -> DeltaStream:
+        return self
+
+    async def __anext__(self) -> CompletionDelta:
+        if self._first is not None:
+            first, self._first = self._first, None
+            return first
+        return await anext(self._rest)
+
+    async def aclose(self) -> None:
+        self._first = None
+        await self._rest.aclose()
+
+
+def new_request_id(prefix: str, client_id: str | None) -> str:
+    """`chatcmpl-<uuid>` / `cmpl-<uuid>`, or with the client's own id (vLLM's request_id / X-Request-Id) when
+    it is a sensible length."""
+    if client_id and len(client_id) <= MAX_CLIENT_ID_CHARS:
+        return f"{prefix}-{client_id}"
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+# ------------------------------------------------------------------------------------------ message conversion
+
+
+def _image_refs(messages: Sequence[ChatMessage]) -> list[ImageRef]:
+    refs = []
+    for i, message in enumerate(messages):
+        if isinstance(message.content, list):
+            for j, part in enumerate(message.content):
+                if part.type == "image_url":
+                    refs.append(ImageRef(part.url, f"messages[{i}].content[{j}].image_url"))
+    return refs
+
+
+def _hf_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """OpenAI messages -> the processor's HF format: image_url parts become {"type": "image"} (the template
+    only writes a placeholder for them; the pixels travel separately), `developer` becomes `system`."""
+    out: list[dict[str, Any]] = []
+    for message in messages:
+        content: str | list[dict[str, Any]]
+        if message.content is None:
+            content = ""
+        elif isinstance(message.content, str):
+            content = message.content
+        else:
+            content = [
+                {"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
+                for part in message.content
+            ]
+        converted: dict[str, Any] = {
+            "role": "system" if message.role == "developer" else message.role,
+            "content": content,
+        }
+        if message.name is not None:
+            converted["name"] = message.name
+        if message.tool_call_id is not None:
+            converted["tool_call_id"] = message.tool_call_id
+        out.append(converted)
+    return out
+
+
+def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
+    if isinstance(prompt, str):
+        return [prompt]
+    if not prompt:
+        raise InvalidRequestError(
+            "'prompt' is empty; send a string, a list of strings or token ids.", param="prompt"
+        )
+    if all(isinstance(p, int) for p in prompt):
+        return [list(prompt)]  # type: ignore[arg-type]
+    return list(prompt)  # type: ignore[arg-type]
+
+
+def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
+    """Fields whose meaning we cannot honour: refused, because silently ignoring them gives wrong output."""
+    if body.tools and body.tool_choice != "none":
+        raise InvalidRequestError(
+            "Tool calling is not supported by this server; drop 'tools' (or set tool_choice to 'none').",
+            param="tools",
+        )
+    response_format = body.response_format
+    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
+    if kind not in (None, "text"):
+        raise InvalidRequestError(
+            f"response_format {kind!r} is not supported by this server; only 'text' is.",
+            param="response_format",
+        )
+    _refuse_logit_bias(body)
+
+
+def _refuse_unsupported_completion(body: CompletionRequest) -> None:
+    if body.suffix:
+        raise InvalidRequestError("'suffix' is not supported by this server.", param="suffix")
+    if body.echo and body.logprobs is not None:
+        raise InvalidRequestError(
+            "echo together with logprobs needs prompt logprobs, which this server does not compute; drop one.",
+            param="echo",
+        )
+    if body.best_of is not None and body.best_of != body.n:
+        raise InvalidRequestError(
+            f"best_of={body.best_of} differs from n={body.n}; this server only supports best_of == n.",
+            param="best_of",
+        )
+    _refuse_logit_bias(body)
+
+
+def _refuse_logit_bias(body: SamplingFields) -> None:
+    if body.logit_bias:
+        raise InvalidRequestError("'logit_bias' is not supported by this server.", param="logit_bias")

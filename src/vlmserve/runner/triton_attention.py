@@ -1,0 +1,170 @@
+"""Paged decode attention in Triton (GPU), split over the sequence like flash-decoding.
+
+One new query token per sequence attends to its whole paged KV history. Grid: (sequence, KV head,
+partition). Each program loads the query heads that share its KV head (grouped-query attention: the group is
+padded to 16 rows for tl.dot), walks its partition of the sequence BLOCK_N tokens at a time through the block
+table, and writes an unnormalised partial result with its running max and sum; a small reduction merges the
+partitions. Shapes are static given (batch, max partitions), so the kernel can live inside a CUDA graph:
+sequence lengths and block tables are read from device memory, and partitions past a sequence's end return
+at once.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+PARTITION = 512  # tokens per program; W1's ~1.3k-token contexts give 3 partitions per (sequence, KV head)
+BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
+
+
+@triton.jit
+def _paged_decode_partial(
+    q_ptr,  # (B, Hq, D)
+    k_cache_ptr,  # (num_blocks, page, Hkv, D)
+    v_cache_ptr,
+    block_tables_ptr,  # (B, max_blocks) int32
+    seq_lens_ptr,  # (B,) int32
+    acc_ptr,  # (B, Hq, P, D) float32
+    max_ptr,  # (B, Hq, P) float32
+    sum_ptr,  # (B, Hq, P) float32
+    scale,
+    stride_qb,
+    stride_qh,
+    stride_kslot,
+    stride_kh,
+    stride_bt,
+    num_partitions,
+    GROUP: tl.constexpr,
+    GROUP_PAD: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    PAGE: tl.constexpr,
+    PART: tl.constexpr,
+    BN: tl.constexpr,
+):
+    b = tl.program_id(0)
+    kvh = tl.program_id(1)
+    part = tl.program_id(2)
+    seq_len = tl.load(seq_lens_ptr + b)
+    start = part * PART
+    rows = tl.arange(0, GROUP_PAD)
+    dims = tl.arange(0, HEAD_DIM)
+    row_ok = rows < GROUP
+    heads = kvh * GROUP + rows
+    out_off = (b * tl.num_programs(1) * GROUP + heads) * num_partitions + part  # (GROUP_PAD,)
+    if start >= seq_len:
+        # An empty partition still writes all three outputs: the merge weighs it by e^-inf = 0, and
+        # 0 * (uninitialised memory) could be NaN.
+        tl.store(max_ptr + out_off, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=row_ok)
+        tl.store(sum_ptr + out_off, tl.zeros([GROUP_PAD], tl.float32), mask=row_ok)
+        zeros = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+        tl.store(acc_ptr + out_off[:, None] * HEAD_DIM + dims[None, :], zeros, mask=row_ok[:, None])
+        return
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
+    )  # (GROUP_PAD, D)
+    m_i = tl.full([GROUP_PAD], float("-inf"), tl.float32)
+    l_i = tl.zeros([GROUP_PAD], tl.float32)
+    acc = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
+    end = tl.minimum(start + PART, seq_len)
+    for n0 in range(start, end, BN):
+        toks = n0 + tl.arange(0, BN)
+        tok_ok = toks < end
+        page = tl.load(block_tables_ptr + b * stride_bt + toks // PAGE, mask=tok_ok, other=0)
+        slot = page.to(tl.int64) * PAGE + toks % PAGE
+        kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + dims[None, :]
+        k = tl.load(k_cache_ptr + kv_off, mask=tok_ok[:, None], other=0.0)  # (BN, D)
+        s = tl.dot(q, tl.trans(k)) * scale  # (GROUP_PAD, BN)
+        s = tl.where(tok_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp(m_i - m_new)
+        p = tl.exp(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off, mask=tok_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        m_i = m_new
+    tl.store(acc_ptr + out_off[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(max_ptr + out_off, m_i, mask=row_ok)
+    tl.store(sum_ptr + out_off, l_i, mask=row_ok)
+
+
+def paged_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    seq_lens: torch.Tensor,
+    scale: float,
+    num_partitions: int,
+) -> torch.Tensor:
+    """q (B, Hq, D); caches (N, page, Hkv, D); block_tables (B, max_blocks) int32; seq_lens (B,) int32.
+
+    num_partitions * PARTITION must cover the longest sequence. Returns (B, Hq, D) in q's dtype.
+    """
+    bsz, hq, dim = q.shape
+    _, page, hkv, _ = k_cache.shape
+    group = hq // hkv
+    acc = torch.empty(bsz, hq, num_partitions, dim, device=q.device, dtype=torch.float32)
+    mx = torch.empty(bsz, hq, num_partitions, device=q.device, dtype=torch.float32)
+    sm = torch.empty_like(mx)
+    _paged_decode_partial[(bsz, hkv, num_partitions)](
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        acc,
+        mx,
+        sm,
+        scale,
+        q.stride(0),
+        q.stride(1),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        block_tables.stride(0),
+        num_partitions,
+        GROUP=group,
+        GROUP_PAD=max(16, triton.next_power_of_2(group)),
+        HEAD_DIM=dim,
+        PAGE=page,
+        PART=PARTITION,
+        BN=BLOCK_N,
+        num_warps=4,
+    )
+    # Merge partitions: out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p. Empty partitions have
+    # m_p = -inf and weigh nothing (every sequence has at least one token, so M is finite).
+    big = mx.amax(-1, keepdim=True)  # (B, Hq, 1)
+    w = torch.exp(mx - big)  # (B, Hq, P)
+    out = (acc * w[..., None]).sum(2) / (sm * w).sum(-1, keepdim=True)
+    return out.to(q.dtype)
+
+
+class TritonDecodeAttention:
+    """AttentionBackend for a batch where every sequence has exactly one new token (decode), graph-safe:
+    every input is a device tensor of fixed shape."""
+
+    def __init__(
+        self,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        slot_mapping: torch.Tensor,  # (B,) int64
+        block_tables: torch.Tensor,  # (B, max_blocks) int32
+        seq_lens: torch.Tensor,  # (B,) int32
+        scale: float,
+        num_partitions: int,
+    ) -> None:
+        self.kv_caches = kv_caches
+        self.slot_mapping = slot_mapping
+        self.block_tables = block_tables
+        self.seq_lens = seq_lens
+        self.scale = scale
+        self.num_partitions = num_partitions
+
+    def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        k_cache, v_cache = self.kv_caches[layer_idx]
+        _, _, hkv, dim = k_cache.shape
+        k_cache.view(-1, hkv, dim).index_copy_(0, self.slot_mapping, k)
+        v_cache.view(-1, hkv, dim).index_copy_(0, self.slot_mapping, v)
+        return paged_decode_attention(
+            q, k_cache, v_cache, self.block_tables, self.seq_lens, self.scale, self.num_partitions
+        )

@@ -1,0 +1,81 @@
+"""GPU fast paths against the plain torch path, on random inputs. Skipped cleanly without a CUDA device."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.parametrize(
+    ("hq", "hkv", "dim", "dtype"),
+    [(28, 4, 128, torch.bfloat16), (4, 2, 64, torch.float16), (8, 8, 64, torch.float32)],
+)
+def test_paged_decode_matches_torch(hq: int, hkv: int, dim: int, dtype: torch.dtype) -> None:
+    from vlmserve.models.layers.attention import causal_attention
+    from vlmserve.runner.triton_attention import PARTITION, paged_decode_attention
+
+    torch.manual_seed(0)
+    page, num_blocks = 16, 512
+    seq_lens = [1, 15, 16, 17, 600, 1300, 2049]
+    k_cache = torch.randn(num_blocks, page, hkv, dim, device="cuda", dtype=dtype)
+    v_cache = torch.randn_like(k_cache)
+    perm = torch.randperm(num_blocks - 1, device="cuda") + 1  # pages scattered over the pool, never block 0
+    tables, used = [], 0
+    for n in seq_lens:
+        nb = -(-n // page)
+        tables.append(perm[used : used + nb])
+        used += nb
+    width = max(len(t) for t in tables)
+    bt = torch.zeros(len(seq_lens), width, dtype=torch.int32, device="cuda")
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = t.int()
+    q = torch.randn(len(seq_lens), hq, dim, device="cuda", dtype=dtype)
+    scale = dim**-0.5
+    parts = -(-max(seq_lens) // PARTITION) + 2  # extra empty partitions must not change the result
+    got = paged_decode_attention(
+        q, k_cache, v_cache, bt, torch.tensor(seq_lens, dtype=torch.int32, device="cuda"), scale, parts
+    )
+    for i, n in enumerate(seq_lens):
+        ks = k_cache[tables[i]].reshape(-1, hkv, dim)[:n].double()
+        vs = v_cache[tables[i]].reshape(-1, hkv, dim)[:n].double()
+        ref = causal_attention(q[i : i + 1].double(), ks, vs, scale)[0]
+        err = ((got[i].double() - ref).norm() / ref.norm()).item()
+        print(f"{dtype} hq={hq} hkv={hkv} d={dim} len={n}: rel err {err:.2e}")
+        assert err < (2e-2 if dtype != torch.float32 else 5e-3), (n, err)  # tl.dot runs fp32 as tf32
+
+
+def test_cuda_graph_decode_matches_eager_engine(tmp_path: Path) -> None:
+    from tests.conftest import random_image
+    from vlmserve.engine.sampling_params import SamplingParams
+    from vlmserve.llm import LLM
+    from vlmserve.testing.checkpoint import write_checkpoint
+
+    ckpt = write_checkpoint(
+        tmp_path / "tiny",
+        preset="tiny",
+        text={"hidden_size": 128, "num_attention_heads": 2, "mrope_section": [8, 12, 12]},
+    )
+    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompts = [
+        ("Hello there, tell me about it", []),
+        ("<|vision_start|><|image_pad|><|vision_end|>What?", [random_image(60, 40)]),
+    ]
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(
+            str(ckpt),
+            dtype="float32",
+            device="cuda",
+            enforce_eager=eager,
+            max_model_len=2048,
+            max_num_seqs=8,
+            num_kv_blocks=1024,
+        )
+        assert (llm.engine.runner.graphs is None) == eager
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts * 3, params)]
+        del llm
+    assert outs[True] == outs[False]
