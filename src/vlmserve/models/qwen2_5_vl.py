@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.models.layers.activation import silu_and_mul
-from vlmserve.models.layers.attention import AttentionBackend, varlen_attention
+from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups, varlen_attention
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary, inverse_frequencies
 
@@ -156,12 +156,12 @@ class VisionAttention(nn.Module):
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, seqs: VarlenGroups, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
         n = x.shape[0]
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (N, H, D)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v, cu_seqlens, scale=self.head_dim**-0.5)  # (N, H, D)
+        out = varlen_attention(q, k, v, seqs, scale=self.head_dim**-0.5)  # (N, H, D)
         return self.proj(out.reshape(n, -1))
 
 
@@ -184,9 +184,9 @@ class VisionBlock(nn.Module):
         self.mlp = VisionMLP(cfg)
 
     def forward(
-        self, x: torch.Tensor, cu_seqlens: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+        self, x: torch.Tensor, seqs: VarlenGroups, cos: torch.Tensor, sin: torch.Tensor
     ) -> torch.Tensor:
-        x = x + self.attn(self.norm1(x), cu_seqlens, cos, sin)
+        x = x + self.attn(self.norm1(x), seqs, cos, sin)
         return x + self.mlp(self.norm2(x))
 
 
@@ -213,8 +213,8 @@ class VisionLayout:
 
     window_index: torch.Tensor  # (N / unit,) merge-unit order used inside the tower (window-major)
     reverse_index: torch.Tensor  # (N / unit,) back to raster order for the LM
-    cu_window_seqlens: torch.Tensor  # (W + 1,) window boundaries in patches, window order
-    cu_seqlens: torch.Tensor  # (I * T + 1,) image (frame) boundaries in patches
+    windows: VarlenGroups  # window boundaries in patches, window order
+    images: VarlenGroups  # image (frame) boundaries in patches
     pos_hw: torch.Tensor  # (N, 2) (row, col) of each patch, window order
 
 
@@ -248,15 +248,12 @@ def vision_layout(grids: list[tuple[int, int, int]], cfg: VisionConfig, device: 
         frame_lens += [h * w] * t
         base += t * bh * bw
     widx = torch.cat(window_index)
-    zero = torch.zeros(1, dtype=torch.int32)
-    cu_win = torch.cat([zero, torch.cat(window_lens).cumsum(0).to(torch.int32)])
-    cu = torch.cat([zero, torch.tensor(frame_lens).cumsum(0).to(torch.int32)])
     pos_hw = torch.cat(pos).view(-1, unit, 2)[widx].view(-1, 2)
     return VisionLayout(
         window_index=widx.to(device),
         reverse_index=torch.argsort(widx).to(device),
-        cu_window_seqlens=cu_win.to(device),
-        cu_seqlens=cu.to(device),
+        windows=VarlenGroups.from_lengths(torch.cat(window_lens).tolist(), device),
+        images=VarlenGroups.from_lengths(frame_lens, device),
         pos_hw=pos_hw.to(device),
     )
 
@@ -288,11 +285,9 @@ class VisionTransformer(nn.Module):
         cos, sin = self.rotary(layout.pos_hw)
         full = set(self.cfg.fullatt_block_indexes)
         for i, block in enumerate(self.blocks):
-            cu = layout.cu_seqlens if i in full else layout.cu_window_seqlens
-            # NOTE: full attention is per image: cu_seqlens are image boundaries, but the patches are in
-            # window order. That is sound because windows never straddle images, so each image's patches
-            # stay contiguous.
-            x = block(x, cu, cos, sin)
+            # NOTE: full attention is per image: image boundaries, while the patches are in window order.
+            # That is sound because windows never straddle images, so each image's patches stay contiguous.
+            x = block(x, layout.images if i in full else layout.windows, cos, sin)
         return self.merger(x)[layout.reverse_index]  # (N / unit, out_hidden), raster order
 
 

@@ -12,6 +12,7 @@ import logging
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
@@ -105,6 +106,25 @@ class ModelRunner:
             parts.append((torch.arange(lo, end) + req.mrope_delta).expand(3, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
+    def _prepare_decode(self, sched):
+        """Inputs of a step where every request computes one text token, built from plain ints (the hot
+        path of large decode batches: no per-request tensors). None when the step is anything else."""
+        bs = self.block_size
+        ids, pos, slots, seq_lens, tables = [], [], [], [], []
+        for s in sched.scheduled:
+            req, i = s.request, s.start
+            if s.num_tokens != 1:
+                return None
+            mp = req.mrope_positions
+            if mp is not None and i < mp.shape[1]:
+                return None  # a one-token prefill chunk: may be an image token or need its 3-D position
+            ids.append(req.all_token_ids[i])
+            pos.append(i + req.mrope_delta)
+            slots.append(req.block_ids[i // bs] * bs + i % bs)
+            seq_lens.append(i + 1)
+            tables.append(req.block_ids)
+        return ids, pos, slots, tables, seq_lens
+
     @torch.inference_mode()
     def execute(self, sched) -> dict[str, SampledToken]:
         for h in sched.free_encoder_hashes:
@@ -114,6 +134,14 @@ class ModelRunner:
         if not sched.scheduled:
             return {}
         self._run_encoder(sched)
+        if self.graphs is not None:
+            decode = self._prepare_decode(sched)
+            if decode is not None:
+                logits = self.graphs.run(*decode)
+                if logits is not None:
+                    reqs = [s.request for s in sched.scheduled if s.sample]
+                    rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
+                    return self._sample(logits[rows].float(), reqs) if reqs else {}
 
         bs = self.block_size
         token_ids: list[int] = []
@@ -147,14 +175,6 @@ class ModelRunner:
             if s.sample:
                 sample_index.append(flat - 1)
                 sample_reqs.append(req)
-
-        if self.graphs is not None and not image_rows and all(n == 1 for n in query_lens):
-            logits = self.graphs.run(
-                token_ids, torch.cat(positions, dim=1), torch.cat(slots), tables, seq_lens
-            )
-            if logits is not None:
-                rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-                return self._sample(logits[rows].float(), sample_reqs) if sample_reqs else {}
 
         dev = self.device
         ids = torch.tensor(token_ids, device=dev)
@@ -266,8 +286,8 @@ class CudaGraphDecoder:
     def run(
         self,
         token_ids: list[int],
-        positions: torch.Tensor,  # (3, B)
-        slots: torch.Tensor,  # (B,)
+        positions: list[int],  # text positions: the same on all three M-RoPE axes
+        slots: list[int],
         tables: list[list[int]],
         seq_lens: list[int],
     ) -> torch.Tensor | None:
@@ -277,9 +297,9 @@ class CudaGraphDecoder:
         if size is None:
             return None
         width = max(len(t) for t in tables)
-        table = torch.zeros(bsz, width, dtype=torch.int32)
+        table = np.zeros((bsz, width), dtype=np.int32)
         for i, t in enumerate(tables):
-            table[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+            table[i, : len(t)] = t
         # Padding rows: token 0 at position 0, written into the null block, attending to one token.
         self.ids[bsz:size].zero_()
         self.pos[:, bsz:size].zero_()
@@ -287,9 +307,9 @@ class CudaGraphDecoder:
         self.seq_lens[bsz:size].fill_(1)
         self.tables[bsz:size, :1].zero_()
         self.ids[:bsz].copy_(torch.tensor(token_ids), non_blocking=True)
-        self.pos[:, :bsz].copy_(positions, non_blocking=True)
-        self.slots[:bsz].copy_(slots, non_blocking=True)
-        self.tables[:bsz, :width].copy_(table, non_blocking=True)
+        self.pos[:, :bsz].copy_(torch.tensor(positions).expand(3, -1), non_blocking=True)
+        self.slots[:bsz].copy_(torch.tensor(slots), non_blocking=True)
+        self.tables[:bsz, :width].copy_(torch.from_numpy(table), non_blocking=True)
         self.seq_lens[:bsz].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
         self.graphs[size].replay()
         return self.logits[size][:bsz]

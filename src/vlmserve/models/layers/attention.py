@@ -1,7 +1,7 @@
 """Attention primitives the model files call.
 
 - `varlen_attention`: bidirectional attention over packed variable-length sequences (the vision tower's
-  windows and images). Plain torch: sequences are padded into one batch with a key mask, one SDPA call.
+  windows and images), one mask-free SDPA call per distinct sequence length.
 - `AttentionBackend`: what the language model's attention layers call for causal attention with a KV cache.
   The model never knows how the cache is laid out; the runner passes a backend per forward (paged KV on the
   engine path, a contiguous per-sequence cache on the reference path below).
@@ -9,39 +9,54 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention.bias import causal_lower_right
+
+
+@dataclass
+class VarlenGroups:
+    """A packed batch of independent sequences, grouped by length.
+
+    Attention then runs one mask-free call per distinct length (fused flash kernels apply; no padding, no
+    mask). Built on the host from Python lengths, so using it never synchronises with the device.
+    """
+
+    # (length, row indices of all sequences of that length, in order; None when that is every row in order)
+    groups: list[tuple[int, torch.Tensor | None]]
+
+    @classmethod
+    def from_lengths(cls, lengths: list[int], device: torch.device) -> VarlenGroups:
+        lengths = [n for n in lengths if n > 0]
+        if len(set(lengths)) == 1:
+            return cls([(lengths[0], None)])
+        starts = [0]
+        for n in lengths[:-1]:
+            starts.append(starts[-1] + n)
+        by_len: dict[int, list[int]] = {}
+        for start, n in zip(starts, lengths, strict=True):
+            by_len.setdefault(n, []).extend(range(start, start + n))
+        return cls([(n, torch.tensor(rows, device=device)) for n, rows in by_len.items()])
 
 
 def varlen_attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens: torch.Tensor, scale: float
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: VarlenGroups, scale: float
 ) -> torch.Tensor:
-    """q, k, v (N, H, D) packed; cu_seqlens (S + 1,) boundaries. Each sequence attends only to itself.
-
-    Returns (N, H, D).
-    """
-    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).tolist()
-    lengths = [n for n in lengths if n > 0]
-    n_tok, heads, dim = q.shape
-    if len(set(lengths)) == 1:
-        # All sequences the same length (one image, or every window full): a reshape, no padding.
-        s, n = len(lengths), lengths[0]
-        qb, kb, vb = (t.view(s, n, heads, dim).transpose(1, 2) for t in (q, k, v))  # (S, H, n, D)
-        out = F.scaled_dot_product_attention(qb, kb, vb, scale=scale)
-        return out.transpose(1, 2).reshape(n_tok, heads, dim)
-    max_len = max(lengths)
-    s = len(lengths)
-    starts = torch.tensor([0, *lengths[:-1]], device=q.device).cumsum(0)  # (S,)
-    lens = torch.tensor(lengths, device=q.device)
-    offs = torch.arange(max_len, device=q.device)
-    valid = offs[None, :] < lens[:, None]  # (S, L)
-    idx = (starts[:, None] + offs[None, :]).clamp(max=n_tok - 1)  # (S, L) gather index, padded rows repeat
-    qb, kb, vb = (t[idx].transpose(1, 2) for t in (q, k, v))  # (S, H, L, D)
-    mask = valid[:, None, None, :]  # (S, 1, 1, L): padded keys masked out
-    out = F.scaled_dot_product_attention(qb, kb, vb, attn_mask=mask, scale=scale)  # (S, H, L, D)
-    return out.transpose(1, 2)[valid]  # (N, H, D)
+    """q, k, v (N, H, D) packed; each sequence attends only to itself (bidirectional). Returns (N, H, D)."""
+    _, heads, dim = q.shape
+    out = torch.empty_like(q) if len(seqs.groups) > 1 else None
+    for length, rows in seqs.groups:
+        qg, kg, vg = (t if rows is None else t[rows] for t in (q, k, v))
+        s = qg.shape[0] // length
+        qb, kb, vb = (t.view(s, length, heads, dim).transpose(1, 2) for t in (qg, kg, vg))  # (S, H, L, D)
+        res = F.scaled_dot_product_attention(qb, kb, vb, scale=scale).transpose(1, 2).reshape(-1, heads, dim)
+        if out is None:
+            return res
+        out[rows] = res
+    return out
 
 
 class AttentionBackend(Protocol):
@@ -92,8 +107,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     elif tq == tk:
         out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
     else:
-        # Query i sits at absolute position tk - tq + i and sees keys up to it.
-        rows = torch.arange(tk - tq, tk, device=q.device)[:, None]
-        mask = torch.arange(tk, device=q.device)[None, :] <= rows  # (Tq, Tk)
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale)
+        # Query i sits at absolute position tk - tq + i and sees keys up to it: a causal mask aligned to the
+        # bottom right, which the fused kernels take as a flag (an explicit boolean mask would send SDPA to
+        # its float32 math fallback on GPU).
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(tq, tk), scale=scale)
     return out.transpose(0, 1)

@@ -1,0 +1,69 @@
+"""The README's examples, run as a user would: against a real server started with the README's model id."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import start_vlmserve, stop_process
+
+README = Path(__file__).resolve().parents[1] / "README.md"
+BLOCKS = re.findall(r"```(bash|python)\n(.*?)```", README.read_text(), flags=re.S)
+
+
+def _block(lang: str, marker: str) -> str:
+    matches = [code for kind, code in BLOCKS if kind == lang and marker in code]
+    assert len(matches) == 1, f"expected one {lang} block containing {marker!r} in README.md"
+    return matches[0]
+
+
+@pytest.fixture(scope="module")
+def server(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("readme") / "server.log"
+    process, base_url = start_vlmserve(tiny_checkpoint, log, "--served-model-name", "demo")
+    try:
+        yield base_url
+    finally:
+        stop_process(process)
+
+
+def test_readme_curl_example(server: str) -> None:
+    code = _block("bash", "curl -s").replace("http://127.0.0.1:8000", server)
+    # As after `source .venv/bin/activate`: this interpreter's python3 first on PATH.
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["bash", "-c", code], capture_output=True, text=True, timeout=120, check=True, env=env
+    )
+    body = json.loads(out.stdout)
+    assert "error" not in body, body
+    assert body["object"] == "chat.completion"
+    assert body["model"] == "demo"
+    assert body["usage"]["completion_tokens"] > 0
+    assert body["choices"][0]["finish_reason"] in ("stop", "length")
+
+
+def test_readme_openai_client_example(server: str) -> None:
+    code = _block("python", "OpenAI(").replace("http://127.0.0.1:8000", server)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+
+
+def test_readme_python_llm_example(tmp_path: Path) -> None:
+    code = _block("python", "LLM(")
+    env = {**os.environ, "VLMSERVE_CACHE_DIR": str(tmp_path)}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr
+
+
+def test_readme_commands_match_ci() -> None:
+    ci = (README.parent / ".ci" / "run").read_text()
+    assert "make test" in ci
+    assert "make test" in _block("bash", "make test")
+    assert "make serve" in _block("bash", "make serve")
