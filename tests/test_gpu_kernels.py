@@ -79,3 +79,27 @@ def test_cuda_graph_decode_matches_eager_engine(tmp_path: Path) -> None:
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts * 3, params)]
         del llm
     assert outs[True] == outs[False]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_rms_norm_and_rotary_match_torch(dtype: torch.dtype) -> None:
+    from vlmserve.models.layers import fused
+    from vlmserve.models.layers.rotary import rotate_half
+
+    torch.manual_seed(0)
+    for rows, hidden in [(1, 3584), (7, 1280), (300, 96)]:
+        x = torch.randn(rows, hidden, device="cuda", dtype=dtype) * 3
+        w = (1 + 0.1 * torch.randn(hidden, device="cuda")).to(dtype)
+        x32 = x.float()
+        ref = w * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + 1e-6)).to(dtype)
+        got = fused.rms_norm(x, w, 1e-6)
+        assert got.dtype == ref.dtype
+        torch.testing.assert_close(got, ref, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+    for dim in (64, 80, 128):  # 80: the vision tower's head dim, not a power of two
+        qkv = torch.randn(50, 12 * dim, device="cuda", dtype=dtype)
+        q = qkv[:, : 8 * dim].view(50, 8, dim)  # strided view, as the model passes it
+        freqs = torch.randn(50, dim // 2, device="cuda")
+        cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+        ref = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(dtype)
+        tol = 1e-2 if dtype != torch.float32 else 1e-5
+        torch.testing.assert_close(fused.rotary(q, cos, sin), ref, rtol=tol, atol=tol)

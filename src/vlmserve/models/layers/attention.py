@@ -96,12 +96,14 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     """q (Tq, Hq, D) are the last Tq positions of k, v (Tk, Hkv, D). Grouped-query aware. -> (Tq, Hq, D)."""
     tq, hq, _ = q.shape
     tk, hkv, _ = k.shape
-    qh = q.transpose(0, 1)  # (Hq, Tq, D)
-    kh = k.transpose(0, 1)  # (Hkv, Tk, D)
-    vh = v.transpose(0, 1)
+    # NOTE: 4-D (batch of one): the fused flash / memory-efficient kernels take only 4-D inputs; 3-D ones
+    # fall back to the math path, which on GPU also upcasts bf16 to float32.
+    qh = q.transpose(0, 1)[None]  # (1, Hq, Tq, D)
+    kh = k.transpose(0, 1)[None]  # (1, Hkv, Tk, D)
+    vh = v.transpose(0, 1)[None]
     if hkv != hq:
-        kh = kh.repeat_interleave(hq // hkv, dim=0)
-        vh = vh.repeat_interleave(hq // hkv, dim=0)
+        kh = kh.repeat_interleave(hq // hkv, dim=1)
+        vh = vh.repeat_interleave(hq // hkv, dim=1)
     if tq == 1:
         out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
     elif tq == tk:
@@ -111,4 +113,4 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
         # bottom right, which the fused kernels take as a flag (an explicit boolean mask would send SDPA to
         # its float32 math fallback on GPU).
         out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(tq, tk), scale=scale)
-    return out.transpose(0, 1)
+    return out[0].transpose(0, 1)

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from vlmserve.models.layers import fused
+
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
@@ -15,6 +17,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, H, D); cos, sin (T, D) in float32. Rotation in float32, result in x's dtype."""
+    if fused.use_fused(x):
+        return fused.rotary(x, cos, sin)
     x32 = x.float()
     cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, D)
     return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
