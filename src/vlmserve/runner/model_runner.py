@@ -15,6 +15,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlmserve.engine.request import Request
+from vlmserve.engine.scheduler import SchedulerOutput
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
 from vlmserve.runner.sampler import Sampler, build_sampling_batch, make_generator
@@ -72,7 +74,7 @@ class ModelRunner:
 
     # --- encoder ---------------------------------------------------------------------------------------
 
-    def _run_encoder(self, sched) -> None:
+    def _run_encoder(self, sched: SchedulerOutput) -> None:
         todo: dict[str, object] = {}
         for req, idx in sched.encoder_inputs:
             img = req.images[idx]
@@ -92,7 +94,7 @@ class ModelRunner:
 
     # --- inputs ----------------------------------------------------------------------------------------
 
-    def _positions(self, req, start: int, n: int) -> torch.Tensor:
+    def _positions(self, req: Request, start: int, n: int) -> torch.Tensor:
         """(3, n) multimodal positions of tokens [start, start + n)."""
         mp = req.mrope_positions
         end = start + n
@@ -106,7 +108,9 @@ class ModelRunner:
             parts.append((torch.arange(lo, end) + req.mrope_delta).expand(3, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _prepare_decode(self, sched):
+    def _prepare_decode(
+        self, sched: SchedulerOutput
+    ) -> tuple[list[int], list[int], list[int], list[list[int]], list[int]] | None:
         """Inputs of a step where every request computes one text token, built from plain ints (the hot
         path of large decode batches: no per-request tensors). None when the step is anything else."""
         bs = self.block_size
@@ -126,7 +130,7 @@ class ModelRunner:
         return ids, pos, slots, tables, seq_lens
 
     @torch.inference_mode()
-    def execute(self, sched) -> dict[str, SampledToken]:
+    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
         for h in sched.free_encoder_hashes:
             self.encoder_cache.pop(h, None)
         for rid in sched.finished_request_ids:
@@ -204,7 +208,7 @@ class ModelRunner:
         logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)]).float()
         return self._sample(logits, sample_reqs)
 
-    def _sample(self, logits: torch.Tensor, reqs: list) -> dict[str, SampledToken]:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[str, SampledToken]:
         gens = []
         for r in reqs:
             if r.request_id not in self.generators:
