@@ -186,20 +186,21 @@ def main() -> None:
 
     from vlmserve.testing.checkpoint import write_checkpoint
 
-    work = Path(tempfile.mkdtemp(prefix="vlmserve-raybench-"))
-    checkpoint = write_checkpoint(work / "ckpt", preset=args.preset, seed=0)
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": str(args.threads),
-        "VLMSERVE_CACHE_DIR": str(work / "cache"),
-        "RAY_USAGE_STATS_ENABLED": "0",
-    }
-    results: dict[str, dict[int, Samples]] = {}
-    if not args.skip_single:
-        results["vlmserve serve"] = serve_single(args, checkpoint, env, work)
-    ray_env = {**env, **dict(item.split("=", 1) for item in args.ray_env)}
-    label = "Ray Serve (vlmserve run" + "".join(f", {e}" for e in args.ray_env) + ")"
-    results[label] = serve_ray(args, checkpoint, ray_env, work)
+    with tempfile.TemporaryDirectory(prefix="vlmserve-raybench-") as tmp:
+        work = Path(tmp)
+        checkpoint = write_checkpoint(work / "ckpt", preset=args.preset, seed=0)
+        env = {
+            **os.environ,
+            "OMP_NUM_THREADS": str(args.threads),
+            "VLMSERVE_CACHE_DIR": str(work / "cache"),
+            "RAY_USAGE_STATS_ENABLED": "0",
+        }
+        results: dict[str, dict[int, Samples]] = {}
+        if not args.skip_single:
+            results["vlmserve serve"] = serve_single(args, checkpoint, env, work)
+        ray_env = {**env, **dict(item.split("=", 1) for item in args.ray_env)}
+        label = "Ray Serve (vlmserve run" + "".join(f", {e}" for e in args.ray_env) + ")"
+        results[label] = serve_ray(args, checkpoint, ray_env, work)
 
     import ray
     import torch

@@ -14,6 +14,8 @@ _EXPORTS = {
     "LLM": "vlmserve.llm",
     "SamplingParams": "vlmserve.engine.sampling_params",
     "EngineArgs": "vlmserve.config",
+    "LLMConfig": "vlmserve.deploy.config",
+    "build_openai_app": "vlmserve.deploy.builder",
 }
 
 __all__ = ["__version__", *_EXPORTS]

@@ -7,6 +7,8 @@ code path).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
 from pathlib import Path
 
 from vlmserve import envs
@@ -21,5 +23,12 @@ def demo_checkpoint() -> Path:
 
     out = envs.VLMSERVE_CACHE_DIR / "demo-random-tiny"
     if not (out / "model.safetensors").is_file():
-        write_checkpoint(out, preset="tiny", seed=0)
+        # Written aside, then renamed into place: several processes (Ray replicas) may race here.
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".demo-"))
+        write_checkpoint(tmp, preset="tiny", seed=0)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race; its checkpoint is identical
+            shutil.rmtree(tmp, ignore_errors=True)
     return out

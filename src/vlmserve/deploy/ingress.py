@@ -1,0 +1,250 @@
+"""The ingress deployment: the OpenAI app of `vlmserve serve`, routing by model id to server deployments.
+
+`OpenAiIngress` builds, at replica start, the very FastAPI app of api/server.py (`build_app`: routes, errors,
+auth, body limit, metrics) over one `RemoteModelServer` per model. A RemoteModelServer stands in for a
+ModelServer: it offers the same methods the routes call, and forwards the work to the model's `LLMServer`
+deployment through its DeploymentHandle:
+
+    prepare_chat   -> nothing yet: the prompt is built in the replica that runs it (one hop, images fetched
+                      and preprocessed next to the engine), by `start`
+    start          -> handle.options(stream=True).chat / .generate; the first item is awaited so that a
+                      request error still becomes its HTTP status before a stream begins
+    prepare_completions -> handle.prepare_completions (token ids only)
+    token_texts, prompt_text -> the model's tokenizer, fetched once from a replica at startup
+    stats, is_alive -> summed over every replica by a periodic broadcast (for /metrics and /health)
+
+A replica that dies before a request produced output is retried on another replica (nothing was sent to
+the client yet); one that dies mid-stream ends the stream with an engine error, like an engine failure.
+Ray Serve's queue limit (max_queued_requests) becomes a 503 with Retry-After in OpenAI's error shape.
+
+Does not know: how engines run, deployment options (builder.py), routes (api/).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncGenerator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.exceptions import RayActorError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from tokenizers import Tokenizer
+
+from vlmserve import envs
+from vlmserve.api.errors import EngineError, ServiceUnavailableError
+from vlmserve.api.logprobs import TokenTexts
+from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from vlmserve.api.server import build_app
+from vlmserve.deploy.server import ModelInfo, RemoteAPIError, ReplicaState
+from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.outputs import CompletionDelta
+
+logger = logging.getLogger(__name__)
+
+# How often the ingress reads every replica's engine stats (for /metrics and /health).
+STATS_REFRESH_S = 5.0
+STATS_TIMEOUT_S = 5.0
+# A request whose replica died before it produced anything is sent again, at most this many times.
+MAX_ATTEMPTS = 3
+RETRY_BACKOFF_S = 0.5
+
+# Engine stats that are fractions: averaged over replicas; every other stat is a count and is summed.
+_MEAN_STATS = frozenset({"kv_cache_usage", "encoder_cache_usage"})
+
+
+@dataclass(frozen=True)
+class PendingChat:
+    """A chat request whose prompt the replica builds when `start` sends it."""
+
+    body: ChatCompletionRequest
+    request_id: str
+
+
+class RemoteModelServer:
+    """The ModelServer surface the routes use, for a model served by a Ray Serve deployment."""
+
+    def __init__(self, handle: DeploymentHandle, info: ModelInfo) -> None:
+        self.model_id = info.model_id
+        self.created = info.card.created
+        self._card = info.card
+        self._handle = handle
+        self._stream = handle.options(stream=True)
+        self._tokenizer = Tokenizer.from_str(info.tokenizer_json)
+        self.token_texts = TokenTexts(self._tokenizer)
+        self._replicas: list[ReplicaState] = []
+
+    # --- state ------------------------------------------------------------------------------------------
+
+    @property
+    def is_alive(self) -> bool:
+        # No replica (scaled to zero, or all being replaced) is not death: Ray Serve starts one on demand.
+        return not self._replicas or any(r.alive for r in self._replicas)
+
+    def stats(self) -> dict[str, float]:
+        total: dict[str, float] = {}
+        for replica in self._replicas:
+            for key, value in replica.stats.items():
+                total[key] = total.get(key, 0.0) + float(value)
+        for key in _MEAN_STATS & total.keys():
+            total[key] /= len(self._replicas)
+        return total
+
+    async def refresh(self) -> None:
+        """Read every replica's engine state (Ray's broadcast skips replicas that are starting)."""
+        results = await self._handle.broadcast("replica_state").results_async(
+            timeout_s=STATS_TIMEOUT_S, return_exceptions=True
+        )
+        self._replicas = [r for r in results if isinstance(r, ReplicaState)]
+
+    def model_card(self) -> ModelCard:
+        return self._card
+
+    async def aclose(self) -> None:
+        """Nothing to release here: the engines live (and stop) in the server replicas."""
+
+    # --- requests ---------------------------------------------------------------------------------------
+
+    async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> PendingChat:
+        return PendingChat(body, request_id)
+
+    async def prepare_completions(self, body: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        attempt = 0
+        while True:
+            attempt += 1
+            try:
+                result = await self._handle.prepare_completions.remote(body, request_id)
+            except (BackPressureError, DeploymentUnavailableError) as e:
+                raise _unavailable(self.model_id, e) from e
+            except RayActorError as e:
+                if attempt == MAX_ATTEMPTS:
+                    raise _unavailable(self.model_id, e) from e
+                await asyncio.sleep(RETRY_BACKOFF_S)
+                continue
+            if isinstance(result, RemoteAPIError):
+                raise result.to_exception()
+            return result
+
+    async def start(self, request: EngineRequest | PendingChat) -> AsyncGenerator[CompletionDelta, None]:
+        """Send the request to a replica and wait for its first delta; return the stream of all of them."""
+        if isinstance(request, PendingChat):
+            request_id, n = request.request_id, request.body.n
+        else:
+            request_id, n = request.request_id, request.sampling_params.n
+        attempt = 0
+        while True:
+            attempt += 1
+            if isinstance(request, PendingChat):
+                stream = self._stream.chat.remote(request.body, request.request_id)
+            else:
+                stream = self._stream.generate.remote(request)
+            try:
+                first = await anext(stream)
+            except StopAsyncIteration:
+                raise EngineError(
+                    f"The replica of {self.model_id} ended the request without output."
+                ) from None
+            except (BackPressureError, DeploymentUnavailableError) as e:
+                raise _unavailable(self.model_id, e) from e
+            except RayActorError as e:
+                if attempt == MAX_ATTEMPTS:
+                    raise _unavailable(self.model_id, e) from e
+                logger.warning("replica of %s died before answering %s; retrying", self.model_id, request_id)
+                await asyncio.sleep(RETRY_BACKOFF_S)
+                continue
+            except BaseException:
+                stream.cancel()  # cancelled while waiting (the client left): stop the replica's work too
+                raise
+            if isinstance(first, RemoteAPIError):
+                raise first.to_exception()
+            return _relay(first, stream, request_id, n)
+
+    def prompt_text(self, request: EngineRequest) -> str:
+        return self._tokenizer.decode(list(request.prompt_token_ids), skip_special_tokens=False)
+
+
+def _unavailable(model_id: str, error: Exception) -> ServiceUnavailableError:
+    if isinstance(error, BackPressureError):
+        return ServiceUnavailableError(
+            f"Too many requests are waiting for {model_id} (its deployment's max_queued_requests); retry later.",
+            code="queue_full",
+        )
+    return ServiceUnavailableError(
+        f"No replica of {model_id} can take the request now: {error}", code="engine_dead"
+    )
+
+
+async def _relay(
+    first: CompletionDelta,
+    stream: DeploymentResponseGenerator,
+    request_id: str,
+    n: int,
+) -> AsyncGenerator[CompletionDelta, None]:
+    finished: set[int] = set()
+    try:
+        delta = first
+        while True:
+            if delta.finished:
+                finished.add(delta.index)
+            yield delta
+            try:
+                delta = await anext(stream)
+            except StopAsyncIteration:
+                return
+            except RayActorError as e:
+                # The replica died mid-stream: end every open choice the way an engine failure does.
+                message = f"the replica serving {request_id} died: {e}"
+                for index in range(n):
+                    if index not in finished:
+                        finished.add(index)
+                        yield CompletionDelta(request_id, index, "", [], None, "error", error=message)
+                return
+    finally:
+        if len(finished) < n:
+            stream.cancel()  # the client went away (or the stream broke): abort the engine request
+
+
+class OpenAiIngress:
+    """The ingress replica: `__serve_build_asgi_app__` builds the FastAPI app once the models answer."""
+
+    def __init__(self, llm_deployments: Mapping[str, DeploymentHandle]) -> None:
+        self._handles = dict(llm_deployments)
+        self._servers: list[RemoteModelServer] = []
+        self._refresher: asyncio.Task[None] | None = None
+
+    async def __serve_build_asgi_app__(self) -> FastAPI:
+        # Waits until every model has a running replica: the ingress reports ready only when it can serve.
+        infos = await asyncio.gather(*(h.model_info.remote() for h in self._handles.values()))
+        self._servers = [RemoteModelServer(h, i) for h, i in zip(self._handles.values(), infos, strict=True)]
+        await asyncio.gather(*(s.refresh() for s in self._servers))
+        self._refresher = asyncio.create_task(self._refresh_forever())
+        api_keys = [k.strip() for k in (envs.VLMSERVE_API_KEY or "").split(",") if k.strip()]
+        # The routes only use the ModelServer methods RemoteModelServer provides (see the module docstring).
+        servers: list[Any] = self._servers
+        return build_app(servers, api_keys=api_keys, shutdown_servers=False)
+
+    async def _refresh_forever(self) -> None:
+        while True:
+            await asyncio.sleep(STATS_REFRESH_S)
+            for server in self._servers:
+                try:
+                    await server.refresh()
+                except Exception:
+                    logger.warning("could not read the replica stats of %s", server.model_id, exc_info=True)
+
+    async def __del__(self) -> None:
+        refresher = getattr(self, "_refresher", None)
+        if refresher is not None:
+            refresher.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await refresher
+
+
+def ingress_class() -> type:
+    """OpenAiIngress as a Ray Serve ASGI ingress (its app is built at replica start, not at import)."""
+    return serve.ingress()(OpenAiIngress)

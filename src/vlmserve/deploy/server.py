@@ -1,0 +1,162 @@
+"""One replica of a model's server deployment: the `ModelServer` of `vlmserve serve`, behind Ray calls.
+
+`LLMServer` builds the same ModelServer (engine, processor, media loader) that `vlmserve serve` builds and
+exposes what the ingress needs over Ray Serve handle calls:
+
+    chat(body, request_id)              stream: prompt building (images are fetched and preprocessed here,
+                                        next to the engine) + the request's CompletionDeltas, one item each
+    prepare_completions(body, rid)      /v1/completions prompts -> EngineRequests (text only, small)
+    generate(engine_request)            stream: the request's CompletionDeltas
+    model_info() / replica_state()      model card + tokenizer for the ingress; engine liveness + stats
+    check_health()                      Ray Serve's health check: a dead engine gets the replica replaced
+
+An API error raised before the first delta (bad request, queue full) travels as a `RemoteAPIError` item
+instead of an exception: Ray would wrap the exception and lose its status, parameter and code. Deltas are
+yielded one by one as the engine produces them (no batching window), so tokens stream individually.
+
+Does not know: HTTP, routing between models, Ray deployment options (builder.py).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from collections.abc import AsyncGenerator
+from dataclasses import dataclass, field
+
+from vlmserve.api.errors import APIError
+from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from vlmserve.api.serving import ModelServer
+from vlmserve.config import EngineArgs
+from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.outputs import CompletionDelta
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RemoteAPIError:
+    """An `APIError` in a form that crosses a Ray call intact (status, type, parameter, code, headers)."""
+
+    status_code: int
+    error_type: str
+    message: str
+    param: str | None = None
+    code: str | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def capture(cls, error: APIError) -> RemoteAPIError:
+        return cls(
+            error.status_code, error.error_type, error.message, error.param, error.code, dict(error.headers)
+        )
+
+    def to_exception(self) -> APIError:
+        error = APIError(self.message, param=self.param, code=self.code, headers=self.headers)
+        # Instance attributes shadow APIError's class-level defaults; response() reads them.
+        error.status_code = self.status_code
+        error.error_type = self.error_type
+        return error
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What the ingress needs to know about a model once, at startup."""
+
+    model_id: str
+    card: ModelCard
+    # tokenizer.json as text: the ingress decodes token ids (logprobs, echo) without the checkpoint's files.
+    tokenizer_json: str
+
+
+@dataclass(frozen=True)
+class ReplicaState:
+    alive: bool
+    stats: dict[str, float]
+    pid: int
+
+
+class LLMServer:
+    """A Ray Serve replica serving one model id with its own engine."""
+
+    def __init__(self, engine_args: EngineArgs) -> None:
+        started = time.perf_counter()
+        self.server = ModelServer.from_engine_args(engine_args)
+        logger.info(
+            "replica of %s ready in %.1fs (device %s)",
+            self.server.model_id,
+            time.perf_counter() - started,
+            self.server.config.device,
+        )
+
+    # --- control ---------------------------------------------------------------------------------------
+
+    def model_info(self) -> ModelInfo:
+        return ModelInfo(
+            model_id=self.server.model_id,
+            card=self.server.model_card(),
+            tokenizer_json=self.server.processor.tokenizer.to_str(),
+        )
+
+    def replica_state(self) -> ReplicaState:
+        return ReplicaState(alive=self.server.is_alive, stats=self.server.stats(), pid=os.getpid())
+
+    def check_health(self) -> None:
+        """Called by Ray Serve every health_check_period_s; raising makes Ray replace this replica."""
+        if not self.server.is_alive:
+            raise RuntimeError(
+                f"the engine of {self.server.model_id} is not running: {self.server.engine.dead_reason}"
+            )
+
+    async def __del__(self) -> None:
+        # Ray Serve awaits this on graceful shutdown, after in-flight requests drained (or timed out).
+        server = getattr(self, "server", None)  # absent when the constructor failed
+        if server is not None:
+            await server.aclose()
+
+    # --- requests --------------------------------------------------------------------------------------
+
+    async def chat(
+        self, body: ChatCompletionRequest, request_id: str
+    ) -> AsyncGenerator[CompletionDelta | RemoteAPIError, None]:
+        try:
+            request = await self.server.prepare_chat(body, request_id)
+            deltas = await self.server.start(request)
+        except APIError as e:
+            yield RemoteAPIError.capture(e)
+            return
+        async for delta in _forward(deltas):
+            yield delta
+
+    async def prepare_completions(
+        self, body: CompletionRequest, request_id: str
+    ) -> list[EngineRequest] | RemoteAPIError:
+        try:
+            return await self.server.prepare_completions(body, request_id)
+        except APIError as e:
+            return RemoteAPIError.capture(e)
+
+    async def generate(
+        self, request: EngineRequest
+    ) -> AsyncGenerator[CompletionDelta | RemoteAPIError, None]:
+        # The arrival time was taken on the ingress's monotonic clock, which means nothing in this process.
+        request = dataclasses.replace(request, arrival_time=time.monotonic())
+        try:
+            deltas = await self.server.start(request)
+        except APIError as e:
+            yield RemoteAPIError.capture(e)
+            return
+        async for delta in _forward(deltas):
+            yield delta
+
+
+async def _forward(deltas: AsyncGenerator[CompletionDelta, None]) -> AsyncGenerator[CompletionDelta, None]:
+    # Closing `deltas` aborts the engine request; that happens here when Ray cancels this stream (the
+    # ingress's client went away) as well as when it ends.
+    try:
+        async for delta in deltas:
+            yield delta
+    finally:
+        await deltas.aclose()

@@ -1,0 +1,402 @@
+"""The Ray Serve deployment end to end, on a real local Ray cluster (one for the whole module, lean enough
+for 2 cores): deploy from Python and from a Serve YAML (`vlmserve run`), query with the openai client (stream,
+image), autoscale 1 -> 2 -> 1, kill a replica and see it replaced, two models behind one ingress, runtime_env
+in the replicas, and `vlmserve shutdown -y` leaving no process behind.
+
+The cluster is started the way `vlmserve run` starts one (deploy/cluster.py) and recorded in a private
+VLMSERVE_CACHE_DIR, so the CLI tests find it; the last test shuts it down through the CLI.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytest.importorskip("ray.serve")
+
+import ray
+from ray import serve
+
+from tests.conftest import free_port, random_image
+from vlmserve import LLMConfig, build_openai_app
+from vlmserve.deploy import cluster
+from vlmserve.deploy.server import ReplicaState
+
+pytestmark = pytest.mark.slow
+
+ENGINE = {"max_model_len": 512, "kv_cache_memory_gb": 0.01, "max_num_seqs": 4}
+NO_EOS = {"ignore_eos": True}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    address: str
+    pid: int
+    http_port: int
+    cache_dir: Path
+    record_path: Path
+
+    def url(self, prefix: str) -> str:
+        return f"http://127.0.0.1:{self.http_port}{prefix}"
+
+    def cli(self, *args: str, timeout: float = 180) -> subprocess.CompletedProcess[str]:
+        env = {**os.environ, "VLMSERVE_CACHE_DIR": str(self.cache_dir), "RAY_USAGE_STATS_ENABLED": "0"}
+        return subprocess.run(
+            [sys.executable, "-m", "vlmserve", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            cwd=self.cache_dir,
+        )
+
+
+@pytest.fixture(scope="module")
+def ray_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    cache_dir = tmp_path_factory.mktemp("vlmserve-cache")
+    record_path = cache_dir / "ray" / "cluster.json"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RAY_USAGE_STATS_ENABLED", "0")
+        mp.setenv("RAY_DISABLE_USAGE_STATS", "1")
+        # 4 logical CPUs on 2 cores: two apps of CPU replicas (one CPU each) fit while they idle.
+        address, pid = cluster.start_local_cluster(num_cpus=4, log_path=cache_dir / "ray" / "ray-start.log")
+        http_port = free_port()
+        record = cluster.ClusterRecord(address, f"http://127.0.0.1:{http_port}/", pid)
+        cluster.save_record(record, record_path)
+        try:
+            cluster.connect(address, quiet=True, started_here=True)
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            yield Cluster(address, pid, http_port, cache_dir, record_path)
+        finally:
+            if ray.is_initialized():
+                ray.shutdown()
+            cluster.stop_local_cluster(record)
+
+
+def wait_for(condition: Callable[[], bool], timeout: float, what: str, interval: float = 0.25) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def running_replicas(app: str, deployment: str) -> int:
+    status = serve.status().applications[app].deployments[deployment]
+    return sum(
+        n for state, n in status.replica_states.items() if str(getattr(state, "value", state)) == "RUNNING"
+    )
+
+
+def replica_actor_names(app: str, deployment: str) -> set[str]:
+    prefix = f"SERVE_REPLICA::{app}#{deployment}#"
+    return {
+        a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["name"].startswith(prefix)
+    }
+
+
+def image_data_url(width: int = 64, height: int = 48) -> str:
+    buf = io.BytesIO()
+    random_image(width, height, seed=1).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+# --------------------------------------------------------------------------------------------- Python deploy
+
+
+@pytest.fixture(scope="module")
+def py_app(ray_cluster: Cluster, tiny_checkpoint: Path) -> Iterator[openai.OpenAI]:
+    """Two models behind one ingress, deployed from Python; `b` sizes its KV cache from an env var that
+    only its runtime_env sets."""
+    a = LLMConfig(
+        model_loading_config={"model_id": "a", "model_source": str(tiny_checkpoint)},
+        engine_kwargs=ENGINE,
+    )
+    b = LLMConfig(
+        model_loading_config={"model_id": "b", "model_source": str(tiny_checkpoint)},
+        engine_kwargs={k: v for k, v in ENGINE.items() if k != "kv_cache_memory_gb"},
+        runtime_env={"env_vars": {"VLMSERVE_CPU_KV_CACHE_GB": "0.005"}},
+    )
+    serve.run(build_openai_app({"llm_configs": [a, b]}), name="py", route_prefix="/py")
+    yield openai.OpenAI(base_url=ray_cluster.url("/py/v1"), api_key="placeholder", max_retries=0, timeout=60)
+    if ray.is_initialized():
+        serve.delete("py")
+
+
+def test_models_lists_every_model(py_app: openai.OpenAI) -> None:
+    assert sorted(m.id for m in py_app.models.list().data) == ["a", "b"]
+    assert py_app.models.retrieve("b").max_model_len == 512  # type: ignore[attr-defined]
+
+
+def test_chat_streams_token_by_token_with_an_image(py_app: openai.OpenAI) -> None:
+    max_tokens = 12
+    stream = py_app.chat.completions.create(
+        model="a",
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "image_url", "image_url": {"url": image_data_url()}},
+                    {"type": "text", "text": "What is in this image?"},
+                ],
+            }
+        ],
+        max_tokens=max_tokens,
+        stream=True,
+        stream_options={"include_usage": True},
+        extra_body=NO_EOS,
+    )
+    chunks = list(stream)
+    content = [c for c in chunks if c.choices and c.choices[0].delta.content]
+    usage = chunks[-1].usage
+    assert usage is not None and usage.completion_tokens == max_tokens
+    # One chunk per token (the detokenizer may hold back a token that ends mid-character), never lumps.
+    assert len(content) >= max_tokens - 2
+    assert chunks[-2].choices[0].finish_reason == "length"
+    # The image reached the model: its tokens are part of the prompt.
+    text_only = py_app.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "What is in this image?"}], max_tokens=1
+    )
+    assert text_only.usage is not None and usage.prompt_tokens > text_only.usage.prompt_tokens
+
+
+def test_second_model_and_completions(py_app: openai.OpenAI) -> None:
+    chat = py_app.chat.completions.create(
+        model="b", messages=[{"role": "user", "content": "hi"}], max_tokens=5, extra_body=NO_EOS
+    )
+    assert chat.model == "b" and chat.usage is not None and chat.usage.completion_tokens == 5
+    completion = py_app.completions.create(
+        model="b", prompt="hello", max_tokens=4, echo=True, extra_body=NO_EOS
+    )
+    assert completion.choices[0].text.startswith("hello")
+    two = py_app.completions.create(model="a", prompt=["one", "two"], max_tokens=3, extra_body=NO_EOS)
+    assert sorted(c.index for c in two.choices) == [0, 1]
+
+
+def test_errors_keep_their_status_through_ray(py_app: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError, match="The model `nope` does not exist"):
+        py_app.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+    # Raised in the replica (before the first token), arrives as the same 400 naming the parameter, also
+    # for a streamed request (no 200 that then fails).
+    for stream in (False, True):
+        with pytest.raises(openai.BadRequestError) as e:
+            py_app.chat.completions.create(
+                model="a", messages=[{"role": "user", "content": "hi"}], max_tokens=10_000, stream=stream
+            )
+        assert e.value.body["param"] == "max_tokens"  # type: ignore[index]
+        assert e.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def engine_stats(app: str, model: str) -> dict[str, float]:
+    handle = serve.get_deployment_handle(f"LLMServer:{model}", app_name=app)
+    state: ReplicaState = handle.replica_state.remote().result(timeout_s=30)
+    return state.stats
+
+
+def test_runtime_env_reaches_the_replicas(py_app: openai.OpenAI) -> None:
+    # a: kv_cache_memory_gb=0.01; b: VLMSERVE_CPU_KV_CACHE_GB=0.005 from its runtime_env only.
+    a, b = engine_stats("py", "a")["num_kv_blocks"], engine_stats("py", "b")["num_kv_blocks"]
+    assert abs(2 * b - a) <= 2, (a, b)
+
+
+def test_client_disconnect_aborts_the_request_in_the_replica(
+    ray_cluster: Cluster, py_app: openai.OpenAI
+) -> None:
+    max_tokens = 480
+    before = engine_stats("py", "b")["generation_tokens_total"]
+    body = {"model": "b", "prompt": "go", "max_tokens": max_tokens, "stream": True, **NO_EOS}
+    with httpx.stream("POST", ray_cluster.url("/py/v1/completions"), json=body, timeout=60) as response:
+        lines = response.iter_lines()
+        for _ in range(6):  # a few tokens, then the client goes away
+            next(lines)
+    wait_for(lambda: engine_stats("py", "b")["num_requests_running"] == 0, timeout=30, what="the abort")
+    generated = engine_stats("py", "b")["generation_tokens_total"] - before
+    assert 0 < generated < max_tokens
+
+
+def test_health_and_metrics_cover_every_model(ray_cluster: Cluster, py_app: openai.OpenAI) -> None:
+    assert httpx.get(ray_cluster.url("/py/health"), timeout=10).status_code == 200
+    metrics = httpx.get(ray_cluster.url("/py/metrics"), timeout=10).text
+    for model in ("a", "b"):
+        assert f'vllm:num_requests_running{{model_name="{model}"}}' in metrics
+        assert f'vllm:time_to_first_token_seconds_count{{model_name="{model}"}}' in metrics
+
+
+def test_killed_replica_is_replaced_while_the_app_answers(py_app: openai.OpenAI) -> None:
+    (victim,) = replica_actor_names("py", "LLMServer:a")
+    ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    # The other model and the ingress answer while `a` is being replaced ...
+    for _ in range(3):
+        reply = py_app.chat.completions.create(
+            model="b", messages=[{"role": "user", "content": "x"}], max_tokens=2
+        )
+        assert reply.choices[0].finish_reason is not None
+    # ... and `a` answers again from a new replica.
+    wait_for(
+        lambda: (names := replica_actor_names("py", "LLMServer:a")) != {victim} and len(names) == 1,
+        timeout=60,
+        what="a new replica of LLMServer:a",
+    )
+    wait_for(lambda: running_replicas("py", "LLMServer:a") == 1, timeout=90, what="the new replica to run")
+    reply = py_app.chat.completions.create(
+        model="a", messages=[{"role": "user", "content": "x"}], max_tokens=2
+    )
+    assert reply.usage is not None and reply.usage.completion_tokens >= 1
+
+
+# --------------------------------------------------------------------------------------------- autoscaling
+
+
+@pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
+def test_autoscaling_up_under_load_and_down_when_idle(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
+    # max_num_seqs=2 -> the default target is 1 ongoing request per replica, so 3 concurrent streams ask for
+    # more replicas than max_replicas=2. Short delays and windows keep the test quick.
+    config = LLMConfig(
+        model_loading_config={"model_id": "c", "model_source": str(tiny_checkpoint)},
+        engine_kwargs={**ENGINE, "max_num_seqs": 2},
+        deployment_config={
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": 2,
+                "upscale_delay_s": 0.5,
+                "downscale_delay_s": 2,
+                "metrics_interval_s": 0.5,
+                "look_back_period_s": 1,
+            }
+        },
+    )
+    serve.run(build_openai_app({"llm_configs": [config]}), name="auto", route_prefix="/auto")
+    client = openai.OpenAI(
+        base_url=ray_cluster.url("/auto/v1"), api_key="placeholder", max_retries=0, timeout=120
+    )
+    deployment = "LLMServer:c"
+    try:
+        assert running_replicas("auto", deployment) == 1
+        stop = threading.Event()
+        errors: list[BaseException] = []
+
+        def load() -> None:
+            while not stop.is_set():
+                try:
+                    stream = client.completions.create(
+                        model="c", prompt="load", max_tokens=150, stream=True, extra_body=NO_EOS
+                    )
+                    for _ in stream:
+                        if stop.is_set():
+                            stream.close()
+                            break
+                except Exception as e:
+                    errors.append(e)
+                    return
+
+        workers = [threading.Thread(target=load, daemon=True) for _ in range(3)]
+        for worker in workers:
+            worker.start()
+        try:
+            wait_for(lambda: running_replicas("auto", deployment) == 2, timeout=120, what="scale up to 2")
+        finally:
+            stop.set()
+            for worker in workers:
+                worker.join(timeout=60)
+        assert not errors, errors
+        wait_for(lambda: running_replicas("auto", deployment) == 1, timeout=120, what="scale down to 1")
+    finally:
+        serve.delete("auto")
+
+
+# --------------------------------------------------------------------------------------------- CLI
+
+
+def test_vlmserve_run_a_serve_yaml(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
+    models = ray_cluster.cache_dir / "models"
+    models.mkdir()
+    (models / "y.yaml").write_text(
+        f"model_loading_config: {{model_id: y, model_source: {tiny_checkpoint}}}\n"
+        "engine_kwargs: {max_model_len: 512, kv_cache_memory_gb: 0.01}\n"
+    )
+    config = ray_cluster.cache_dir / "serve_config.yaml"
+    config.write_text(
+        f"http_options: {{host: 127.0.0.1, port: {ray_cluster.http_port}}}\n"
+        "applications:\n"
+        "  - name: yaml\n"
+        "    route_prefix: /yaml\n"
+        "    import_path: vlmserve:build_openai_app\n"
+        "    args:\n"
+        "      llm_configs: [models/y.yaml]\n"
+    )
+    # No --address: `run` finds the cluster recorded in VLMSERVE_CACHE_DIR and deploys on it.
+    result = ray_cluster.cli("run", str(config), "--non-blocking")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "using the local Ray cluster" in result.stdout
+    assert "application 'yaml' is RUNNING" in result.stdout
+
+    client = openai.OpenAI(base_url=ray_cluster.url("/yaml/v1"), api_key="placeholder", max_retries=0)
+    reply = client.chat.completions.create(
+        model="y", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+    )
+    assert reply.model == "y"
+
+    status = ray_cluster.cli("status")
+    assert status.returncode == 0, status.stderr
+    assert "yaml:\n    status: RUNNING" in status.stdout
+    assert "LLMServer:y:" in status.stdout
+
+    bad = ray_cluster.cache_dir / "bad.yaml"
+    bad.write_text(config.read_text().replace("llm_configs:", "llm_config:"))
+    failed = ray_cluster.cli("run", str(bad), "--non-blocking")
+    assert failed.returncode == 1
+    assert "llm_config: unknown key; did you mean 'llm_configs'?" in failed.stderr
+
+
+def _descendants(root: int) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = set(), [root]
+    while todo:
+        pid = todo.pop()
+        for child in children.get(pid, []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return (Path("/proc") / str(pid) / "stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc").is_dir(), reason="reads the process tree from /proc")
+def test_shutdown_stops_serve_and_the_cluster(ray_cluster: Cluster) -> None:
+    processes = _descendants(ray_cluster.pid) | {ray_cluster.pid}
+    names = {Path(f"/proc/{p}/comm").read_text().strip() for p in processes if _alive(p)}
+    assert {"gcs_server", "raylet"} <= names  # the check below looks at the right processes
+    ray.shutdown()  # this test process is a driver of the cluster; let go of it first
+
+    result = ray_cluster.cli("shutdown", "-y")
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "local Ray cluster" in result.stdout and "stopped" in result.stdout
+    wait_for(lambda: not any(_alive(p) for p in processes), timeout=30, what="every cluster process to exit")
+    assert not ray_cluster.record_path.exists()
+    with pytest.raises(httpx.TransportError):
+        httpx.get(ray_cluster.url("/py/v1/models"), timeout=5)
+    assert ray_cluster.cli("status").returncode == 1
