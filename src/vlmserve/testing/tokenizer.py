@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Sequence
 from pathlib import Path
 
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
@@ -145,17 +146,23 @@ The answer is: yes, there are two circles and one square in the image.
 """
 
 
-def _training_text(seed: int) -> list[str]:
+def _training_text(seed: int, extra_corpus: Sequence[str] = ()) -> list[str]:
     # BPE counts are order-independent, so the seed varies how often each line is seen: different seeds give
     # different merges (a different tokenizer), the same seed always gives the same one.
     rng = random.Random(seed)
     lines = [line for line in _CORPUS.splitlines() if line.strip()]
-    return [line for line in lines for _ in range(rng.randint(1, 3))]
+    return [line for line in lines for _ in range(rng.randint(1, 3))] + list(extra_corpus)
 
 
-def build_tokenizer_files(out_dir: Path, vocab_size: int = 1024, seed: int = 0) -> dict[str, int]:
+def build_tokenizer_files(
+    out_dir: Path, vocab_size: int = 1024, seed: int = 0, extra_corpus: Sequence[str] = ()
+) -> dict[str, int]:
     """Train a byte-level BPE tokenizer; write tokenizer.json, tokenizer_config.json, chat_template.json and
     generation_config.json.
+
+    `extra_corpus` lines are added to the built-in training text as given (a model trained on a known
+    vocabulary, like the demo model, passes its own sentences so that its words become single tokens); the
+    default leaves the tokenizer exactly as before.
 
     `vocab_size` is the total including the 14 special tokens; the ordinary vocabulary is trained up to
     `vocab_size - 14` entries (fewer when the corpus runs out of merges). Returns the special token ids by name
@@ -196,7 +203,7 @@ def build_tokenizer_files(out_dir: Path, vocab_size: int = 1024, seed: int = 0) 
         initial_alphabet=byte_alphabet,
         special_tokens=[],
     )
-    tok.train_from_iterator(_training_text(seed), trainer=trainer)
+    tok.train_from_iterator(_training_text(seed, extra_corpus), trainer=trainer)
     # Added after training so that they take the ids right after the ordinary vocabulary, as in Qwen.
     tok.add_special_tokens(
         [

@@ -20,7 +20,10 @@ except ImportError:  # CPU-only installs: the torch paths are used
 
 
 def use_fused(x: torch.Tensor) -> bool:
-    return AVAILABLE and x.is_cuda
+    """The kernels have no backward, so they run only where no gradient is recorded (serving runs under
+    inference_mode); with autograd on (training) the torch ops are used, else gradients would silently stop
+    at every norm."""
+    return AVAILABLE and x.is_cuda and not torch.is_grad_enabled()
 
 
 if AVAILABLE:
