@@ -51,12 +51,13 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int
 
 
 def start_vlmserve(
-    checkpoint: Path, log: Path, *flags: str, timeout: float = 120.0
+    checkpoint: Path | str | None, log: Path, *flags: str, timeout: float = 120.0
 ) -> tuple[subprocess.Popen[bytes], str]:
-    """`python -m vlmserve serve CHECKPOINT --port <free> *flags`, output to `log`; returns once /health
+    """`python -m vlmserve serve [CHECKPOINT] --port <free> *flags`, output to `log`; returns once /health
     answers 200, with the process and its base URL. The caller stops it with stop_process."""
     port = free_port()
-    cmd = [sys.executable, "-m", "vlmserve", "serve", str(checkpoint), "--port", str(port), *flags]
+    model = [] if checkpoint is None else [str(checkpoint)]
+    cmd = [sys.executable, "-m", "vlmserve", "serve", *model, "--port", str(port), *flags]
     with log.open("wb") as out:
         process = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
     base_url = f"http://127.0.0.1:{port}"

@@ -1,0 +1,166 @@
+"""The shipped demo model behind `vlmserve serve demo`, asked about generated images the way users send them:
+a data URL, an http URL from a local server the operator allowed, and a file inside the allowed directory.
+
+What this catches: a transport that alters the image (the three must give the same answers to every
+question), and a broken resize, normalisation, channel order or cache (the colour answers, right on every
+held-out image, turn into guesses: chance is 1/8). The images come from the project's generator with seeds
+neither training nor the held-out evaluation uses, in sizes that take every resize path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import signal
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from tests.conftest import start_vlmserve, stop_process
+from tests.test_demo_model import DemoCase, generated_case
+from tests.test_server_e2e import _ImageHost, _QuietHandler
+from vlmserve.training import data
+
+# (width, height): kept, rounded to multiples of 28, upscaled to min_pixels, downscaled to max_pixels.
+SIZES: tuple[tuple[int, int], ...] = (
+    (224, 224),
+    (250, 90),
+    (90, 250),
+    (60, 70),
+    (640, 480),
+    (300, 200),
+    (160, 240),
+    (200, 200),
+)
+TRANSPORTS = ("data", "http", "file")
+
+
+@pytest.fixture(scope="module")
+def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("demo-images")
+
+
+@pytest.fixture(scope="module")
+def image_host(image_dir: Path) -> Iterator[str]:
+    httpd = _ImageHost(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(image_dir)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(5)
+
+
+@pytest.fixture(scope="module")
+def base_url(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    log = tmp_path_factory.mktemp("demo-server") / "server.log"
+    process, url = start_vlmserve(
+        "demo",
+        log,
+        "--allowed-media-domains", "127.0.0.1",
+        "--allowed-local-media-path", str(image_dir),
+        "--log-level", "warning",
+    )  # fmt: skip
+    yield url
+    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+
+
+def image_url(case: DemoCase, name: str, transport: str, image_dir: Path, image_host: str) -> str:
+    png = case.png_bytes()
+    if transport == "data":
+        return "data:image/png;base64," + base64.b64encode(png).decode()
+    (image_dir / name).write_bytes(png)
+    return f"{image_host}/{name}" if transport == "http" else str(image_dir / name)
+
+
+async def ask_all(base_url: str, requests: list[tuple[str, str]]) -> list[str]:
+    """(image URL, question) pairs, all in flight at once; greedy answers."""
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="FAKE_KEY", max_retries=0)
+
+    async def ask(url: str, question: str) -> str:
+        content: list[Any] = [
+            {"type": "image_url", "image_url": {"url": url}},
+            {"type": "text", "text": question},
+        ]
+        r = await client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=16,
+            temperature=0,
+        )
+        return r.choices[0].message.content or ""
+
+    try:
+        return list(await asyncio.gather(*(ask(url, q) for url, q in requests)))
+    finally:
+        await client.close()
+
+
+def score(cases: list[DemoCase], answers: list[str]) -> tuple[int, list[str]]:
+    wrong = [
+        f"{c.kind} {c.image.size}: {c.question!r} -> {a!r} (expected {c.expected!r})"
+        for c, a in zip(cases, answers, strict=True)
+        if not c.is_right(a)
+    ]
+    return len(cases) - len(wrong), wrong
+
+
+def test_served_model_is_the_demo(base_url: str) -> None:
+    models = httpx.get(f"{base_url}/v1/models", headers={"Authorization": "Bearer FAKE_KEY"}).json()
+    assert [m["id"] for m in models["data"]] == ["demo"]
+
+
+async def test_same_answers_by_data_url_http_url_and_local_file(
+    base_url: str, image_dir: Path, image_host: str
+) -> None:
+    # generated_case(i, kind, size) draws the same image for every kind: two questions about each image.
+    cases = {
+        kind: [generated_case(i, kind, size=s) for i, s in enumerate(SIZES)] for kind in ("colour", "shape")
+    }
+    requests, keys = [], []
+    for transport in TRANSPORTS:
+        for i, case in enumerate(cases["colour"]):
+            url = image_url(case, f"scene{i}.png", transport, image_dir, image_host)
+            for kind in ("colour", "shape"):
+                requests.append((url, cases[kind][i].question))
+                keys.append((transport, kind, i))
+    answers = dict(zip(keys, await ask_all(base_url, requests), strict=True))
+
+    for kind in ("colour", "shape"):
+        by_transport = {t: [answers[t, kind, i] for i in range(len(SIZES))] for t in TRANSPORTS}
+        # The same bytes by any route are the same image to the model.
+        assert by_transport["http"] == by_transport["data"], (kind, by_transport)
+        assert by_transport["file"] == by_transport["data"], (kind, by_transport)
+        for answer in by_transport["data"]:
+            assert data.answer_key(kind, answer) is not None, (kind, answer)
+    right, wrong = score(cases["colour"], [answers["data", "colour", i] for i in range(len(SIZES))])
+    assert right >= len(SIZES) - 1, wrong
+
+
+def test_streamed_answer_equals_the_whole_one(base_url: str) -> None:
+    case = generated_case(0, "colour", size=(224, 224))
+    url = "data:image/png;base64," + base64.b64encode(case.png_bytes()).decode()
+    client = openai.OpenAI(base_url=f"{base_url}/v1", api_key="FAKE_KEY", max_retries=0)
+    messages: Any = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "image_url", "image_url": {"url": url}},
+                {"type": "text", "text": "What do you see in this image?"},
+            ],
+        }
+    ]
+    whole = client.chat.completions.create(model="demo", messages=messages, max_tokens=24, temperature=0)
+    stream = client.chat.completions.create(
+        model="demo", messages=messages, max_tokens=24, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
+    assert "".join(pieces) == whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop"  # the answer ends with <|im_end|>, not the token cap
+    assert case.is_right(whole.choices[0].message.content or "")  # a description names the colour

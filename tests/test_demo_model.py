@@ -1,0 +1,272 @@
+"""The demo model that ships with vlmserve: its files, its answers through the real engine, its training code.
+
+The answer tests are what catches a broken image path: a wrong resize, normalisation, channel order or patch
+layout, or a stale prefix / encoder cache, turns the trained model's colour answers (right on every held-out
+image) into guesses (chance is 1/8). Images come from the project's generator with seeds that neither
+training nor the held-out evaluation uses, in sizes and aspect ratios that take every resize path (kept,
+rounded, upscaled to min_pixels, downscaled to max_pixels).
+
+`generated_case` is the helper the HTTP end-to-end tests reuse: an image, a question and the expected key
+word, with the image's PNG bytes for data URLs, files and a local HTTP server.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors import safe_open
+
+from vlmserve.demo import PACKAGED, demo_checkpoint
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.llm import LLM
+from vlmserve.models.generate import prompt_embeddings
+from vlmserve.models.layers.attention import ContiguousKVCache
+from vlmserve.models.loader import load_model
+from vlmserve.models.processor import Qwen2_5_VLProcessor
+from vlmserve.testing.checkpoint import tensor_shapes
+from vlmserve.training import data
+from vlmserve.training.train import (
+    DEMO_MAX_PIXELS,
+    DEMO_MIN_PIXELS,
+    Encoder,
+    TrainArgs,
+    collate,
+    forward_answers,
+    released_state_dict,
+    train,
+)
+
+# Seeds far from training (0) and evaluation (data.EVAL_SEED).
+TEST_SEED = 7_000_000
+# (width, height): kept as is, rounded to multiples of 28, upscaled to min_pixels, downscaled to max_pixels,
+# and aspect ratios beyond the training range.
+SIZES: tuple[tuple[int, int], ...] = ((224, 224), (250, 90), (90, 250), (60, 70), (640, 480), (1000, 300))
+MAX_SHIPPED_BYTES = 20 * 2**20
+
+
+@dataclass(frozen=True)
+class DemoCase:
+    """A generated image, a question about it and the key word a right answer contains."""
+
+    kind: str  # colour, shape, count or position
+    image: Image.Image
+    question: str
+    expected: str
+
+    def messages(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "role": "user",
+                "content": [{"type": "image", "image": self.image}, {"type": "text", "text": self.question}],
+            }
+        ]
+
+    def png_bytes(self) -> bytes:
+        buf = io.BytesIO()
+        self.image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def is_right(self, answer: str) -> bool:
+        return data.answer_key(self.kind, answer) == self.expected
+
+
+def generated_case(
+    seed: int, kind: str, size: tuple[int, int] | None = None, count: int | None = None
+) -> DemoCase:
+    """A fresh image + question of `kind` (colour, shape, count, position); the same seed and size give the
+    same image for every kind, so two kinds of one seed ask about one image."""
+    image, question, expected = data.make_example(TEST_SEED + seed, kind, size=size, count=count)
+    return DemoCase(kind, image, question, expected)
+
+
+def _score(cases: list[DemoCase], answers: list[str]) -> tuple[int, list[str]]:
+    wrong = [
+        f"{c.kind} {c.image.size}: {c.question!r} -> {a!r} (expected {c.expected!r})"
+        for c, a in zip(cases, answers, strict=True)
+        if not c.is_right(a)
+    ]
+    return len(cases) - len(wrong), wrong
+
+
+# ------------------------------------------------------------------------------------ shipped files
+
+
+def test_demo_is_the_packaged_checkpoint_and_small() -> None:
+    assert demo_checkpoint() == PACKAGED
+    files = {p.name: p.stat().st_size for p in PACKAGED.iterdir() if p.is_file()}
+    for name in (
+        "config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
+        assert name in files, f"{name} missing from {PACKAGED}"
+    assert sum(files.values()) < MAX_SHIPPED_BYTES, files
+    pre = json.loads((PACKAGED / "preprocessor_config.json").read_text())
+    assert (pre["min_pixels"], pre["max_pixels"]) == (DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
+    with safe_open(str(PACKAGED / "model.safetensors"), framework="pt") as st:
+        assert {st.get_slice(n).get_dtype() for n in st.keys()} == {"BF16"}  # noqa: SIM118
+
+
+def test_weights_use_released_names_and_round_trip() -> None:
+    """Saved under the released tensor names (q/k/v and gate/up separate), and re-exporting the loaded model
+    gives back exactly the stored tensors."""
+    config = json.loads((PACKAGED / "config.json").read_text())
+    model = load_model(PACKAGED, dtype=torch.bfloat16, progress=False)
+    exported = released_state_dict(model)
+    assert {n: tuple(t.shape) for n, t in exported.items()} == tensor_shapes(config)
+    with safe_open(str(PACKAGED / "model.safetensors"), framework="pt") as st:
+        for name in st.keys():  # noqa: SIM118
+            assert torch.equal(st.get_tensor(name), exported[name]), name
+
+
+def test_logits_match_hf_transformers() -> None:
+    """The shipped checkpoint means the same thing to HF transformers (the reference) as to us."""
+    from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
+
+    from tests.hf_reference import HFImageTextProcessor
+
+    ours = load_model(PACKAGED, dtype="float32", progress=False)
+    ref = HFModel.from_pretrained(PACKAGED, dtype=torch.float32).eval()
+    proc = Qwen2_5_VLProcessor.from_pretrained(PACKAGED)
+    hf_proc = HFImageTextProcessor.from_pretrained(PACKAGED)
+    case = generated_case(0, "shape", size=(250, 90))
+    text = proc.apply_chat_template(case.messages())
+    ours_in = proc.process(text, [case.image])
+    hf_in = hf_proc(text=[text], images=[case.image], return_tensors="pt")
+    assert ours_in.token_ids == hf_in["input_ids"][0].tolist()
+    with torch.inference_mode():
+        expected = ref(**hf_in).logits[0]  # (L, V)
+        x = prompt_embeddings(ours, ours_in.token_ids, ours_in.images)
+        cache = ContiguousKVCache(len(ours.model.layers), ours.model.layers[0].self_attn.head_dim ** -0.5)
+        got = ours.compute_logits(ours(x, ours_in.mrope_positions, cache))
+    assert (got - expected).abs().max().item() <= 1e-4 * max(1.0, expected.abs().max().item())
+
+
+# ------------------------------------------------------------------------------ answers, via the engine
+
+
+@pytest.fixture(scope="module")
+def llm() -> LLM:
+    return LLM("demo", device="cpu", seed=0)
+
+
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
+
+
+def test_names_the_colour_at_every_size(llm: LLM) -> None:
+    cases = [generated_case(i, "colour", size=size) for i, size in enumerate(SIZES)]
+    outs = llm.chat([c.messages() for c in cases], GREEDY)
+    right, wrong = _score(cases, [o.text for o in outs])
+    assert right >= len(cases) - 1, wrong
+
+    # The same requests again: served from the prefix cache (image tokens included), same answers.
+    again = llm.chat([c.messages() for c in cases], GREEDY)
+    assert [o.text for o in again] == [o.text for o in outs]
+    assert all(o.num_cached_tokens > 0 for o in again)
+
+
+def test_answers_in_the_form_of_each_question(llm: LLM) -> None:
+    """Shape, count and position answers are one of the words the question asks for, in the trained form."""
+    cases = [generated_case(i, kind, size=(280, 210)) for i in range(4) for kind in ("shape", "count")]
+    cases += [generated_case(300 + i, "position", size=(280, 210)) for i in range(4)]
+    for case, out in zip(cases, llm.chat([c.messages() for c in cases], GREEDY), strict=True):
+        assert data.answer_key(case.kind, out.text) is not None, (case.question, out.text)
+        assert out.outputs[0].finish_reason == "stop", (case.question, out.text)
+
+
+def test_describes_the_scene(llm: LLM) -> None:
+    sample = data.make_sample(TEST_SEED + 200, 0, kinds=["describe"], size=(320, 240), count=1)
+    text = llm.chat(sample.messages(with_answers=False), GREEDY)[0].text
+    assert text.endswith("background."), text
+    assert data.answer_key("colour", text) == sample.scene.colour, text
+
+
+# ---------------------------------------------------------------------------------------- generator
+
+
+def test_generator_is_deterministic_and_covers_every_category() -> None:
+    a, b = data.make_sample(3, 17), data.make_sample(3, 17)
+    assert a.scene == b.scene and a.turns == b.turns
+    assert np.array_equal(np.asarray(a.image), np.asarray(b.image))
+    assert not np.array_equal(np.asarray(a.image), np.asarray(data.make_sample(3, 18).image))
+
+    samples = [data.make_sample(0, i, max_turns=5) for i in range(300)]
+    scenes = [s.scene for s in samples]
+    assert {s.shape for s in scenes} == set(data.SHAPES)
+    assert {s.colour for s in scenes} == set(data.COLOURS)
+    assert {s.count for s in scenes} == set(range(1, data.MAX_COUNT + 1))
+    assert {s.position for s in scenes if s.count == 1} == set(data.POSITIONS)
+    assert {s.background for s in scenes} == set(data.BACKGROUNDS)
+    assert {s.texture for s in scenes} == set(data.TEXTURES)
+    assert {s.jpeg_quality is None for s in scenes} == {True, False}
+    assert {qa.kind for s in samples for qa in s.turns} == set(data.KINDS)
+    widths, heights = zip(*(s.image.size for s in samples), strict=True)
+    assert min(widths + heights) < 100 and max(widths + heights) > 300
+    for s in samples:
+        assert s.image.size == (s.scene.width, s.scene.height) and s.image.mode == "RGB"
+        assert s.scene.background != s.scene.colour
+        for qa in s.turns:
+            if qa.kind in data.CATEGORIES:
+                # Canonical answers carry their key word, which the evaluation reads back.
+                assert data.answer_key(qa.kind, qa.answer) == data.expected_key(s.scene, qa.kind)
+
+
+def test_answer_key_reads_free_form_answers() -> None:
+    assert data.answer_key("colour", "It is Red.") == "red"
+    assert data.answer_key("shape", "Three blue stars.") == "star"
+    assert data.answer_key("count", "There are 3.") == "three"
+    assert data.answer_key("position", "In the centre.") == "center"
+    assert data.answer_key("shape", "I don't know.") is None
+
+
+# ------------------------------------------------------------------------------------------ training
+
+
+def test_packed_training_forward_matches_one_sequence_at_a_time() -> None:
+    """The training backend (block-causal attention over packed conversations) computes the same logits as
+    the serving model run on each conversation alone."""
+    model = load_model(PACKAGED, dtype="float32", progress=False)
+    enc = Encoder(PACKAGED)
+    samples = [data.make_sample(TEST_SEED, i, max_turns=3) for i in range(3)]
+    encoded = [enc.encode(s) for s in samples]
+    with torch.inference_mode():
+        packed, _, _ = forward_answers(model, collate(encoded), torch.device("cpu"))
+        alone = []
+        for e in encoded:
+            single, _, _ = forward_answers(model, collate([e]), torch.device("cpu"))
+            alone.append(single)
+    torch.testing.assert_close(packed, torch.cat(alone), atol=1e-4, rtol=1e-4)
+
+    # And one conversation through the training path equals the serving path (contiguous KV cache).
+    proc = Qwen2_5_VLProcessor.from_pretrained(PACKAGED)
+    e, s = encoded[0], samples[0]
+    p = proc.process(proc.apply_chat_template(s.messages(), add_generation_prompt=False), [s.image])
+    # Training ships patches to the device in float16; round the serving input the same way to compare.
+    images = [replace(f, data=(f.data[0].half().float(), f.data[1])) for f in p.images]
+    with torch.inference_mode():
+        x = prompt_embeddings(model, p.token_ids, images)
+        cache = ContiguousKVCache(len(model.model.layers), model.model.layers[0].self_attn.head_dim ** -0.5)
+        ref = model.compute_logits(model(x, p.mrope_positions, cache))[torch.from_numpy(e.targets != -100)]
+    torch.testing.assert_close(alone[0], ref, atol=1e-4, rtol=1e-4)
+
+
+def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    summary = train(TrainArgs(out=str(out), steps=2, batch_size=2, eval_per_category=1, log_every=1))
+    assert summary["steps"] == 2
+    assert json.loads((out / "training.json").read_text())["steps"] == 2
+    model = load_model(out, progress=False)
+    assert next(model.parameters()).dtype == torch.float32
+    proc = Qwen2_5_VLProcessor.from_pretrained(out)
+    assert (proc.min_pixels, proc.max_pixels) == (DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
