@@ -103,3 +103,24 @@ def test_fused_rms_norm_and_rotary_match_torch(dtype: torch.dtype) -> None:
         ref = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(dtype)
         tol = 1e-2 if dtype != torch.float32 else 1e-5
         torch.testing.assert_close(fused.rotary(q, cos, sin), ref, rtol=tol, atol=tol)
+
+
+def test_training_on_cuda_gets_gradients_through_norms_and_rotary() -> None:
+    """The fused kernels have no backward: with autograd on, the layers must take the torch ops, or every
+    parameter before a norm silently gets no gradient (the demo model's training depends on this)."""
+    from vlmserve.models.layers.norm import RMSNorm
+    from vlmserve.models.layers.rotary import apply_rotary
+
+    torch.manual_seed(0)
+    lin = torch.nn.Linear(64, 64, device="cuda")
+    norm = RMSNorm(64).cuda()
+    x = torch.randn(5, 64, device="cuda")
+    freqs = torch.randn(5, 32, device="cuda")
+    cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+    y = apply_rotary(norm(lin(x)).view(5, 1, 64), cos, sin)
+    y.square().sum().backward()
+    assert lin.weight.grad is not None and lin.weight.grad.abs().sum() > 0
+    assert norm.weight.grad is not None and norm.weight.grad.abs().sum() > 0
+    with torch.inference_mode():  # serving still takes the fused kernels, with the same result
+        fused_y = apply_rotary(norm(lin(x)).view(5, 1, 64), cos, sin)
+        torch.testing.assert_close(fused_y, y.detach(), rtol=1e-5, atol=1e-5)
