@@ -62,19 +62,20 @@ class TorchPagedAttention:
         for r in m.prefill_rows:
             s, e, seq_len = self.q_starts[r], self.q_starts[r + 1], m.seq_lens[r]
             table = m.block_tables[r, : -(-seq_len // block_size)]
-            ks = k_cache[table].view(-1, hkv, dim)[:seq_len]
-            vs = v_cache[table].view(-1, hkv, dim)[:seq_len]
+            ks = k_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
+            vs = v_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
             out[s:e] = causal_attention(q[s:e], ks.to(q.dtype), vs.to(q.dtype), self.scale)
         if m.decode_rows:
             hq = q.shape[1]
             bd = len(m.decode_rows)
-            qd = q[self.decode_q_index].view(bd, hq, 1, dim)  # (Bd, Hq, 1, D)
-            kd = k_cache[self.decode_tables].view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-            vd = v_cache[self.decode_tables].view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+            # Grouped-query attention without copying K/V per query head: query head h reads KV head
+            # h // (hq // hkv), so the group's query heads become the query rows of one call per KV head.
+            qd = q[self.decode_q_index].view(bd, hkv, hq // hkv, dim)  # (Bd, Hkv, G, D)
+            # index_select, not advanced indexing: the same gather, several times faster on CPU.
+            tables = self.decode_tables.flatten()
+            kd = k_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+            vd = v_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
             kd, vd = (t.transpose(1, 2).to(q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
-            if hkv != hq:
-                kd = kd.repeat_interleave(hq // hkv, dim=1)
-                vd = vd.repeat_interleave(hq // hkv, dim=1)
             od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, scale=self.scale)
-            out[self.decode_q_index] = od.view(bd, hq, dim)
+            out[self.decode_q_index] = od.reshape(bd, hq, dim)
         return out

@@ -101,16 +101,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: f
     qh = q.transpose(0, 1)[None]  # (1, Hq, Tq, D)
     kh = k.transpose(0, 1)[None]  # (1, Hkv, Tk, D)
     vh = v.transpose(0, 1)[None]
-    if hkv != hq:
+    # On CPU, SDPA reads each KV head for its query heads itself (enable_gqa), saving a copy of K and V per
+    # query head; the CUDA path keeps the explicit copy its fused kernels are proven with.
+    gqa = hkv != hq and not q.is_cuda
+    if hkv != hq and not gqa:
         kh = kh.repeat_interleave(hq // hkv, dim=1)
         vh = vh.repeat_interleave(hq // hkv, dim=1)
     if tq == 1:
-        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, scale=scale, enable_gqa=gqa)
     elif tq == tk:
-        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale)
+        out = F.scaled_dot_product_attention(qh, kh, vh, is_causal=True, scale=scale, enable_gqa=gqa)
     else:
         # Query i sits at absolute position tk - tq + i and sees keys up to it: a causal mask aligned to the
         # bottom right, which the fused kernels take as a flag (an explicit boolean mask would send SDPA to
         # its float32 math fallback on GPU).
-        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=causal_lower_right(tq, tk), scale=scale)
+        mask = causal_lower_right(tq, tk)
+        out = F.scaled_dot_product_attention(qh, kh, vh, attn_mask=mask, scale=scale, enable_gqa=gqa)
     return out[0].transpose(0, 1)
