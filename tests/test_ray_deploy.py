@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import subprocess
 import sys
@@ -234,9 +235,52 @@ def test_health_and_metrics_cover_every_model(ray_cluster: Cluster, py_app: open
         assert f'vllm:time_to_first_token_seconds_count{{model_name="{model}"}}' in metrics
 
 
-def test_killed_replica_is_replaced_while_the_app_answers(py_app: openai.OpenAI) -> None:
+def _stream_events(url: str, body: dict[str, object], started: threading.Event) -> list[str] | Exception:
+    """A stream's `data:` payloads (or its error body), or the transport error that ended it; sets `started`
+    at the first event, or when the request failed before any."""
+    events: list[str] = []
+    try:
+        with httpx.stream("POST", url, json=body, timeout=60) as response:
+            if response.status_code != 200:
+                return [response.read().decode()]
+            for line in response.iter_lines():
+                if line.startswith("data: "):
+                    events.append(line[6:])
+                    started.set()
+    except httpx.HTTPError as e:
+        return e
+    finally:
+        started.set()
+    return events
+
+
+def test_killed_replica_is_replaced_while_the_app_answers(
+    ray_cluster: Cluster, py_app: openai.OpenAI
+) -> None:
+    # Two streams are running on the replica when it is killed.
+    url = ray_cluster.url("/py/v1/chat/completions")
+    body = {"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400, "stream": True}
+    started = [threading.Event() for _ in range(2)]
+    results: list[list[str] | Exception] = []
+    streams = [
+        threading.Thread(target=lambda s=s: results.append(_stream_events(url, {**body, **NO_EOS}, s)))
+        for s in started
+    ]
+    for thread in streams:
+        thread.start()
+    assert all(s.wait(60) for s in started)
+    assert all(thread.is_alive() for thread in streams), f"a stream was over before the kill: {results}"
     (victim,) = replica_actor_names("py", "LLMServer:a")
     ray.kill(ray.get_actor(victim, namespace="serve"), no_restart=True)
+    # They end promptly, with an error event then [DONE] from the ingress: never a hang, never a broken
+    # connection, never a finish as if nothing had happened.
+    for thread in streams:
+        thread.join(30)
+        assert not thread.is_alive(), "a stream on the killed replica hung"
+    for result in results:
+        assert isinstance(result, list), result
+        assert result[-1] == "[DONE]", result[-3:]
+        assert json.loads(result[-2])["error"]["code"] == "engine_error", result[-3:]
     # The other model and the ingress answer while `a` is being replaced ...
     for _ in range(3):
         reply = py_app.chat.completions.create(

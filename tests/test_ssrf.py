@@ -13,6 +13,7 @@ import io
 import ipaddress
 import socket
 import threading
+import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -29,6 +30,10 @@ FAKE_DNS = {
     "internal.example": ["10.1.2.3"],
     "mixed.example": ["93.184.216.34", "192.168.0.5"],  # one private answer among public ones is enough
     "rebind.test": ["127.0.0.1"],
+    # What resolvers answer for other names of the local host.
+    "localhost.": ["127.0.0.1"],
+    "sub.localhost": ["127.0.0.1"],  # RFC 6761: *.localhost is loopback (systemd-resolved answers so)
+    "ip6-localhost": ["::1"],  # the /etc/hosts alias of ::1 on Debian and Ubuntu
 }
 
 # (URL, what the refusal must say). All are refused with the default MediaConfig.
@@ -38,17 +43,30 @@ REFUSED = [
     ("HTTP://127.0.0.1/", "loopback"),
     ("http://user@127.0.0.1/", "loopback"),
     ("http://localhost/", "loopback"),
+    ("http://LOCALHOST/", "loopback"),
+    ("http://localhost./", "loopback"),  # with the root dot: the same name to a resolver
+    ("http://sub.localhost/", "loopback"),
+    ("http://ip6-localhost/", "loopback"),
+    ("http://127.0.0.2/", "loopback"),  # all of 127/8, not only 127.0.0.1
+    ("http://127.255.255.254/", "loopback"),
     ("http://2130706433/", "loopback"),  # decimal
     ("http://0x7f000001/", "loopback"),  # hex
     ("http://0177.0.0.1/", "not valid"),  # octal: httpx refuses to parse it, which refuses it too
+    ("http://017700000001/", "loopback"),  # octal as one number
+    ("http://127.000.000.001/", "not valid"),  # zero-padded
+    ("http://0x7f.0x0.0x0.0x1/", "loopback"),  # hex per part
+    ("http://0x7f.1/", "loopback"),
     ("http://0x7f.0.0.1/", "loopback"),
     ("http://127.1/", "loopback"),  # short form
     ("http://0.0.0.0/", "unspecified"),  # Linux routes a connect to 0.0.0.0 to the local host
     ("http://0/", "unspecified"),
     ("http://[::1]/", "loopback"),
+    ("http://[0:0:0:0:0:0:0:1]/", "loopback"),
     ("http://[::]/", "unspecified"),
     ("http://[::ffff:127.0.0.1]/", "IPv4-mapped"),
     ("http://[::ffff:7f00:1]/", "IPv4-mapped"),
+    ("http://[::ffff:a00:1]/", "IPv4-mapped"),  # 10.0.0.1
+    ("http://[::ffff:169.254.169.254]/", "IPv4-mapped"),
     ("http://[::127.0.0.1]/", "IPv4-compatible"),
     ("http://[2002:7f00:1::]/", "6to4"),
     ("http://[64:ff9b::7f00:1]/", "NAT64"),
@@ -69,6 +87,12 @@ REFUSED = [
     ("http://240.0.0.1/", "reserved"),
     ("http://internal.example/", "resolves to a private address"),
     ("http://mixed.example/cat.png", "resolves to a private address"),
+    ("http://rebind.test/", "resolves to a loopback address"),
+    ("http://127.0.0.1:80@10.0.0.1/", "private"),  # userinfo that looks like a host
+    ("http:/127.0.0.1/", "no host"),
+    ("//127.0.0.1/cat.png", "--allowed-local-media-path"),  # scheme-relative: taken as a local path
+    ("ws://127.0.0.1/", "scheme 'ws'"),
+    ("jar:http://127.0.0.1/!/", "scheme 'jar'"),
     ("ftp://example.com/cat.png", "scheme 'ftp'"),
     ("gopher://localhost:70/_stats", "scheme 'gopher'"),
     ("dict://localhost:11211/stat", "scheme 'dict'"),
@@ -183,7 +207,8 @@ async def client(backend: RecordingBackend) -> AsyncIterator[PinnedAsyncClient]:
 
 
 class LoopbackServer:
-    """Serves a PNG for any path on a loopback address and records the requests' Host headers."""
+    """Serves a PNG for any path on a loopback address (and a 302 to URL for /redirect?to=URL), and records
+    the requests' Host headers."""
 
     PNG = io.BytesIO()
     Image.new("RGB", (3, 2), (1, 2, 3)).save(PNG, "PNG")
@@ -198,6 +223,12 @@ class LoopbackServer:
 
             def do_GET(self) -> None:
                 owner.hosts.append(self.headers["Host"])
+                if self.path.startswith("/redirect?to="):
+                    self.send_response(302)
+                    self.send_header("Location", urllib.parse.unquote(self.path.partition("=")[2]))
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 body = LoopbackServer.PNG.getvalue()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -276,7 +307,11 @@ LOOPBACK_SPELLINGS = [
     "0x7f000001",
     "0x7f.0.0.1",
     "127.1",
+    "017700000001",
+    "0x7f.0x0.0x0.0x1",
     "0.0.0.0",
+    "localhost.",
+    "sub.localhost",
     "[::ffff:127.0.0.1]",
     "[::ffff:7f00:1]",
 ]
@@ -330,6 +365,9 @@ async def test_ipv6_loopback_is_fetched_when_allowed(
         "224.0.0.1",
         "2002:7f00:1::",
         "64:ff9b::7f00:1",
+        "::ffff:a00:1",
+        "127.0.0.2",
+        "ip6-localhost",
         "internal.example",
     ],
 )
@@ -342,6 +380,27 @@ async def test_private_hosts_pass_vetting_only_with_an_option(host: str) -> None
         assert vetted.addresses  # what the transport would connect to; no connection made here
     with pytest.raises(MediaError):
         await vet_host(host, 80, MediaConfig(allowed_media_domains=("images.internal",)))
+
+
+async def test_a_redirect_to_a_private_address_needs_an_option_for_its_target(
+    server_v4: LoopbackServer, client: PinnedAsyncClient
+) -> None:
+    target = f"http://127.0.0.1:{server_v4.port}/cat.png"
+    url = f"http://localhost:{server_v4.port}/redirect?to={urllib.parse.quote(target, safe='')}"
+    # Exempting the first host does not exempt where it redirects to ...
+    async with MediaLoader(MediaConfig(allowed_media_domains=("localhost",)), http_client=client) as loader:
+        with pytest.raises(MediaError) as caught:
+            await loader.load_image(url, 0)
+    assert "redirected to" in caught.value.reason and "loopback" in caught.value.reason
+    assert len(server_v4.hosts) == 1  # the redirect was served; its target was never asked for
+    # ... exempting the target too, or the private network, does.
+    for config in [
+        MediaConfig(allowed_media_domains=("localhost", "127.0.0.1")),
+        MediaConfig(allow_private_network=True),
+    ]:
+        async with MediaLoader(config, http_client=client) as loader:
+            assert (await loader.load_image(url, 0)).size == (3, 2)
+    assert server_v4.hosts[1:] == [f"localhost:{server_v4.port}", f"127.0.0.1:{server_v4.port}"] * 2
 
 
 def test_domain_patterns() -> None:

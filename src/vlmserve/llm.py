@@ -198,7 +198,9 @@ def _load_image(part: dict[str, Any]) -> Image.Image:
         return to_rgb(part["image"])
     url = part["image_url"]["url"] if part.get("type") == "image_url" else part.get("image")
     if not isinstance(url, str):
-        raise ValueError(f"unsupported image part {part!r}: give a path, a file:// or data: URL, or a PIL image")
+        raise ValueError(
+            f"unsupported image part {part!r}: give a path, a file:// or data: URL, or a PIL image"
+        )
     if url.startswith("data:"):
         data = base64.b64decode(url.split(",", 1)[1])
     else:

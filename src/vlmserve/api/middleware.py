@@ -8,6 +8,7 @@ Does not know: routes, models, the engine. Both answer in OpenAI's error shape (
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import logging
 from collections.abc import Iterable
@@ -49,7 +50,8 @@ class APIKeyMiddleware:
 
     def __init__(self, app: ASGIApp, api_keys: Iterable[str]) -> None:
         self.app = app
-        self._keys = [k.encode() for k in api_keys if k]
+        # Kept as SHA-256 digests: comparing fixed-size digests does not reveal a key's length either.
+        self._keys = [_digest(k.encode()) for k in api_keys if k]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or not self._keys or not scope["path"].startswith("/v1"):
@@ -79,10 +81,15 @@ class APIKeyMiddleware:
     def _matches(self, token: bytes) -> bool:
         # Compare against every key without stopping at the first match, so the time taken does not reveal
         # which key (or how much of one) matched.
+        digest = _digest(token)
         matched = False
         for key in self._keys:
-            matched |= hmac.compare_digest(token, key)
+            matched |= hmac.compare_digest(digest, key)
         return matched
+
+
+def _digest(key: bytes) -> bytes:
+    return hashlib.sha256(key).digest()
 
 
 def _bearer_token(scope: Scope) -> bytes | None:

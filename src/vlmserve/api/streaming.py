@@ -2,7 +2,8 @@
 
 Owns: the SSE framing (`data: {json}\\n\\n`, the final `data: [DONE]\\n\\n`), a StreamingResponse that always
 closes its event generator and the engine streams under it (so an engine request is aborted the moment its
-client goes away, not when the garbage collector gets to it), running a handler until the client disconnects
+client goes away, not when the garbage collector gets to it, nor only at max_tokens when the client stopped
+reading without leaving), running a handler until the client disconnects
 (for the time before a response exists), merging the delta streams of a batch of prompts, and collecting a
 request's deltas into whole choices for non-streamed answers.
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
@@ -20,9 +22,11 @@ from typing import Any, Protocol, TypeVar
 import anyio
 from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
-from starlette.types import Send
+from starlette.types import Message, Send
 
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
+
+logger = logging.getLogger(__name__)
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -52,9 +56,15 @@ class SSEResponse(StreamingResponse):
     """text/event-stream that closes its event generator and the engine streams under it however the
     response ends (finished, client gone, server shutting down), so that the engine requests are aborted
     right away rather than when the garbage collector gets to them. The streams are closed explicitly
-    because a generator that never started (the client left before the first event) runs no `finally`."""
+    because a generator that never started (the client left before the first event) runs no `finally`.
+
+    A client that stops reading without closing its connection would otherwise hold its engine requests
+    (and their KV blocks) until they ran to max_tokens: a send that cannot complete for
+    `stalled_client_timeout_s` (the client's receive window and the server's send buffer are full) ends
+    the stream and aborts them."""
 
     media_type = "text/event-stream"
+    stalled_client_timeout_s: float = 30.0
 
     def __init__(
         self, content: AsyncGenerator[str, None], streams: Sequence[ClosableStream[Any]] = ()
@@ -64,8 +74,18 @@ class SSEResponse(StreamingResponse):
         self._streams = list(streams)
 
     async def stream_response(self, send: Send) -> None:
+        async def send_unless_stalled(message: Message) -> None:
+            with anyio.fail_after(self.stalled_client_timeout_s):
+                await send(message)
+
         try:
-            await super().stream_response(send)
+            await super().stream_response(send_unless_stalled)
+        except TimeoutError:
+            # NOTE: uvicorn then closes the connection, and logs that the response was left incomplete.
+            logger.warning(
+                "the client has read nothing for %g s; ending its stream and aborting its request",
+                self.stalled_client_timeout_s,
+            )
         finally:
             # Shielded: on disconnect this runs inside a cancelled scope, where any await would re-raise.
             with anyio.CancelScope(shield=True):

@@ -174,8 +174,10 @@ def _unavailable(model_id: str, error: Exception) -> ServiceUnavailableError:
             f"Too many requests are waiting for {model_id} (its deployment's max_queued_requests); retry later.",
             code="queue_full",
         )
+    # Ray's description of the failure (actor ids, pids, node addresses) goes to the log, not to clients.
+    logger.warning("no replica of %s can take a request: %s", model_id, error)
     return ServiceUnavailableError(
-        f"No replica of {model_id} can take the request now: {error}", code="engine_dead"
+        f"No replica of {model_id} can take the request now; retry later.", code="engine_dead"
     )
 
 
@@ -197,8 +199,10 @@ async def _relay(
             except StopAsyncIteration:
                 return
             except RayActorError as e:
-                # The replica died mid-stream: end every open choice the way an engine failure does.
-                message = f"the replica serving {request_id} died: {e}"
+                # The replica died mid-stream: end every open choice the way an engine failure does. Ray's
+                # description of the dead actor (ids, pids, node addresses) goes to the log, not to the client.
+                logger.warning("the replica serving %s died mid-stream: %s", request_id, e)
+                message = f"The replica serving {request_id} stopped mid-stream; retry the request."
                 for index in range(n):
                     if index not in finished:
                         finished.add(index)
