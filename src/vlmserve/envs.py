@@ -25,3 +25,5 @@ VLMSERVE_CPU_KV_CACHE_GB: float = _float("VLMSERVE_CPU_KV_CACHE_GB", 1.0)
 VLMSERVE_CACHE_DIR: Path = _path("VLMSERVE_CACHE_DIR", Path.home() / ".cache" / "vlmserve")
 # API keys (comma-separated) when --api-key is not given; unset: any bearer token is accepted.
 VLMSERVE_API_KEY: str | None = os.environ.get("VLMSERVE_API_KEY") or None
+# Set by the operator: then vlmserve leaves glibc's malloc arenas as configured (memory.py).
+MALLOC_ARENA_MAX_SET: bool = bool(os.environ.get("MALLOC_ARENA_MAX"))

@@ -162,6 +162,7 @@ class SoakConfig:
     duration_s: float = 600.0
     max_num_seqs: int = 4
     max_queued_requests: int = 4
+    encoder_cache_tokens: int | None = None  # None: the engine's default
     clients: int | None = None  # default: twice the capacity
     sample_every_s: float = 2.0
     seed: int = 0
@@ -185,6 +186,7 @@ class Sample:
     running: int
     waiting: int
     kv_usage: float
+    encoder_cache_usage: float  # fills up to its capacity, then stays: part of the memory that grows early
 
 
 @dataclass
@@ -355,6 +357,7 @@ def _sample(live: LiveServer, server: ModelServer, started: float) -> Sample:
         running=int(stats["num_requests_running"]),
         waiting=int(stats["num_requests_waiting"]),
         kv_usage=round(stats["kv_cache_usage"], 3),
+        encoder_cache_usage=round(stats["encoder_cache_usage"], 3),
     )
 
 
@@ -372,6 +375,7 @@ def run_soak(checkpoint: Path, config: SoakConfig, log: Callable[[str], None] = 
         num_kv_blocks=256,
         max_num_seqs=config.max_num_seqs,
         max_queued_requests=config.max_queued_requests,
+        encoder_cache_tokens=config.encoder_cache_tokens,
     )
     server = ModelServer.from_engine_args(args, MediaConfig())
     try:
@@ -456,6 +460,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seconds", type=float, default=None, help="overrides --minutes")
     ap.add_argument("--max-num-seqs", type=int, default=SoakConfig.max_num_seqs)
     ap.add_argument("--max-queued-requests", type=int, default=SoakConfig.max_queued_requests)
+    ap.add_argument(
+        "--encoder-cache-tokens",
+        type=int,
+        default=None,
+        help="vision-encoder cache size (default: the engine's)",
+    )
     ap.add_argument("--checkpoint", help="a checkpoint directory (default: a tiny random one)")
     ap.add_argument("--json", type=Path, help="also write the report here")
     args = ap.parse_args(argv)
@@ -463,6 +473,7 @@ def main(argv: list[str] | None = None) -> int:
         duration_s=args.seconds if args.seconds is not None else args.minutes * 60,
         max_num_seqs=args.max_num_seqs,
         max_queued_requests=args.max_queued_requests,
+        encoder_cache_tokens=args.encoder_cache_tokens,
         sample_every_s=10.0 if (args.seconds or args.minutes * 60) >= 120 else 2.0,
     )
     with _checkpoint(args.checkpoint) as checkpoint:

@@ -90,7 +90,9 @@ class ModelRunner:
                 raise RuntimeError(
                     f"image {img.mm_hash}: encoder gave {emb.shape[0]} rows, prompt has {img.length}"
                 )
-            self.encoder_cache[img.mm_hash] = emb
+            # A copy when the batch held several images: a row slice would keep the whole batch's output
+            # alive for as long as any one of its images stays cached.
+            self.encoder_cache[img.mm_hash] = emb.clone() if len(imgs) > 1 else emb
 
     # --- inputs ----------------------------------------------------------------------------------------
 
