@@ -144,8 +144,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         nargs="?",
         default=None,
         metavar="MODEL_SOURCE",
-        help="checkpoint directory or Hugging Face repo id; 'demo' (the default) is a tiny random model "
-        "that needs no download",
+        help="checkpoint directory or Hugging Face repo id; 'demo' (the default) is the small demo model "
+        "shipped in the package: it answers about shapes and colours, with no download",
     )
     p.add_argument(
         "--model",
@@ -383,6 +383,167 @@ def shutdown(args: argparse.Namespace) -> int:
         return 1
 
 
+# ------------------------------------------------------------------------------------------ bench
+
+
+def _image_sizes(value: str) -> list[tuple[int, int]]:
+    """'640x480' or '640x480,448x448' -> [(640, 480), (448, 448)]."""
+    sizes = []
+    for item in value.split(","):
+        match = re.fullmatch(r"\s*(\d+)\s*[xX]\s*(\d+)\s*", item)
+        if match is None or min(int(match[1]), int(match[2])) < 1:
+            raise argparse.ArgumentTypeError(f"{item!r} is not WIDTHxHEIGHT in pixels, e.g. 640x480")
+        sizes.append((int(match[1]), int(match[2])))
+    return sizes
+
+
+def _non_negative_int(value: str) -> int:
+    number = int(value)
+    if number < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return number
+
+
+def _add_bench(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "bench",
+        help="benchmark an OpenAI-compatible server (vlmserve, vLLM, Ray Serve LLM) with image + text requests",
+        description="Send synthetic streamed requests (random JPEG images as data URLs, prompts of random "
+        "words) to an OpenAI-compatible server and report request / token throughput and TTFT, TPOT, ITL and "
+        "end-to-end latency (mean, p50, p90, p99). Exit status 1 when any request failed.",
+    )
+    target = p.add_argument_group("server")
+    target.add_argument(
+        "--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL (default: %(default)s)"
+    )
+    target.add_argument("--model", required=True, help="the served model id (GET /v1/models lists them)")
+    target.add_argument("--api-key", default=None, metavar="KEY", help="sent as 'Authorization: Bearer KEY'")
+    target.add_argument(
+        "--endpoint",
+        choices=("chat", "completions"),
+        default="chat",
+        help="/v1/chat/completions or /v1/completions (text only) (default: %(default)s)",
+    )
+    load = p.add_argument_group("load")
+    load.add_argument("--num-requests", type=_positive_int, default=64, help="(default: %(default)s)")
+    rate = load.add_mutually_exclusive_group()
+    rate.add_argument(
+        "--concurrency",
+        type=_positive_int,
+        default=None,
+        help="closed loop: this many requests in flight, each sent when another finished (default: 8)",
+    )
+    rate.add_argument(
+        "--request-rate",
+        type=_positive_float,
+        default=None,
+        metavar="REQ_PER_S",
+        help="open loop: Poisson arrivals at this mean rate, however many are in flight",
+    )
+    load.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        default=4,
+        help="requests sent first and left out of the statistics (default: %(default)s)",
+    )
+    load.add_argument(
+        "--duration-limit",
+        type=_positive_float,
+        default=120.0,
+        metavar="SECONDS",
+        help="stop issuing requests after this long; those in flight finish (default: %(default)s)",
+    )
+    load.add_argument(
+        "--request-timeout",
+        type=_positive_float,
+        default=600.0,
+        metavar="SECONDS",
+        help="a request not finished by then counts as failed (default: %(default)s)",
+    )
+    load.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of images, prompts and arrivals; a run with the same seed sends the same requests, which a "
+        "server still up from the last run answers from its prefix cache (default: 0)",
+    )
+    data = p.add_argument_group("requests")
+    data.add_argument(
+        "--image-size",
+        type=_image_sizes,
+        action="append",
+        default=None,
+        metavar="WxH[,WxH...]",
+        help="image sizes, used in turn; repeat or comma-separate (default: 640x480)",
+    )
+    data.add_argument(
+        "--images-per-request",
+        type=_non_negative_int,
+        default=None,
+        help="(default: 1 for chat, 0 for completions)",
+    )
+    data.add_argument(
+        "--same-image",
+        action="store_true",
+        help="send one image in every request (measures image / prefix caches); default: distinct images",
+    )
+    data.add_argument(
+        "--prompt-words", type=_non_negative_int, default=16, help="random words per prompt (default: 16)"
+    )
+    data.add_argument(
+        "--output-len", type=_positive_int, default=64, help="max_tokens of each request (default: 64)"
+    )
+    data.add_argument(
+        "--ignore-eos",
+        action="store_true",
+        help="generate exactly --output-len tokens (vLLM's ignore_eos and min_tokens request fields)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--json", type=Path, default=None, metavar="PATH", help="write metrics and per-request timings"
+    )
+    out.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=bench, parser=p)
+
+
+def bench(args: argparse.Namespace) -> int:
+    from vlmserve.bench.serving import BenchConfig, run
+
+    parser: argparse.ArgumentParser = args.parser
+    images = args.images_per_request
+    if images is None:
+        images = 1 if args.endpoint == "chat" else 0
+    elif images and args.endpoint == "completions":
+        parser.error(
+            f"argument --images-per-request: {images} images, but /v1/completions takes text prompts only; "
+            "use --endpoint chat, or --images-per-request 0"
+        )
+    sizes = [size for group in args.image_size for size in group] if args.image_size else [(640, 480)]
+    try:
+        config = BenchConfig(
+            base_url=args.base_url,
+            model=args.model,
+            api_key=args.api_key,
+            endpoint=args.endpoint,
+            num_requests=args.num_requests,
+            concurrency=(args.concurrency or 8) if args.request_rate is None else None,
+            request_rate=args.request_rate,
+            image_sizes=tuple(sizes),
+            images_per_request=images,
+            same_image=args.same_image,
+            prompt_words=args.prompt_words,
+            output_len=args.output_len,
+            ignore_eos=args.ignore_eos,
+            warmup=args.warmup,
+            duration_limit_s=args.duration_limit,
+            request_timeout_s=args.request_timeout,
+            seed=args.seed,
+        )
+    except ValueError as e:
+        parser.error(str(e))
+    return run(config, json_path=args.json, progress=not args.no_progress)
+
+
 # ------------------------------------------------------------------------------------------ entry point
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
@@ -390,6 +551,7 @@ SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_run,
     _add_status,
     _add_shutdown,
+    _add_bench,
 ]
 
 
