@@ -23,6 +23,8 @@ from vlmserve.engine.core import EngineCore
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
 
+_Sink = Callable[[list[CompletionDelta]], None]  # puts a request's deltas of one step in its inbox
+
 logger = logging.getLogger(__name__)
 
 # After this many consecutive failed steps the engine is declared dead: /health fails so a supervisor
@@ -52,7 +54,7 @@ class AsyncEngine:
         self.core = core
         self._commands: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
-        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, Callable[[list[CompletionDelta]], None]]] = {}
+        self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, _Sink]] = {}
         self.dead_reason: str | None = None
         self.last_step_time = time.monotonic()
         self._thread = threading.Thread(target=self._run, name="vlmserve-engine", daemon=True)
@@ -118,6 +120,9 @@ class AsyncEngine:
         by_request: dict[str, list[CompletionDelta]] = {}
         for d in deltas:
             by_request.setdefault(d.request_id, []).append(d)
+        # One wake-up per event loop per step, not one per request: each call_soon_threadsafe writes to the
+        # loop's wake-up pipe, and a step of a large batch has a delta for every running request.
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Sink, list[CompletionDelta]]]] = {}
         for rid, ds in by_request.items():
             target = self._sinks.get(rid)
             if target is None:
@@ -125,7 +130,9 @@ class AsyncEngine:
             if self.core.is_request_done(rid):
                 self._sinks.pop(rid, None)
             loop, sink = target
-            loop.call_soon_threadsafe(sink, ds)
+            by_loop.setdefault(loop, []).append((sink, ds))
+        for loop, batch in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, batch)
 
     def _run(self) -> None:
         failures = 0
@@ -158,6 +165,11 @@ class AsyncEngine:
                     return
             self.last_step_time = time.monotonic()
             self._dispatch(deltas)
+
+
+def _deliver(batch: list[tuple[_Sink, list[CompletionDelta]]]) -> None:
+    for sink, deltas in batch:
+        sink(deltas)
 
 
 def _set_result(fut: asyncio.Future, value: Any) -> None:
