@@ -7,8 +7,8 @@
 
 Each replica runs one engine on one L40S; Ray Serve adds a second replica when the load calls for it
 (autoscaling_config) and removes it when idle. HF_TOKEN (for gated models) reaches the replicas through
-runtime_env. No GPU? Remove accelerator_type and set model_source="demo" (a tiny random model, no download)
-to try the same commands on a laptop's CPU.
+runtime_env. No GPU? Remove accelerator_type and set model_source="demo" (the small demo model shipped in
+the package, no download) to try the same commands on a laptop's CPU.
 """
 
 import os

@@ -221,6 +221,9 @@ def _api_keys(flag_values: list[str] | None) -> list[str]:
 
 
 def serve(args: argparse.Namespace) -> int:
+    from vlmserve.memory import limit_malloc_arenas
+
+    limit_malloc_arenas()  # first: arenas made before the cap are not limited by it
     from vlmserve.api.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
     from vlmserve.api.server import build_app, run_server
     from vlmserve.api.serving import ModelServer

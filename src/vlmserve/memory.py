@@ -16,7 +16,8 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     glibc gives threads that allocate at the same time arenas of their own (up to 8 per core). A server's
     threads (the event loop, the workers that decode images and tokenize, the engine loop) allocate buffers
     of ever-changing sizes, and memory freed in one arena cannot serve another, so resident memory creeps up
-    under steady load: ~0.6 MiB a minute in the soak (RELIABILITY.md), flat with two arenas. Left alone where
+    under steady load: ~0.6 MiB a minute in the soak (RELIABILITY.md), flat with two arenas. Call it before
+    other threads allocate (arenas that exist already stay); calling it again is harmless. Left alone where
     the operator set MALLOC_ARENA_MAX, and where the C library is not glibc.
     """
     if envs.MALLOC_ARENA_MAX_SET or not sys.platform.startswith("linux"):

@@ -51,6 +51,7 @@ from vlmserve.api.server import build_app
 from vlmserve.api.serving import ModelServer
 from vlmserve.config import EngineArgs
 from vlmserve.media import MediaConfig
+from vlmserve.memory import limit_malloc_arenas
 
 T = TypeVar("T")
 
@@ -455,6 +456,7 @@ def _checkpoint(path: str | None) -> Iterator[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    limit_malloc_arenas()  # as `vlmserve serve` does, before anything allocates on other threads
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--minutes", type=float, default=10.0, help="how long to load the server (default 10)")
     ap.add_argument("--seconds", type=float, default=None, help="overrides --minutes")
