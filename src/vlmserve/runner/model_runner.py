@@ -31,6 +31,10 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
+# CPU steps of at most this many tokens run on one thread (see ModelRunner._set_cpu_threads).
+SMALL_CPU_STEP_TOKENS = 4
+
+
 def kv_bytes_per_block(model: Qwen2_5_VLForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
     t = model.config.text
     elem = torch.tensor([], dtype=dtype).element_size()
@@ -49,6 +53,7 @@ class ModelRunner:
         enforce_eager: bool = False,
     ) -> None:
         self.model = model
+        self.cpu_threads = torch.get_num_threads()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
@@ -93,6 +98,14 @@ class ModelRunner:
             # A copy when the batch held several images: a row slice would keep the whole batch's output
             # alive for as long as any one of its images stays cached.
             self.encoder_cache[img.mm_hash] = emb.clone() if len(imgs) > 1 else emb
+
+    def _set_cpu_threads(self, sched: SchedulerOutput) -> None:
+        """A step of a few tokens is a chain of small ops, each cheaper on one thread than split (and the
+        other cores stay free for the HTTP front); a step with prefill or images takes every thread."""
+        tokens = sum(s.num_tokens for s in sched.scheduled)
+        want = 1 if tokens <= SMALL_CPU_STEP_TOKENS and not sched.encoder_inputs else self.cpu_threads
+        if torch.get_num_threads() != want:
+            torch.set_num_threads(want)
 
     # --- inputs ----------------------------------------------------------------------------------------
 
@@ -139,6 +152,8 @@ class ModelRunner:
             self.generators.pop(rid, None)
         if not sched.scheduled:
             return {}
+        if self.device.type == "cpu":
+            self._set_cpu_threads(sched)
         self._run_encoder(sched)
         if self.graphs is not None:
             decode = self._prepare_decode(sched)
