@@ -1,14 +1,20 @@
 """Shared fixtures: tiny random-weight checkpoints built once per session, offline; helpers that run
-`vlmserve serve` as a subprocess for end-to-end tests."""
+`vlmserve serve` as a subprocess for end-to-end tests, and a loopback HTTP server for image files."""
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Iterator
+from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -77,3 +83,35 @@ def start_vlmserve(
     except BaseException:
         stop_process(process)
         raise
+
+
+# ------------------------------------------------------------------------------------------ image files by http
+
+
+class _QuietHandler(SimpleHTTPRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+class _FileServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # The server under test cancels a request's other fetches when one image fails: a closed
+        # connection mid-response is expected here.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
+@contextlib.contextmanager
+def serve_directory(directory: Path) -> Iterator[str]:
+    """Serve `directory` over HTTP on 127.0.0.1 (a free port) while the block runs; yields its base URL."""
+    httpd = _FileServer(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(directory)))
+    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(5)

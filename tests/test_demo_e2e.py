@@ -11,9 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import functools
 import signal
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,9 +20,8 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import start_vlmserve, stop_process
-from tests.test_demo_model import DemoCase, generated_case
-from tests.test_server_e2e import _ImageHost, _QuietHandler
+from tests.conftest import serve_directory, start_vlmserve, stop_process
+from tests.test_demo_model import DemoCase, generated_case, score
 from vlmserve.training import data
 
 # (width, height): kept, rounded to multiples of 28, upscaled to min_pixels, downscaled to max_pixels.
@@ -48,13 +45,8 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def image_host(image_dir: Path) -> Iterator[str]:
-    httpd = _ImageHost(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(image_dir)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serve_directory(image_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
@@ -100,15 +92,6 @@ async def ask_all(base_url: str, requests: list[tuple[str, str]]) -> list[str]:
         return list(await asyncio.gather(*(ask(url, q) for url, q in requests)))
     finally:
         await client.close()
-
-
-def score(cases: list[DemoCase], answers: list[str]) -> tuple[int, list[str]]:
-    wrong = [
-        f"{c.kind} {c.image.size}: {c.question!r} -> {a!r} (expected {c.expected!r})"
-        for c, a in zip(cases, answers, strict=True)
-        if not c.is_right(a)
-    ]
-    return len(cases) - len(wrong), wrong
 
 
 def test_served_model_is_the_demo(base_url: str) -> None:

@@ -87,7 +87,7 @@ def generated_case(
     return DemoCase(kind, image, question, expected)
 
 
-def _score(cases: list[DemoCase], answers: list[str]) -> tuple[int, list[str]]:
+def score(cases: list[DemoCase], answers: list[str]) -> tuple[int, list[str]]:
     wrong = [
         f"{c.kind} {c.image.size}: {c.question!r} -> {a!r} (expected {c.expected!r})"
         for c, a in zip(cases, answers, strict=True)
@@ -167,7 +167,7 @@ GREEDY = SamplingParams(temperature=0.0, max_tokens=12)
 def test_names_the_colour_at_every_size(llm: LLM) -> None:
     cases = [generated_case(i, "colour", size=size) for i, size in enumerate(SIZES)]
     outs = llm.chat([c.messages() for c in cases], GREEDY)
-    right, wrong = _score(cases, [o.text for o in outs])
+    right, wrong = score(cases, [o.text for o in outs])
     assert right >= len(cases) - 1, wrong
 
     # The same requests again: served from the prefix cache (image tokens included), same answers.

@@ -8,7 +8,6 @@ One server process for the whole module (started through the CLI, stopped in the
 from __future__ import annotations
 
 import base64
-import functools
 import io
 import json
 import os
@@ -16,11 +15,8 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
 from collections.abc import Iterator
-from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +25,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import start_vlmserve, stop_process
+from tests.conftest import serve_directory, start_vlmserve, stop_process
 
 MODEL = "tiny"
 MAX_BODY_BYTES = 2_000_000
@@ -45,21 +41,6 @@ def image_part(url: str) -> dict[str, Any]:
     return {"type": "image_url", "image_url": {"url": url}}
 
 
-class _QuietHandler(SimpleHTTPRequestHandler):
-    def log_message(self, format: str, *args: Any) -> None:
-        pass
-
-
-class _ImageHost(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request: Any, client_address: Any) -> None:
-        # The server under test cancels a request's other fetches when one image fails: a closed
-        # connection mid-response is expected here.
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
 @pytest.fixture(scope="module")
 def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     directory = tmp_path_factory.mktemp("images")
@@ -72,13 +53,8 @@ def image_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def image_host(image_dir: Path) -> Iterator[str]:
     """A local HTTP server holding the test images; the server under test allows 127.0.0.1."""
-    httpd = _ImageHost(("127.0.0.1", 0), functools.partial(_QuietHandler, directory=str(image_dir)))
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(5)
+    with serve_directory(image_dir) as url:
+        yield url
 
 
 @pytest.fixture(scope="module")
