@@ -31,8 +31,11 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-# CPU steps of at most this many tokens run on one thread (see ModelRunner._set_cpu_threads).
+# CPU steps of at most this many tokens run on one thread (see ModelRunner._set_cpu_threads); the others on
+# torch's thread count as the process started (read once here: set_num_threads is process-wide, so a runner
+# made after another one switched to one thread must not take that for the machine's size).
 SMALL_CPU_STEP_TOKENS = 4
+CPU_THREADS = torch.get_num_threads()
 
 
 def kv_bytes_per_block(model: Qwen2_5_VLForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
@@ -53,7 +56,6 @@ class ModelRunner:
         enforce_eager: bool = False,
     ) -> None:
         self.model = model
-        self.cpu_threads = torch.get_num_threads()
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.block_size = block_size
@@ -103,7 +105,7 @@ class ModelRunner:
         """A step of a few tokens is a chain of small ops, each cheaper on one thread than split (and the
         other cores stay free for the HTTP front); a step with prefill or images takes every thread."""
         tokens = sum(s.num_tokens for s in sched.scheduled)
-        want = 1 if tokens <= SMALL_CPU_STEP_TOKENS and not sched.encoder_inputs else self.cpu_threads
+        want = 1 if tokens <= SMALL_CPU_STEP_TOKENS and not sched.encoder_inputs else CPU_THREADS
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
