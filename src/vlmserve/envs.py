@@ -21,7 +21,7 @@ def _path(name: str, default: Path) -> Path:
 
 # KV cache size on CPU when neither kv_cache_memory_gb nor num_kv_blocks is given.
 VLMSERVE_CPU_KV_CACHE_GB: float = _float("VLMSERVE_CPU_KV_CACHE_GB", 1.0)
-# Where generated artefacts (the random demo checkpoint) are cached.
+# Where vlmserve keeps its state (the Ray cluster `vlmserve run` started).
 VLMSERVE_CACHE_DIR: Path = _path("VLMSERVE_CACHE_DIR", Path.home() / ".cache" / "vlmserve")
 # API keys (comma-separated) when --api-key is not given; unset: any bearer token is accepted.
 VLMSERVE_API_KEY: str | None = os.environ.get("VLMSERVE_API_KEY") or None
