@@ -33,14 +33,17 @@ from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.testing.checkpoint import tensor_shapes
 from vlmserve.training import data
+from vlmserve.training.evaluate import run_eval, summarize
 from vlmserve.training.train import (
     DEMO_MAX_PIXELS,
     DEMO_MIN_PIXELS,
     Encoder,
+    SceneHeads,
     TrainArgs,
     collate,
     forward_answers,
     released_state_dict,
+    scene_losses,
     train,
 )
 
@@ -176,6 +179,38 @@ def test_names_the_colour_at_every_size(llm: LLM) -> None:
     assert all(o.num_cached_tokens > 0 for o in again)
 
 
+def test_names_the_shape_at_every_size(llm: LLM) -> None:
+    cases = [generated_case(i, "shape", size=size) for i, size in enumerate(SIZES)]
+    right, wrong = score(cases, [o.text for o in llm.chat([c.messages() for c in cases], GREEDY)])
+    assert right >= len(cases) - 1, wrong
+
+
+def test_counts_one_to_four_objects(llm: LLM) -> None:
+    cases = [
+        generated_case(100 + 10 * n + i, "count", size=size, count=n)
+        for n in range(1, data.MAX_COUNT + 1)
+        for i, size in enumerate(((224, 224), (300, 200), (160, 240)))
+    ]
+    right, wrong = score(cases, [o.text for o in llm.chat([c.messages() for c in cases], GREEDY)])
+    assert right >= len(cases) - 1, wrong
+
+
+def test_says_where_the_object_is(llm: LLM) -> None:
+    cases = [generated_case(400 + i, "position", size=(280, 210)) for i in range(10)]
+    assert len({c.expected for c in cases}) >= 4  # the seeds cover most positions, not one answer ten times
+    right, wrong = score(cases, [o.text for o in llm.chat([c.messages() for c in cases], GREEDY)])
+    assert right >= len(cases) - 1, wrong
+
+
+def test_heldout_accuracy_floors(llm: LLM) -> None:
+    """The evaluation the README reports, on 25 held-out questions per category: what a broken resize,
+    normalisation, position encoding or cache would pull towards chance (12.5 to 25%)."""
+    table = summarize(run_eval(llm, 25, data.KINDS))
+    accuracy = {kind: row["accuracy"] for kind, row in table.items()}
+    floors = {"colour": 0.96, "shape": 0.88, "count": 0.92, "position": 0.92, "describe": 0.8}
+    assert all(accuracy[k] >= floor for k, floor in floors.items()), accuracy
+
+
 def test_answers_in_the_form_of_each_question(llm: LLM) -> None:
     """Shape, count and position answers are one of the words the question asks for, in the trained form."""
     cases = [generated_case(i, kind, size=(280, 210)) for i in range(4) for kind in ("shape", "count")]
@@ -186,10 +221,15 @@ def test_answers_in_the_form_of_each_question(llm: LLM) -> None:
 
 
 def test_describes_the_scene(llm: LLM) -> None:
-    sample = data.make_sample(TEST_SEED + 200, 0, kinds=["describe"], size=(320, 240), count=1)
-    text = llm.chat(sample.messages(with_answers=False), GREEDY)[0].text
-    assert text.endswith("background."), text
-    assert data.answer_key("colour", text) == sample.scene.colour, text
+    samples = [
+        data.make_sample(TEST_SEED + 200 + i, 0, kinds=["describe"], size=(320, 240), count=n)
+        for i, n in enumerate((1, 2, 3, 4))
+    ]
+    outs = llm.chat([s.messages(with_answers=False) for s in samples], GREEDY)
+    exact = [o.text == s.turns[0].answer for s, o in zip(samples, outs, strict=True)]
+    assert sum(exact) >= len(samples) - 1, [
+        (s.turns[0].answer, o.text) for s, o in zip(samples, outs, strict=True)
+    ]
 
 
 # ---------------------------------------------------------------------------------------- generator
@@ -263,10 +303,27 @@ def test_packed_training_forward_matches_one_sequence_at_a_time() -> None:
 
 def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     out = tmp_path / "run"
-    summary = train(TrainArgs(out=str(out), steps=2, batch_size=2, eval_per_category=1, log_every=1))
+    summary = train(
+        TrainArgs(out=str(out), steps=2, vision_steps=2, batch_size=2, eval_per_category=1, log_every=1)
+    )
     assert summary["steps"] == 2
+    assert summary["vision_warm_up"]["steps"] == 2
     assert json.loads((out / "training.json").read_text())["steps"] == 2
     model = load_model(out, progress=False)
     assert next(model.parameters()).dtype == torch.float32
     proc = Qwen2_5_VLProcessor.from_pretrained(out)
     assert (proc.min_pixels, proc.max_pixels) == (DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
+
+
+def test_vision_warm_up_loss_is_finite_without_single_objects() -> None:
+    """Position is a label only of one-object scenes; a batch of many-object scenes must not give NaN."""
+    model_dir = Path(PACKAGED)
+    model = load_model(model_dir, dtype=torch.float32, progress=False)
+    enc = Encoder(model_dir)
+    batch = collate([enc.encode(data.make_sample(TEST_SEED, i, count=3)) for i in range(2)])
+    heads = SceneHeads(model.config.vision.out_hidden_size)
+    loss, accuracy = scene_losses(model, heads, batch, torch.device("cpu"))
+    assert torch.isfinite(loss) and loss > 0
+    assert accuracy["position"] == 0 and set(accuracy) == {name for name, _ in data.LABELS}
+    loss.backward()
+    assert all(p.grad is not None for p in model.visual.parameters())

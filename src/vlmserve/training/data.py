@@ -251,6 +251,30 @@ def ask(scene: Scene, kind: str, rng: np.random.Generator) -> QA:
     return QA(kind, question, answer(scene, kind))
 
 
+# What `scene_labels` returns, in order, and how many classes each has (the vision warm-up's targets).
+LABELS: tuple[tuple[str, int], ...] = (
+    ("shape", len(SHAPES)),
+    ("colour", len(COLOURS)),
+    ("count", MAX_COUNT),
+    ("position", len(POSITIONS)),
+    ("background", len(BACKGROUNDS)),
+)
+
+
+def scene_labels(scene: Scene) -> np.ndarray:
+    """(len(LABELS),) int64 class indices of `scene` (count 1..4 -> 0..3; position -1 when count > 1)."""
+    return np.array(
+        [
+            SHAPES.index(scene.shape),
+            list(COLOURS).index(scene.colour),
+            scene.count - 1,
+            list(POSITIONS).index(scene.position) if scene.position is not None else -1,
+            list(BACKGROUNDS).index(scene.background),
+        ],
+        dtype=np.int64,
+    )
+
+
 def corpus_lines() -> list[str]:
     """Every question and answer sentence the generator can produce (the demo tokenizer's extra corpus)."""
     lines: list[str] = []

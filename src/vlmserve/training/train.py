@@ -5,6 +5,7 @@
 Owns: the demo architecture (DEMO_TEXT / DEMO_VISION / pixel range), writing the checkpoint's non-weight
 files (tokenizer trained on the demo's sentences, config.json, preprocessor_config.json), turning samples
 into packed training batches with the real processor (chat template, patches, M-RoPE positions), the
+vision warm-up (the tower alone against the scenes' labels, through training-only heads), the
 block-diagonal causal attention backend training uses, the AdamW + cosine loop, teacher-forced held-out
 accuracy, and saving weights under the released tensor names (q/k/v and gate/up split back out of our fused
 projections) so that load_model and HF transformers both read the result.
@@ -38,7 +39,15 @@ from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from vlmserve.testing.checkpoint import make_config, tensor_shapes
 from vlmserve.testing.tokenizer import build_tokenizer_files, write_preprocessor_config
-from vlmserve.training.data import CATEGORIES, Sample, corpus_lines, heldout_sample, make_sample
+from vlmserve.training.data import (
+    CATEGORIES,
+    LABELS,
+    Sample,
+    corpus_lines,
+    heldout_sample,
+    make_sample,
+    scene_labels,
+)
 
 # The demo architecture: the "small-bench" LM (4 layers x 256, GQA 4/2 heads) and vision tower (4 blocks x 128,
 # windows of 112 px, full attention in the last block) with a 4x vision MLP: 4.49M parameters, 9 MB in bf16.
@@ -156,6 +165,7 @@ class Encoded:
     kinds: list[str]  # question kind of each answer
     frames: np.ndarray  # (N, C*P*P) float16: each patch's single frame
     grid: tuple[int, int, int]
+    labels: np.ndarray  # (len(LABELS),) int64: the scene's classes (data.scene_labels)
 
 
 @dataclass
@@ -170,6 +180,7 @@ class Batch:
     seq_lens: list[int]
     frames: np.ndarray  # (N, C*P*P) float16
     grids: list[tuple[int, int, int]]
+    labels: np.ndarray  # (S, len(LABELS)) int64
 
 
 class Encoder:
@@ -219,6 +230,7 @@ class Encoder:
             # float16 and one frame: a quarter of the bytes to send; ~1e-3 off, below one pixel level.
             frames=frames.astype(np.float16),
             grid=grid,
+            labels=scene_labels(sample.scene),
         )
 
 
@@ -236,6 +248,7 @@ def collate(items: Sequence[Encoded]) -> Batch:
         seq_lens=[len(e.input_ids) for e in items],
         frames=np.concatenate([e.frames for e in items]),
         grids=[e.grid for e in items],
+        labels=np.stack([e.labels for e in items]),
     )
 
 
@@ -302,6 +315,57 @@ class PackedCausalAttention:
         return out.transpose(1, 2)[self.valid]  # (T, Hq, D)
 
 
+def batch_patches(
+    model: Qwen2_5_VLForConditionalGeneration, batch: Batch, device: torch.device
+) -> torch.Tensor:
+    """The batch's single frames back to the processor's (N, C*T*P*P) patches (every frame equal)."""
+    temporal = model.config.vision.temporal_patch_size
+    frames = torch.from_numpy(batch.frames).to(device)  # (N, C*P*P)
+    n = frames.shape[0]
+    return frames.view(n, 3, 1, -1).expand(n, 3, temporal, -1).reshape(n, -1).float()  # (N, C*T*P*P)
+
+
+class SceneHeads(nn.Module):
+    """Training-only classifiers on the vision tower's output, for the vision warm-up (never saved).
+
+    Each image's LM tokens are pooled (mean and max, concatenated) and classified into every label of
+    data.LABELS. A from-scratch ViT learns colour from the answers quickly but shape and count only very
+    slowly, because those need features that ignore the 48 object / background colour pairs; direct
+    targets on the pooled image features give it that signal before the language model has to read it.
+    """
+
+    def __init__(self, hidden: int) -> None:
+        super().__init__()
+        self.sizes = [n for _, n in LABELS]
+        self.proj = nn.Linear(2 * hidden, sum(self.sizes))
+
+    def forward(
+        self, image_embeds: torch.Tensor, grids: Sequence[tuple[int, int, int]], unit: int
+    ) -> list[torch.Tensor]:
+        lens = [t * h * w // unit for t, h, w in grids]
+        pooled = torch.stack(
+            [torch.cat([e.mean(0), e.amax(0)]) for e in image_embeds.split(lens)]
+        )  # (S, 2 * hidden)
+        return list(self.proj(pooled.float()).split(self.sizes, dim=-1))
+
+
+def scene_losses(
+    model: Qwen2_5_VLForConditionalGeneration, heads: SceneHeads, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Summed cross-entropy of every scene label, and each label's batch accuracy (tensors, no sync)."""
+    unit = model.config.vision.spatial_merge_size**2
+    image_embeds = model.visual(batch_patches(model, batch, device), batch.grids)
+    labels = torch.from_numpy(batch.labels).to(device)  # (S, len(LABELS))
+    loss = torch.zeros((), device=device)
+    accuracy = {}
+    for i, ((name, _), logits) in enumerate(zip(LABELS, heads(image_embeds, batch.grids, unit), strict=True)):
+        target = labels[:, i]
+        known = (target >= 0).sum().clamp(min=1)  # position is unknown (-1) for scenes of several objects
+        loss = loss + F.cross_entropy(logits.float(), target, ignore_index=-1, reduction="sum") / known
+        accuracy[name] = (logits.argmax(-1) == target).sum() / known
+    return loss, accuracy
+
+
 def forward_answers(
     model: Qwen2_5_VLForConditionalGeneration, batch: Batch, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -309,11 +373,7 @@ def forward_answers(
     ids = torch.from_numpy(batch.input_ids).to(device)  # (T,)
     targets = torch.from_numpy(batch.targets).to(device)  # (T,)
     positions = torch.from_numpy(batch.positions).to(device)  # (3, T)
-    temporal = model.config.vision.temporal_patch_size
-    frames = torch.from_numpy(batch.frames).to(device)  # (N, C*P*P)
-    n = frames.shape[0]
-    patches = frames.view(n, 3, 1, -1).expand(n, 3, temporal, -1).reshape(n, -1).float()  # (N, C*T*P*P)
-    image_embeds = model.visual(patches, batch.grids)  # (image tokens, hidden)
+    image_embeds = model.visual(batch_patches(model, batch, device), batch.grids)  # (image tokens, hidden)
     x = model.embed(ids, image_embeds, ids == model.config.image_token_id)  # (T, hidden)
     attn = PackedCausalAttention(batch.seq_lens, model.model.layers[0].self_attn.head_dim ** -0.5, device)
     hidden = model(x, positions, attn)  # (T, hidden)
@@ -368,6 +428,8 @@ class TrainArgs:
     log_every: int = 10
     save_every: int = 0
     init: str | None = None
+    vision_steps: int = 0
+    vision_minutes: float | None = None
 
 
 def lr_at(progress: float, args: TrainArgs) -> float:
@@ -378,6 +440,52 @@ def lr_at(progress: float, args: TrainArgs) -> float:
     return args.lr * (
         args.min_lr_ratio + (1 - args.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
     )
+
+
+def warm_up_vision(
+    model: Qwen2_5_VLForConditionalGeneration,
+    batches: Iterator[Batch],
+    args: TrainArgs,
+    device: torch.device,
+    amp: bool,
+) -> dict[str, Any]:
+    """Stage 1: train the vision tower alone against SceneHeads' direct targets (the heads are then
+    dropped). Its own AdamW and warmup + cosine schedule over --vision-steps / --vision-minutes."""
+    heads = SceneHeads(model.config.vision.out_hidden_size).to(device)
+    params = [*model.visual.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    budget = args.vision_minutes * 60 if args.vision_minutes else math.inf
+    steps = args.vision_steps or 10**9
+    start = time.perf_counter()
+    step, window = 0, []
+    accuracy: dict[str, float] = {}
+    for batch in batches:
+        progress = max(step / steps, (time.perf_counter() - start) / budget)
+        if progress >= 1.0:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(progress, args)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss, acc = scene_losses(model, heads, batch, device)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        step += 1
+        window.append(torch.stack([loss.detach(), *acc.values()]))
+        if step % args.log_every == 0:
+            mean = torch.stack(window).mean(0).tolist()  # one device sync per log line
+            accuracy = dict(zip(acc, mean[1:], strict=True))
+            print(
+                f"vision step {step} ({progress:.0%}) loss {mean[0]:.4f} batch accuracy "
+                + " ".join(f"{k} {v:.3f}" for k, v in accuracy.items())
+                + f" elapsed {time.perf_counter() - start:.0f}s",
+                flush=True,
+            )
+            window.clear()
+    seconds = time.perf_counter() - start
+    print(f"vision warm-up: {step} steps in {seconds:.0f}s", flush=True)
+    return {"steps": step, "seconds": round(seconds, 1), "last_batch_accuracy": accuracy}
 
 
 def train(args: TrainArgs) -> dict[str, Any]:
@@ -422,6 +530,10 @@ def train(args: TrainArgs) -> dict[str, Any]:
         persistent_workers=args.workers > 0,
     )
     heldout = heldout_batches(out, args.eval_per_category, max(args.batch_size, 64))
+    batches = iter(loader)
+    vision = None
+    if args.vision_steps or args.vision_minutes:
+        vision = warm_up_vision(model, batches, args, device, amp)
     budget = args.minutes * 60 if args.minutes else math.inf
     evals: list[dict[str, Any]] = []
 
@@ -438,7 +550,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
     window_start, window_samples, window_tokens = start, 0, 0
     window_loss = torch.zeros((), device=device)
     step, progress = 0, 0.0
-    for batch in loader:
+    for batch in batches:
         elapsed = time.perf_counter() - start
         progress = max(step / args.steps, elapsed / budget)
         if progress >= 1.0:
@@ -482,6 +594,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         "samples": step * args.batch_size,
         "train_seconds": round(train_seconds, 1),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "vision_warm_up": vision,
         "heldout_teacher_forced": evals,
     }
     (out / "training.json").write_text(json.dumps(summary, indent=2))
@@ -534,6 +647,18 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     ap.add_argument(
         "--init", default=None, help="start from this checkpoint's weights instead of random init"
     )
+    ap.add_argument(
+        "--vision-steps",
+        type=int,
+        default=d.vision_steps,
+        help="first train the vision tower alone on the scenes' labels for this many steps (0: no warm-up)",
+    )
+    ap.add_argument(
+        "--vision-minutes",
+        type=float,
+        default=None,
+        help="vision warm-up wall-time budget (its schedule follows whichever of steps / minutes runs out first)",
+    )
     ns = ap.parse_args(argv)
     workers = ns.workers
     if workers is None:
@@ -564,6 +689,8 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
         log_every=ns.log_every,
         save_every=ns.save_every,
         init=ns.init,
+        vision_steps=ns.vision_steps,
+        vision_minutes=ns.vision_minutes,
     )
 
 
