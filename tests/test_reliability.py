@@ -208,6 +208,57 @@ def test_client_gone_mid_upload_leaves_nothing_behind(
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR], caplog.text
 
 
+def _read_until_closed(sock: socket.socket, timeout: float = 10.0) -> bytes:
+    sock.settimeout(timeout)
+    chunks = []
+    while chunk := sock.recv(65536):
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def test_body_that_stops_arriving_gets_408_and_a_slow_one_is_served(server: ModelServer) -> None:
+    """The body-read timeout bounds the wait for each piece of a body, not the request: a client that sends
+    part of its body and then nothing is answered 408 and disconnected; one that sends its body slowly but
+    steadily, and a stream that outlives the timeout once its body is in, are served as usual."""
+    timeout = 0.5
+    with LiveServer(build_app(server, body_read_timeout=timeout, shutdown_servers=False)) as live:
+        body = json.dumps(chat(max_tokens=2)).encode()
+        start = time.monotonic()
+        stalled = raw_post(live.base_url, "/v1/chat/completions", body[:10], len(body))
+        never = raw_post(live.base_url, "/v1/chat/completions", b"", len(body))  # headers only
+        with httpx.Client(base_url=live.base_url, timeout=30) as http:
+            with http.stream("POST", "/v1/chat/completions", json=long_stream(40)) as stream:
+                lines = stream.iter_lines()
+                assert next(lines).startswith("data: ")
+                time.sleep(3 * timeout)  # the body is in: no read timeout while the answer streams
+                events = [line[6:] for line in lines if line.startswith("data: ")]
+            assert events[-1] == "[DONE]"
+            for sock in (stalled, never):
+                raw = _read_until_closed(sock)
+                sock.close()
+                head, _, payload = raw.partition(b"\r\n\r\n")
+                assert head.startswith(b"HTTP/1.1 408"), raw[:200]
+                error = json.loads(payload)["error"]
+                assert error["code"] == "request_timeout" and "body-read-timeout" in error["message"]
+            assert time.monotonic() - start < 10
+
+            # Slow but steady: every piece arrives within the timeout, so the request is served.
+            upload = time.monotonic()
+            slow = raw_post(live.base_url, "/v1/chat/completions", body[:8], len(body))
+            for i in range(8, len(body), 16):
+                time.sleep(timeout / 5)
+                slow.sendall(body[i : i + 16])
+            assert time.monotonic() - upload > timeout  # longer in all than one wait may be
+            slow.settimeout(10)
+            raw = b""
+            while b"\r\n\r\n" not in raw:  # the server keeps the connection open: read the status line
+                raw += slow.recv(65536)
+            slow.close()
+            assert raw.startswith(b"HTTP/1.1 200"), raw[:300]
+            assert http.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
+    assert wait_until(lambda: not engine_leaks(server), 20), engine_leaks(server)
+
+
 def test_client_that_stops_reading_is_cut_off_and_its_request_aborted(
     live: LiveServer, server: ModelServer, idle: tuple[int, int], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -177,6 +177,13 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         help="largest request body accepted, base64 images included (default: 64 MiB)",
     )
     http.add_argument(
+        "--body-read-timeout",
+        type=_positive_float,
+        default=None,
+        metavar="SECONDS",
+        help="answer 408 when a client sends no part of its request body for this long (default: 30)",
+    )
+    http.add_argument(
         "--timeout-graceful-shutdown",
         type=_positive_float,
         default=30.0,
@@ -224,7 +231,7 @@ def serve(args: argparse.Namespace) -> int:
     from vlmserve.memory import limit_malloc_arenas
 
     limit_malloc_arenas()  # first: arenas made before the cap are not limited by it
-    from vlmserve.api.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES
+    from vlmserve.api.middleware import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BODY_BYTES
     from vlmserve.api.server import build_app, run_server
     from vlmserve.api.serving import ModelServer
     from vlmserve.llm import build_engine_config
@@ -278,6 +285,7 @@ def serve(args: argparse.Namespace) -> int:
         server,
         api_keys=_api_keys(args.api_key),
         max_request_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_REQUEST_BODY_BYTES,
+        body_read_timeout=args.body_read_timeout or DEFAULT_BODY_READ_TIMEOUT_S,
     )
     logger.info("serving model id %r at http://%s:%d/v1", server.model_id, args.host, args.port)
     run_server(

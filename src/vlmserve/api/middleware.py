@@ -1,4 +1,5 @@
-"""Two pure ASGI middlewares that run before any route: API-key auth and the request-body size cap.
+"""Two pure ASGI middlewares that run before any route: API-key auth and the request-body guard (size
+cap and read timeout).
 
 Pure ASGI (not Starlette's BaseHTTPMiddleware) so that they never buffer a body or a streamed response,
 and so that the size cap can count bytes as they arrive instead of trusting Content-Length.
@@ -8,6 +9,7 @@ Does not know: routes, models, the engine. Both answer in OpenAI's error shape (
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import hmac
 import logging
@@ -20,6 +22,8 @@ from vlmserve.api.errors import error_json
 logger = logging.getLogger(__name__)
 
 DEFAULT_MAX_REQUEST_BODY_BYTES = 64 * 2**20  # a few base64 images of max_image_bytes, plus the text
+# Longest wait for the next piece of a request body (nginx's client_body_timeout has the same meaning).
+DEFAULT_BODY_READ_TIMEOUT_S = 30.0
 
 
 async def _send_error(
@@ -106,15 +110,30 @@ class _BodyTooLarge(Exception):
     pass
 
 
-class BodySizeLimitMiddleware:
-    """Answers 413 when a request body exceeds `max_bytes`: at once from Content-Length, else while counting
-    the streamed (chunked) body, without reading the rest of it."""
+class _BodyTimeout(Exception):
+    pass
 
-    def __init__(self, app: ASGIApp, max_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES) -> None:
+
+class BodySizeLimitMiddleware:
+    """Guards reading the request body: 413 when it exceeds `max_bytes` (at once from Content-Length, else
+    while counting a streamed body, without reading the rest), and 408 when the client lets `read_timeout`
+    seconds pass without sending the next piece of it, so that a client trickling (or never sending) its body
+    cannot hold a connection and a handler forever. Once the body is complete, reads (a streaming response's
+    wait for a disconnect) pass through untouched."""
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        max_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+        read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S,
+    ) -> None:
         if max_bytes < 1:
             raise ValueError(f"max_request_body_bytes must be >= 1, got {max_bytes}")
+        if not read_timeout > 0:
+            raise ValueError(f"body_read_timeout must be > 0 seconds, got {read_timeout}")
         self.app = app
         self.max_bytes = max_bytes
+        self.read_timeout = read_timeout
 
     def _error(self) -> str:
         return error_json(
@@ -124,6 +143,15 @@ class BodySizeLimitMiddleware:
             "invalid_request_error",
             None,
             "request_too_large",
+        )
+
+    def _timeout_error(self) -> str:
+        return error_json(
+            f"The request body did not arrive: nothing came for {self.read_timeout:g} s while reading it "
+            "(--body-read-timeout). Send the whole body promptly.",
+            "invalid_request_error",
+            None,
+            "request_timeout",
         )
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -136,36 +164,48 @@ class BodySizeLimitMiddleware:
             return
 
         received = 0
-        exceeded = False
+        body_done = False
+        failure: tuple[int, str] | None = None  # the answer that replaces the app's once a read failed
         response_started = False
 
-        async def counting_receive() -> Message:
-            nonlocal received, exceeded
-            message = await receive()
+        async def guarded_receive() -> Message:
+            nonlocal received, body_done, failure
+            if body_done:
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.read_timeout)
+            except TimeoutError:
+                failure = (408, self._timeout_error())
+                raise _BodyTimeout from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
+                body_done = not message.get("more_body", False)
                 if received > self.max_bytes:
-                    exceeded = True
+                    failure = (413, self._error())
                     raise _BodyTooLarge
+            else:
+                body_done = True  # http.disconnect: nothing more will come
             return message
 
         async def guarded_send(message: Message) -> None:
             nonlocal response_started
-            if exceeded:
+            if failure is not None:
                 # Whatever the app answers after its body read failed (FastAPI turns it into a 400) is
-                # replaced by our 413 below.
+                # replaced by our answer below.
                 return
             if message["type"] == "http.response.start":
                 response_started = True
             await send(message)
 
         try:
-            await self.app(scope, counting_receive, guarded_send)
+            await self.app(scope, guarded_receive, guarded_send)
         except Exception:
-            if not exceeded:
+            if failure is None:
                 raise
-        if exceeded and not response_started:
-            await _send_error(send, 413, self._error(), [(b"connection", b"close")])
+        if failure is not None and not response_started:
+            if failure[0] == 408:
+                logger.info("request body read timed out after %g s; answered 408", self.read_timeout)
+            await _send_error(send, failure[0], failure[1], [(b"connection", b"close")])
 
 
 def _content_length(scope: Scope) -> int | None:

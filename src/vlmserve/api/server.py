@@ -25,7 +25,12 @@ from vlmserve.api.chat import create_chat_completion
 from vlmserve.api.completions import create_completion
 from vlmserve.api.errors import NotFoundError, error_response, install_error_handlers
 from vlmserve.api.metrics import CONTENT_TYPE, ServerMetrics
-from vlmserve.api.middleware import DEFAULT_MAX_REQUEST_BODY_BYTES, APIKeyMiddleware, BodySizeLimitMiddleware
+from vlmserve.api.middleware import (
+    DEFAULT_BODY_READ_TIMEOUT_S,
+    DEFAULT_MAX_REQUEST_BODY_BYTES,
+    APIKeyMiddleware,
+    BodySizeLimitMiddleware,
+)
 from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
 from vlmserve.api.serving import ModelServer
 from vlmserve.api.streaming import until_disconnect
@@ -40,10 +45,13 @@ def build_app(
     *,
     api_keys: Sequence[str] = (),
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
+    body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S,
     shutdown_servers: bool = True,
 ) -> FastAPI:
     """An app serving `servers` (routed by model id). With `api_keys`, /v1 routes need one of them as a
-    bearer token. `shutdown_servers`: stop their engines when the app's lifespan ends."""
+    bearer token. A body larger than `max_request_body_bytes` gets 413, one whose next piece takes longer
+    than `body_read_timeout` seconds 408. `shutdown_servers`: stop their engines when the app's lifespan
+    ends."""
     server_list = [servers] if isinstance(servers, ModelServer) else list(servers)
     if not server_list:
         raise ValueError("build_app needs at least one ModelServer")
@@ -71,7 +79,9 @@ def build_app(
     app.state.metrics = metrics
     install_error_handlers(app)
     # The last added middleware runs first: auth rejects a request before its body is read.
-    app.add_middleware(BodySizeLimitMiddleware, max_bytes=max_request_body_bytes)
+    app.add_middleware(
+        BodySizeLimitMiddleware, max_bytes=max_request_body_bytes, read_timeout=body_read_timeout
+    )
     app.add_middleware(APIKeyMiddleware, api_keys=list(api_keys))
 
     def resolve(model: str | None) -> ModelServer:
