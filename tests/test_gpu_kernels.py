@@ -103,6 +103,29 @@ def test_fused_rms_norm_and_rotary_match_torch(dtype: torch.dtype) -> None:
         ref = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(dtype)
         tol = 1e-2 if dtype != torch.float32 else 1e-5
         torch.testing.assert_close(fused.rotary(q, cos, sin), ref, rtol=tol, atol=tol)
+    for tokens, heads, dim in ((1, 28, 128), (300, 16, 80), (5, 3, 64)):  # decode, vision, odd head count
+        q = torch.randn(tokens, heads, dim, device="cuda", dtype=dtype)
+        freqs = torch.randn(tokens, dim // 2, device="cuda")
+        cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+        ref = (q.float() * cos[:, None] + rotate_half(q.float()) * sin[:, None]).to(dtype)
+        tol = 1e-2 if dtype != torch.float32 else 1e-5
+        torch.testing.assert_close(fused.rotary(q, cos, sin), ref, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_silu_and_mul_matches_torch(dtype: torch.dtype) -> None:
+    from vlmserve.models.layers import fused
+
+    torch.manual_seed(0)
+    for rows, inter in ((1, 18944), (37, 3420), (4, 100)):  # decode, vision MLP, not a block multiple
+        x = torch.randn(rows, 2 * inter, device="cuda", dtype=dtype) * 4
+        gate, up = x.chunk(2, dim=-1)
+        ref = torch.nn.functional.silu(gate) * up
+        got = fused.silu_and_mul(x)
+        assert got.shape == ref.shape and got.dtype == dtype
+        torch.testing.assert_close(got, ref, rtol=1e-2 if dtype != torch.float32 else 1e-5, atol=1e-2)
+    x3 = torch.randn(2, 3, 2 * 64, device="cuda", dtype=dtype)  # leading dims kept
+    assert fused.silu_and_mul(x3).shape == (2, 3, 64)
 
 
 def test_training_on_cuda_gets_gradients_through_norms_and_rotary() -> None:

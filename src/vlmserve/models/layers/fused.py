@@ -1,8 +1,9 @@
 """Triton kernels for the small ops of a layer, each one launch instead of several.
 
 At decode batch sizes a layer's time is weight reads plus a long tail of tiny elementwise kernels (RMSNorm is
-~7 of them, rotary ~7 per tensor); fusing each into one launch removes most of that tail. Same math as the
-torch versions in norm.py / rotary.py (float32 inside, input dtype out) and checked against them in
+~7 of them, rotary ~7 per tensor, SiLU-and-mul 2 with an intermediate); fusing each into one launch removes
+most of that tail, and in prefill each reads and writes its tensors once. Same math as the torch versions in
+norm.py / rotary.py / activation.py (float32 inside, input dtype out) and checked against them in
 tests/test_gpu_kernels.py. Only used for CUDA tensors; `AVAILABLE` is False where Triton is missing.
 """
 
@@ -51,21 +52,37 @@ if AVAILABLE:
         stride_ot,
         stride_oh,
         stride_c,
+        HEADS,
         HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,  # HEADS rounded up to a power of two
         BLOCK: tl.constexpr,  # HALF rounded up to a power of two (the vision tower's head dim is 80)
     ):
+        # One program per token, all its heads at once: cos / sin are read once, and a vision tower's
+        # thousands of patches do not become tens of thousands of tiny programs.
         t = tl.program_id(0)
-        h = tl.program_id(1)
-        d = tl.arange(0, BLOCK)
-        ok = d < HALF
-        base = x_ptr + t * stride_xt + h * stride_xh
-        x1 = tl.load(base + d, mask=ok).to(tl.float32)
-        x2 = tl.load(base + HALF + d, mask=ok).to(tl.float32)
-        cos = tl.load(cos_ptr + t * stride_c + d, mask=ok)  # the two halves of cos / sin are equal
-        sin = tl.load(sin_ptr + t * stride_c + d, mask=ok)
-        out = out_ptr + t * stride_ot + h * stride_oh
-        tl.store(out + d, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(out + HALF + d, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=ok)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK)[None, :]
+        ok = (h < HEADS) & (d < HALF)
+        base = x_ptr + t * stride_xt + h * stride_xh + d
+        x1 = tl.load(base, mask=ok).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=ok).to(tl.float32)
+        dm = d < HALF
+        cos = tl.load(cos_ptr + t * stride_c + d, mask=dm)  # the two halves of cos / sin are equal
+        sin = tl.load(sin_ptr + t * stride_c + d, mask=dm)
+        out = out_ptr + t * stride_ot + h * stride_oh + d
+        tl.store(out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(out + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=ok)
+
+    @triton.jit
+    def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
+        row = tl.program_id(0)
+        cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(x_ptr + row * stride_x + n_cols + cols, mask=mask, other=0.0).to(tl.float32)
+        # As the reference (F.silu, then a multiply): silu rounded to the input dtype before the product.
+        act = (gate * tl.sigmoid(gate)).to(out_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, (act * up).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -92,7 +109,7 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
     t, h, d = x.shape
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
     if t:
-        _rotary_kernel[(t, h)](
+        _rotary_kernel[(t,)](
             x,
             cos,
             sin,
@@ -102,7 +119,25 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             out.stride(0),
             out.stride(1),
             cos.stride(0),
+            h,
             HALF=d // 2,
+            BLOCK_H=triton.next_power_of_2(h),
             BLOCK=triton.next_power_of_2(d // 2),
         )
     return out
+
+
+SILU_BLOCK = 1024
+
+
+def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
+    """(..., 2 * I) [gate | up] (unit last stride) -> (..., I) silu(gate) * up, in one pass over x."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    n = shape[-1] // 2
+    out = torch.empty((x2.shape[0], n), dtype=x.dtype, device=x.device)
+    if x2.shape[0]:
+        _silu_and_mul_kernel[(x2.shape[0], triton.cdiv(n, SILU_BLOCK))](
+            x2, out, x2.stride(0), out.stride(0), n, BLOCK=SILU_BLOCK
+        )
+    return out.view(*shape[:-1], n)
