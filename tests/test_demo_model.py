@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import io
 import json
+import shlex
+import subprocess
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -327,3 +329,24 @@ def test_vision_warm_up_loss_is_finite_without_single_objects() -> None:
     assert accuracy["position"] == 0 and set(accuracy) == {name for name, _ in data.LABELS}
     loss.backward()
     assert all(p.grad is not None for p in model.visual.parameters())
+
+
+def test_make_demo_model_commands_parse() -> None:
+    """`make demo-model` (the documented way to retrain the shipped weights, GPU only) passes flags the
+    training CLI still takes, with the stage settings docs/DEMO_MODEL.md gives."""
+    from vlmserve.training.train import parse_args
+
+    dry = subprocess.run(
+        ["make", "-n", "demo-model", "PY=python3"],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    stages = [shlex.split(line) for line in dry if "vlmserve.training.train" in line]
+    assert len(stages) == 2, dry
+    first, second = (parse_args(cmd[cmd.index("vlmserve.training.train") + 1 :]) for cmd in stages)
+    assert (first.init, first.vision_minutes, first.minutes, first.lr) == (None, 4.0, 4.2, 1e-3)
+    assert (second.init, second.seed, second.vision_minutes, second.minutes) == ("demo_stage1", 2, 3.0, 5.5)
+    assert first.device == second.device == "cuda"
+    assert any("vlmserve.training.evaluate" in line for line in dry)
