@@ -453,7 +453,10 @@ def warm_up_vision(
     dropped). Its own AdamW and warmup + cosine schedule over --vision-steps / --vision-minutes."""
     heads = SceneHeads(model.config.vision.out_hidden_size).to(device)
     params = [*model.visual.parameters(), *heads.parameters()]
-    opt = torch.optim.AdamW(params, lr=args.lr, betas=(0.9, 0.95), fused=device.type == "cuda")
+    # weight_decay 0.01 on every parameter (torch's default, which the shipped weights were trained with).
+    opt = torch.optim.AdamW(
+        params, lr=args.lr, betas=(0.9, 0.95), weight_decay=0.01, fused=device.type == "cuda"
+    )
     budget = args.vision_minutes * 60 if args.vision_minutes else math.inf
     steps = args.vision_steps or 10**9
     start = time.perf_counter()
