@@ -23,8 +23,9 @@ import json
 import math
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -382,6 +383,14 @@ def forward_answers(
     return logits, targets[keep], torch.from_numpy(batch.answer_index).to(device)[keep]
 
 
+def answer_loss(
+    model: Qwen2_5_VLForConditionalGeneration, batch: Batch, device: torch.device
+) -> tuple[torch.Tensor, None]:
+    """Cross-entropy of the answer tokens (what stage 2 minimises)."""
+    logits, targets, _ = forward_answers(model, batch, device)
+    return F.cross_entropy(logits, targets), None
+
+
 @torch.no_grad()
 def heldout_accuracy(
     model: Qwen2_5_VLForConditionalGeneration, batches: list[Batch], device: torch.device, amp: bool
@@ -442,6 +451,26 @@ def lr_at(progress: float, args: TrainArgs) -> float:
     )
 
 
+def optimizer_step(
+    opt: torch.optim.Optimizer,
+    lr: float,
+    compute_loss: Callable[[], tuple[torch.Tensor, Any]],
+    device: torch.device,
+    amp: bool,
+) -> tuple[torch.Tensor, Any]:
+    """One update of every parameter `opt` holds: set the learning rate, forward under bf16 autocast (on
+    CUDA), backward, clip the gradient norm to 1.0, step. Returns what `compute_loss` returned."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+        loss, extra = compute_loss()
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_([p for g in opt.param_groups for p in g["params"]], 1.0)
+    opt.step()
+    return loss, extra
+
+
 def warm_up_vision(
     model: Qwen2_5_VLForConditionalGeneration,
     batches: Iterator[Batch],
@@ -466,14 +495,9 @@ def warm_up_vision(
         progress = max(step / steps, (time.perf_counter() - start) / budget)
         if progress >= 1.0:
             break
-        for group in opt.param_groups:
-            group["lr"] = lr_at(progress, args)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            loss, acc = scene_losses(model, heads, batch, device)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
+        loss, acc = optimizer_step(
+            opt, lr_at(progress, args), partial(scene_losses, model, heads, batch, device), device, amp
+        )
         step += 1
         window.append(torch.stack([loss.detach(), *acc.values()]))
         if step % args.log_every == 0:
@@ -559,15 +583,7 @@ def train(args: TrainArgs) -> dict[str, Any]:
         if progress >= 1.0:
             break
         lr = lr_at(progress, args)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-            logits, targets, _ = forward_answers(model, batch, device)
-        loss = F.cross_entropy(logits, targets)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss, _ = optimizer_step(opt, lr, partial(answer_loss, model, batch, device), device, amp)
         step += 1
         window_loss += loss.detach()  # a tensor: no device sync until the next log line
         window_samples += len(batch.seq_lens)
@@ -673,28 +689,7 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
     ):
         if value < 1:
             ap.error(f"{name} must be >= 1, got {value}")
-    return TrainArgs(
-        out=ns.out,
-        steps=ns.steps,
-        minutes=ns.minutes,
-        device=ns.device,
-        batch_size=ns.batch_size,
-        lr=ns.lr,
-        min_lr_ratio=ns.min_lr_ratio,
-        warmup=ns.warmup,
-        weight_decay=ns.weight_decay,
-        max_turns=ns.max_turns,
-        seed=ns.seed,
-        workers=workers,
-        threads=ns.threads,
-        eval_every=ns.eval_every,
-        eval_per_category=ns.eval_per_category,
-        log_every=ns.log_every,
-        save_every=ns.save_every,
-        init=ns.init,
-        vision_steps=ns.vision_steps,
-        vision_minutes=ns.vision_minutes,
-    )
+    return TrainArgs(**{**vars(ns), "workers": workers})  # every flag's dest is a TrainArgs field
 
 
 def main(argv: list[str] | None = None) -> None:
