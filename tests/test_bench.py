@@ -6,12 +6,14 @@ synthetic requests and the statistics on their own, and the flag errors."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
 import re
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -28,6 +30,7 @@ from vlmserve.bench.serving import (
     BenchReport,
     RequestResult,
     build_bodies,
+    poisson_loop,
     send_request,
     summarize,
 )
@@ -86,6 +89,7 @@ def test_closed_loop_counts_every_token(server: str, tmp_path: Path) -> None:
     starts = sorted((r["start_s"], r["start_s"] + r["latency_ms"] / 1e3) for r in report["requests"])
     first_end = min(end for _, end in starts[:4])
     assert starts[4][0] >= first_end - 1e-6
+    assert all(start < first_end for start, _ in starts[:4])  # ... and 4 were in flight, not fewer
     assert re.search(r"completed / failed / not issued +8 / 0 / 0\n", done.stdout)
     assert re.search(r"TTFT( +\d+\.\d){4}\n", done.stdout)
     assert "bench: 100%" in done.stderr and "8/8" in done.stderr  # the progress bar
@@ -106,6 +110,26 @@ def test_poisson_arrivals_follow_the_seeded_schedule(server: str, tmp_path: Path
     # A request is never sent early (the schedule is absolute), and late only by event-loop delays.
     lateness = np.array([r["start_s"] for r in report["requests"]]) - expected
     assert np.all(lateness > -0.005) and np.all(lateness < 0.2), lateness
+
+
+async def test_poisson_loop_sends_on_schedule_while_earlier_requests_run() -> None:
+    """Without a server: each fake request takes longer than the gaps between arrivals, so an open loop must
+    have several in flight and still send each one at its scheduled time."""
+    rate, n, seed = 50.0, 8, 5
+    started: list[float] = []
+
+    async def slow_send(body: bytes) -> RequestResult:
+        started.append(time.perf_counter())
+        await asyncio.sleep(0.2)  # ~10 mean gaps
+        return RequestResult(ok=True, start=started[-1], latency=0.2)
+
+    t0 = time.perf_counter()
+    results = await poisson_loop([b"x"] * n, rate, t0 + 60, slow_send, np.random.default_rng(seed))
+    assert len(results) == n
+    expected = np.concatenate([[0.0], np.cumsum(np.random.default_rng(seed).exponential(1.0 / rate, n - 1))])
+    lateness = np.array(started) - t0 - expected
+    assert np.all(lateness > -0.005) and np.all(lateness < 0.05), lateness
+    assert started[-1] - started[0] < 0.2  # the last was sent before the first finished
 
 
 def test_same_image_is_served_from_the_prefix_cache(server: str, tmp_path: Path) -> None:
@@ -266,7 +290,9 @@ def test_summary_statistics() -> None:
         (["--image-size", "640by480"], "--image-size"),
         (["--concurrency", "4", "--request-rate", "2"], "--request-rate"),
         (["--concurrency", "0"], "--concurrency"),
-        (["--image-size", "64x64", "--images-per-request", "0", "--prompt-words", "0"], "prompt"),
+        (["--image-size", "64x64", "--images-per-request", "0", "--prompt-words", "0"], "--prompt-words"),
+        (["--warmup", "abc"], "--warmup: 'abc' is not an integer"),
+        (["--request-rate", "fast"], "--request-rate: 'fast' is not a number"),
     ],
 )
 def test_flag_errors_exit_2_naming_the_flag(

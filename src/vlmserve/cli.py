@@ -46,22 +46,33 @@ def _flags(field: str) -> tuple[str, ...]:
     return _FLAG_NAMES.get(field, ("--" + field.replace("_", "-"),))
 
 
+def _integer(value: str) -> int:
+    # argparse reports a ValueError from a type function under the function's name; say what was wrong.
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not an integer") from None
+
+
 def _port(value: str) -> int:
-    port = int(value)
+    port = _integer(value)
     if not 0 <= port <= 65535:
         raise argparse.ArgumentTypeError(f"{value} is not a TCP port (0-65535)")
     return port
 
 
 def _positive_int(value: str) -> int:
-    number = int(value)
+    number = _integer(value)
     if number < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
     return number
 
 
 def _positive_float(value: str) -> float:
-    number = float(value)
+    try:
+        number = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{value!r} is not a number") from None
     if not number > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {value}")
     return number
@@ -409,7 +420,7 @@ def _image_sizes(value: str) -> list[tuple[int, int]]:
 
 
 def _non_negative_int(value: str) -> int:
-    number = int(value)
+    number = _integer(value)
     if number < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
     return number
@@ -428,7 +439,12 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         "--base-url", default="http://127.0.0.1:8000/v1", help="the API's base URL (default: %(default)s)"
     )
     target.add_argument("--model", required=True, help="the served model id (GET /v1/models lists them)")
-    target.add_argument("--api-key", default=None, metavar="KEY", help="sent as 'Authorization: Bearer KEY'")
+    target.add_argument(
+        "--api-key",
+        default=None,
+        metavar="KEY",
+        help="sent as 'Authorization: Bearer KEY' (default: the first key of $VLMSERVE_API_KEY, if set)",
+    )
     target.add_argument(
         "--endpoint",
         choices=("chat", "completions"),
@@ -441,8 +457,8 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
     rate.add_argument(
         "--concurrency",
         type=_positive_int,
-        default=None,
-        help="closed loop: this many requests in flight, each sent when another finished (default: 8)",
+        default=8,
+        help="closed loop: this many requests in flight, each sent when another finished (default: %(default)s)",
     )
     rate.add_argument(
         "--request-rate",
@@ -524,22 +540,18 @@ def bench(args: argparse.Namespace) -> int:
     images = args.images_per_request
     if images is None:
         images = 1 if args.endpoint == "chat" else 0
-    elif images and args.endpoint == "completions":
-        parser.error(
-            f"argument --images-per-request: {images} images, but /v1/completions takes text prompts only; "
-            "use --endpoint chat, or --images-per-request 0"
-        )
-    sizes = [size for group in args.image_size for size in group] if args.image_size else [(640, 480)]
+    sizes = [size for group in args.image_size for size in group] if args.image_size else None
+    api_keys = _api_keys([args.api_key] if args.api_key else None)
     try:
         config = BenchConfig(
             base_url=args.base_url,
             model=args.model,
-            api_key=args.api_key,
+            api_key=api_keys[0] if api_keys else None,
             endpoint=args.endpoint,
             num_requests=args.num_requests,
-            concurrency=(args.concurrency or 8) if args.request_rate is None else None,
+            concurrency=args.concurrency if args.request_rate is None else None,
             request_rate=args.request_rate,
-            image_sizes=tuple(sizes),
+            **({"image_sizes": tuple(sizes)} if sizes else {}),
             images_per_request=images,
             same_image=args.same_image,
             prompt_words=args.prompt_words,
@@ -551,8 +563,23 @@ def bench(args: argparse.Namespace) -> int:
             seed=args.seed,
         )
     except ValueError as e:
-        parser.error(str(e))
+        # BenchConfig names its fields; the user typed flags.
+        fields = re.compile(r"\b(" + "|".join(_BENCH_FLAGS) + r")\b")
+        parser.error(fields.sub(lambda m: _BENCH_FLAGS[m[1]], str(e)))
     return run(config, json_path=args.json, progress=not args.no_progress)
+
+
+_BENCH_FLAGS = {
+    "num_requests": "--num-requests",
+    "concurrency": "--concurrency",
+    "request_rate": "--request-rate",
+    "endpoint": "--endpoint",
+    "image_sizes": "--image-size",
+    "images_per_request": "--images-per-request",
+    "prompt_words": "--prompt-words",
+    "output_len": "--output-len",
+    "warmup": "--warmup",
+}
 
 
 # ------------------------------------------------------------------------------------------ entry point

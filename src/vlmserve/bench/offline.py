@@ -20,10 +20,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from PIL import Image
 
+from vlmserve.bench.serving import synthetic_image
 from vlmserve.config import EngineArgs
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.inputs import EngineRequest
@@ -38,15 +38,6 @@ WORKLOADS = {"W1": ((1280, 720), 1235, 128), "W2": ((448, 448), None, 512)}
 class Prompt:
     text: str
     image: Image.Image
-
-
-def synthetic_image(size: tuple[int, int], seed: int) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    w, h = size
-    # Smooth gradients + noise: realistic enough for resize, and every seed a distinct image (no cache hits).
-    base = np.linspace(0, 255, w)[None, :, None] * rng.random(3)[None, None, :]
-    arr = (base + rng.integers(0, 64, (h, w, 3))).clip(0, 255).astype(np.uint8)
-    return Image.fromarray(arr, "RGB")
 
 
 def make_prompt(

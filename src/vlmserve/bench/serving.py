@@ -126,14 +126,20 @@ class BenchConfig:
 # ------------------------------------------------------------------------------------------ synthetic requests
 
 
-def synthetic_jpeg(width: int, height: int, seed: int) -> bytes:
-    """A JPEG of smooth gradients plus noise: compresses like a photo rather than like pure noise, and each
-    seed gives different pixels (so a server's image cache never hits by accident)."""
+def synthetic_image(size: tuple[int, int], seed: int) -> Image.Image:
+    """(width, height) RGB image of smooth gradients plus noise: resizes and compresses like a photo rather
+    than like pure noise, and each seed gives different pixels (so a server's image cache never hits by
+    accident). The offline benchmark draws its images here too."""
     rng = np.random.default_rng(seed)
+    width, height = size
     ramp = np.linspace(0.0, 255.0, width)[None, :, None] * rng.random(3)[None, None, :]  # (1, W, 3)
     pixels = (ramp + rng.integers(0, 64, (height, width, 3))).clip(0, 255).astype(np.uint8)  # (H, W, 3)
+    return Image.fromarray(pixels, "RGB")
+
+
+def synthetic_jpeg(width: int, height: int, seed: int) -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(pixels, "RGB").save(buf, "JPEG", quality=85)
+    synthetic_image((width, height), seed).save(buf, "JPEG", quality=85)
     return buf.getvalue()
 
 
