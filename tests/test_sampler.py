@@ -393,3 +393,11 @@ def test_cuda_matches_cpu_semantics() -> None:
     for i in greedy_rows:
         if params[i].logprobs is not None:
             assert gpu_out.logprobs[i] == pytest.approx(cpu_out.logprobs[i], abs=1e-5)
+
+
+def test_top_k_beyond_any_vocabulary_is_no_top_k() -> None:
+    """k >= the vocabulary keeps every token; a k too large for int64 must not fail the engine step."""
+    assert SamplingParams(top_k=2**70).top_k == SamplingParams(top_k=-1).top_k == 0
+    logits = torch.randn(1, 50)
+    out = Sampler()(logits, make_batch([SamplingParams(top_k=2**70, temperature=0)]))
+    assert out.token_ids == [int(logits.argmax())]

@@ -390,6 +390,8 @@ async def test_body_that_is_not_a_json_object_is_400(
         ({"temperature": -1}, "temperature"),
         ({"top_p": 0}, "top_p"),
         ({"top_k": -5}, "top_k"),
+        ({"stop_token_ids": [2**70]}, "stop_token_ids"),
+        ({"stop_token_ids": [-1]}, "stop_token_ids"),
         ({"presence_penalty": 3}, "presence_penalty"),
         ({"repetition_penalty": 0}, "repetition_penalty"),
         ({"n": 0}, "n"),

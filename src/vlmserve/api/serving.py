@@ -364,6 +364,12 @@ class ModelServer:
                 f"{name} must be between 0 and {MAX_LOGPROBS}, got {logprobs}.", param=name
             )
         stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+        for i, t in enumerate(body.stop_token_ids or ()):
+            if not 0 <= t < self._vocab_size:
+                raise InvalidRequestError(
+                    f"stop_token_ids[{i}] = {t} is not a token id of this model (0 <= id < {self._vocab_size}).",
+                    param="stop_token_ids",
+                )
         try:
             return SamplingParams(
                 n=body.n,

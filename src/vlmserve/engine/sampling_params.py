@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 # Top-k / top-logprobs beyond this make no sense for serving and cost a full sort per step.
 MAX_LOGPROBS = 20
+# Larger than any vocabulary: a top_k above it is the same as none.
+MAX_TOP_K = 2**31 - 1
 
 
 @dataclass(frozen=True)
@@ -40,7 +42,8 @@ class SamplingParams:
             object.__setattr__(self, "stop", (self.stop,))
         object.__setattr__(self, "stop", tuple(self.stop))
         object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
-        if self.top_k == -1:
+        if self.top_k == -1 or self.top_k > MAX_TOP_K:
+            # Keeping the top k >= the vocabulary keeps every token: no top-k, as -1 says (and an int64).
             object.__setattr__(self, "top_k", 0)
         checks: list[tuple[bool, str]] = [
             (self.n >= 1, f"n must be >= 1, got {self.n}"),
