@@ -31,11 +31,15 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
-# CPU steps of at most this many tokens run on one thread (see ModelRunner._set_cpu_threads); the others on
-# torch's thread count as the process started (read once here: set_num_threads is process-wide, so a runner
-# made after another one switched to one thread must not take that for the machine's size).
+# On CPU, a small model's steps of at most this many tokens run on one thread (ModelRunner._set_cpu_threads);
+# the others on torch's thread count as the process started (read once here: a runner made after another one
+# switched to one thread must not take that for the machine's size).
 SMALL_CPU_STEP_TOKENS = 4
 CPU_THREADS = torch.get_num_threads()
+# Weights up to this size count as small: their few-token steps are chains of tiny ops, which lose more to
+# thread synchronisation than they gain. A real checkpoint's decode step streams gigabytes of weights and
+# needs every core's memory bandwidth, so it keeps all threads.
+SMALL_CPU_MODEL_BYTES = 64 * 2**20
 
 
 def kv_bytes_per_block(model: Qwen2_5_VLForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
@@ -58,6 +62,8 @@ class ModelRunner:
         self.model = model
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+        self.one_thread_small_steps = weight_bytes <= SMALL_CPU_MODEL_BYTES
         self.block_size = block_size
         self.num_blocks = num_blocks
         self.eos_token_ids = list(eos_token_ids)
@@ -102,10 +108,12 @@ class ModelRunner:
             self.encoder_cache[img.mm_hash] = emb.clone() if len(imgs) > 1 else emb
 
     def _set_cpu_threads(self, sched: SchedulerOutput) -> None:
-        """A step of a few tokens is a chain of small ops, each cheaper on one thread than split (and the
-        other cores stay free for the HTTP front); a step with prefill or images takes every thread."""
+        """A small model's step of a few tokens is a chain of small ops, each cheaper on one thread than split
+        (and the other cores stay free for the HTTP front); a step with prefill or images, or any step of a
+        large model, takes every thread."""
         tokens = sum(s.num_tokens for s in sched.scheduled)
-        want = 1 if tokens <= SMALL_CPU_STEP_TOKENS and not sched.encoder_inputs else CPU_THREADS
+        small = self.one_thread_small_steps and tokens <= SMALL_CPU_STEP_TOKENS and not sched.encoder_inputs
+        want = 1 if small else CPU_THREADS
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
 
