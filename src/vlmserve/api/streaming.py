@@ -52,6 +52,10 @@ class ClosableStream(Protocol[T_co]):
     def aclose(self) -> Awaitable[None]: ...
 
 
+class _ClientStalled(Exception):
+    pass
+
+
 class SSEResponse(StreamingResponse):
     """text/event-stream that closes its event generator and the engine streams under it however the
     response ends (finished, client gone, server shutting down), so that the engine requests are aborted
@@ -75,13 +79,17 @@ class SSEResponse(StreamingResponse):
 
     async def stream_response(self, send: Send) -> None:
         async def send_unless_stalled(message: Message) -> None:
-            with anyio.fail_after(self.stalled_client_timeout_s):
-                await send(message)
+            try:
+                with anyio.fail_after(self.stalled_client_timeout_s):
+                    await send(message)
+            except TimeoutError:
+                raise _ClientStalled from None  # only a stalled send: a TimeoutError elsewhere propagates
 
         try:
             await super().stream_response(send_unless_stalled)
-        except TimeoutError:
-            # NOTE: uvicorn then closes the connection, and logs that the response was left incomplete.
+        except _ClientStalled:
+            # NOTE: uvicorn then closes the connection, and logs (at ERROR) that the response was left
+            # incomplete: RELIABILITY.md lists it.
             logger.warning(
                 "the client has read nothing for %g s; ending its stream and aborting its request",
                 self.stalled_client_timeout_s,
