@@ -156,7 +156,8 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         metavar="MODEL_SOURCE",
         help="checkpoint directory or Hugging Face repo id; 'demo' (the default) is the small demo model "
-        "shipped in the package: it answers about shapes and colours, with no download",
+        "shipped in the package: it answers about the shapes, colours, counts and positions of objects in an image, "
+        "with no download",
     )
     p.add_argument(
         "--model",

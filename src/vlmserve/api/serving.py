@@ -46,7 +46,7 @@ from vlmserve.engine.scheduler import QueueFullError
 from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
 from vlmserve.memory import limit_malloc_arenas
-from vlmserve.models.processor import MAX_ASPECT_RATIO, Qwen2_5_VLProcessor
+from vlmserve.models.processor import Qwen2_5_VLProcessor, check_aspect_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -152,14 +152,10 @@ class ModelServer:
         min_pixels, max_pixels = self._pixel_bounds(body)
         images = await self._load_images(refs)
         for ref, image in zip(refs, images, strict=True):
-            ratio = max(image.size) / min(image.size)
-            if ratio > MAX_ASPECT_RATIO:  # the processor would refuse it, without saying which image
-                raise InvalidRequestError(
-                    f"The image is {image.width}x{image.height}, an aspect ratio of {ratio:.0f}:1; this model "
-                    f"takes images up to {MAX_ASPECT_RATIO}:1. Crop or pad it to a less extreme shape.",
-                    param=ref.param,
-                    code="invalid_image",
-                )
+            try:  # here, where the image's parameter is known (the processor would refuse it later, unnamed)
+                check_aspect_ratio(*image.size)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param=ref.param, code="invalid_image") from e
         messages = _hf_messages(body.messages)
         template_kwargs = dict(body.chat_template_kwargs or {})
         try:

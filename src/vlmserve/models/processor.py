@@ -138,6 +138,16 @@ def _check_pixel_range(min_pixels: int, max_pixels: int, factor: int) -> None:
 # ------------------------------------------------------------------------------------------ resizing
 
 
+def check_aspect_ratio(width: int, height: int) -> None:
+    """ValueError for an image more than MAX_ASPECT_RATIO times longer than it is wide (or the reverse)."""
+    ratio = max(height, width) / min(height, width)
+    if ratio > MAX_ASPECT_RATIO:
+        raise ValueError(
+            f"The image is {width}x{height}, an aspect ratio of {ratio:.1f}:1; the model takes images up to "
+            f"{MAX_ASPECT_RATIO}:1. Crop or pad it to a less extreme shape."
+        )
+
+
 def smart_resize(
     height: int,
     width: int,
@@ -150,12 +160,7 @@ def smart_resize(
     `smart_resize` (including Python's round-half-to-even), so the same image gets the same grid."""
     if height <= 0 or width <= 0:
         raise ValueError(f"Image size {width}x{height} is empty; images need at least 1x1 pixels.")
-    ratio = max(height, width) / min(height, width)
-    if ratio > MAX_ASPECT_RATIO:
-        raise ValueError(
-            f"absolute aspect ratio must be smaller than {MAX_ASPECT_RATIO}, got {ratio} "
-            f"(image {width}x{height}); crop or pad the image to a less extreme shape."
-        )
+    check_aspect_ratio(width, height)
     h_bar = round(height / factor) * factor
     w_bar = round(width / factor) * factor
     if h_bar * w_bar > max_pixels:
