@@ -45,7 +45,6 @@ from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from vlmserve.engine.scheduler import QueueFullError
 from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
-from vlmserve.memory import limit_malloc_arenas
 from vlmserve.models.processor import Qwen2_5_VLProcessor, check_aspect_ratio
 
 logger = logging.getLogger(__name__)
@@ -108,8 +107,6 @@ class ModelServer:
 
     @classmethod
     def from_config(cls, config: EngineConfig, media_config: MediaConfig | None = None) -> ModelServer:
-        # Before the engine starts its threads: a serving process must not creep up in memory (memory.py).
-        limit_malloc_arenas()
         processor = Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         engine = AsyncEngine(EngineCore(config, processor))
         return cls(engine, processor, config, MediaLoader(media_config or MediaConfig()))

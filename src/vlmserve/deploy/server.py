@@ -32,6 +32,7 @@ from vlmserve.api.serving import ModelServer
 from vlmserve.config import EngineArgs
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
+from vlmserve.memory import limit_malloc_arenas
 
 logger = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class LLMServer:
     """A Ray Serve replica serving one model id with its own engine."""
 
     def __init__(self, engine_args: EngineArgs) -> None:
+        # A replica is a serving process, as `vlmserve serve` is: cap malloc arenas before the engine's
+        # threads allocate (memory.py). A library user's process keeps its own settings.
+        limit_malloc_arenas()
         started = time.perf_counter()
         self.server = ModelServer.from_engine_args(engine_args)
         logger.info(
