@@ -35,6 +35,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
+from tests.conftest import random_image
 from tests.stress.soak import LiveServer, engine_leaks, wait_until
 from vlmserve.api.server import build_app
 from vlmserve.api.serving import ModelServer
@@ -179,11 +180,6 @@ def encode(image: Image.Image, fmt: str, **params: Any) -> bytes:
     return buf.getvalue()
 
 
-def noise(width: int, height: int, seed: int = 0) -> Image.Image:
-    rng = np.random.default_rng(seed)
-    return Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8), "RGB")
-
-
 def png_with_header(width: int, height: int, idat: bytes = b"") -> bytes:
     """A PNG whose IHDR claims width x height, with `idat` as its only pixel data."""
 
@@ -195,12 +191,12 @@ def png_with_header(width: int, height: int, idat: bytes = b"") -> bytes:
 
 
 def animated(fmt: str) -> bytes:
-    frames = [noise(40, 30, seed) for seed in range(3)]
+    frames = [random_image(40, 30, seed) for seed in range(3)]
     return encode(frames[0], fmt, save_all=True, append_images=frames[1:], duration=50, loop=0)
 
 
 def palette_with_transparency() -> bytes:
-    image = noise(40, 30).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
+    image = random_image(40, 30).convert("P", palette=Image.Palette.ADAPTIVE, colors=16)
     return encode(image, "PNG", transparency=0)
 
 
@@ -209,25 +205,25 @@ def sixteen_bit() -> bytes:
     return encode(Image.fromarray(ramp), "PNG")  # read back as mode I;16
 
 
-PNG = encode(noise(64, 48), "PNG")
-JPEG = encode(noise(64, 48), "JPEG")
+PNG = encode(random_image(64, 48), "PNG")
+JPEG = encode(random_image(64, 48), "JPEG")
 
 # (name, image bytes, media type, expected status)
 ZOO: list[tuple[str, bytes, str, int]] = [
     ("palette+transparency", palette_with_transparency(), "image/png", 200),
     ("16-bit grey png", sixteen_bit(), "image/png", 200),
-    ("cmyk jpeg", encode(noise(40, 30).convert("CMYK"), "JPEG"), "image/jpeg", 200),
+    ("cmyk jpeg", encode(random_image(40, 30).convert("CMYK"), "JPEG"), "image/jpeg", 200),
     ("animated gif", animated("GIF"), "image/gif", 200),
     ("animated webp", animated("WEBP"), "image/webp", 200),
-    ("greyscale+alpha", encode(noise(40, 30).convert("LA"), "PNG"), "image/png", 200),
-    ("1-bit bmp", encode(noise(40, 30).convert("1"), "BMP"), "image/bmp", 200),
+    ("greyscale+alpha", encode(random_image(40, 30).convert("LA"), "PNG"), "image/png", 200),
+    ("1-bit bmp", encode(random_image(40, 30).convert("1"), "BMP"), "image/bmp", 200),
     (
         "float tiff",
         encode(Image.fromarray(np.full((20, 30), 0.5, np.float32), "F"), "TIFF"),
         "image/tiff",
         200,
     ),
-    ("1x1 pixel", encode(noise(1, 1), "PNG"), "image/png", 200),
+    ("1x1 pixel", encode(random_image(1, 1), "PNG"), "image/png", 200),
     ("corrupt", b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4, "image/png", 400),
     ("truncated png", PNG[: len(PNG) // 2], "image/png", 400),
     ("truncated jpeg", JPEG[: len(JPEG) // 2], "image/jpeg", 400),
@@ -236,8 +232,8 @@ ZOO: list[tuple[str, bytes, str, int]] = [
     ("text", b"just some text, not an image", "image/png", 400),
     ("svg", b'<svg xmlns="http://www.w3.org/2000/svg" width="10" height="10"/>', "image/svg+xml", 400),
     ("pdf", b"%PDF-1.4\n1 0 obj<<>>endobj\ntrailer<<>>\n%%EOF", "application/pdf", 400),
-    ("extreme aspect ratio", encode(noise(3000, 2), "PNG"), "image/png", 400),
-    ("oversized bytes", encode(noise(400, 300), "BMP"), "image/bmp", 413),
+    ("extreme aspect ratio", encode(random_image(3000, 2), "PNG"), "image/png", 400),
+    ("oversized bytes", encode(random_image(400, 300), "BMP"), "image/bmp", 413),
     (
         "bomb: header claims 50000x50000",
         png_with_header(50_000, 50_000, zlib.compress(b"\0" * 1000)),
@@ -275,7 +271,7 @@ def test_image_zoo_gets_an_answer_or_an_openai_error(
 
 
 def _seeds() -> list[bytes]:
-    image = noise(24, 16, seed=3)
+    image = random_image(24, 16, seed=3)
     out = []
     for fmt in ALLOWED_FORMATS:
         try:

@@ -14,7 +14,7 @@ import logging
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -58,8 +58,9 @@ def running(server: ModelServer) -> int:
     return int(server.stats()["num_requests_running"])
 
 
-def sse_events(text: str) -> list[str]:
-    return [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+def sse_events(lines: Iterable[str]) -> list[str]:
+    """The data of each SSE event in `lines` (a response's text split on newlines, or a stream's lines)."""
+    return [line[6:] for line in lines if line.startswith("data: ")]
 
 
 def raw_post(base_url: str, path: str, body: bytes, content_length: int | None = None) -> socket.socket:
@@ -140,19 +141,23 @@ async def test_overload_is_refused_at_once_and_admitted_requests_finish(tiny_che
                 sampler.join()
                 admitted = [(t, r) for status, t, r in results if status == 200]
                 rejected = [(t, r) for status, t, r in results if status != 200]
-                assert len(admitted) >= 2 and len(rejected) >= 10 - 4, [s for s, _, _ in results]
+                # At most 2 running + 2 queued are admitted. Fewer when a request arrives before the engine
+                # thread has moved earlier ones from the queue to running (the queue is full for that moment).
+                assert 2 <= len(admitted) <= 4 and len(rejected) == 10 - len(admitted), [
+                    s for s, _, _ in results
+                ]
                 for elapsed, r in rejected:
                     assert r.status_code == 503, r.text
                     assert r.headers["retry-after"] == "1"
                     assert r.json()["error"]["code"] == "queue_full"
                     assert elapsed < 1.0
                 for _, r in admitted:
-                    events = sse_events(r.text)
+                    events = sse_events(r.text.split("\n"))
                     assert events[-1] == "[DONE]"
                     finishes = [json.loads(e)["choices"][0]["finish_reason"] for e in events[:-1]]
                     assert finishes[-1] == "length" and len(finishes) == max_tokens + 1
                 # The engine never held more than it was configured for, and serves on.
-                assert peak["running"] <= 2 and peak["waiting"] <= 2, peak
+                assert peak["running"] == 2 and peak["waiting"] <= 2, peak
                 r = await http.post("/v1/chat/completions", json=chat(max_tokens=3))
                 assert r.status_code == 200
             assert wait_until(lambda: not engine_leaks(server), 10), engine_leaks(server)
@@ -199,7 +204,7 @@ def test_client_gone_mid_upload_leaves_nothing_behind(
                 sock = raw_post(live.base_url, "/v1/chat/completions", body[:2000], len(body))
                 time.sleep(0.05)
                 sock.close()  # 3000 bytes of the body never come
-            events = [line[6:] for line in lines if line.startswith("data: ")]
+            events = sse_events(lines)
         assert events[-1] == "[DONE]"
         assert json.loads(events[-2])["choices"][0]["finish_reason"] == "length"
         assert http.post("/v1/chat/completions", json=chat(max_tokens=2)).status_code == 200
@@ -240,7 +245,7 @@ def test_body_that_stops_arriving_gets_408_and_a_slow_one_is_served(server: Mode
                 lines = stream.iter_lines()
                 assert next(lines).startswith("data: ")
                 time.sleep(3 * timeout)  # the body is in: no read timeout while the answer streams
-                events = [line[6:] for line in lines if line.startswith("data: ")]
+                events = sse_events(lines)
             assert events[-1] == "[DONE]"
 
             # Slow but steady: every piece arrives within the timeout, so the request is served.
@@ -336,7 +341,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_serves_on(
                 waiting.start()
                 assert wait_until(lambda: server.stats()["num_requests_waiting"] == 1, 10)
                 faults.remaining = 1
-                events = [line[6:] for line in lines if line.startswith("data: ")]
+                events = sse_events(lines)
             assert events[-1] == "[DONE]"
             error = json.loads(events[-2])["error"]
             assert error["code"] == "engine_error" and "injected step failure" in error["message"]

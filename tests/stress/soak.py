@@ -13,8 +13,8 @@ the Retry-After second, to keep the pressure at twice capacity.
 
 Checked while it runs: every answer is a complete success, a 400 for the corrupt image, or a 503 with
 Retry-After that came at once (never a 500, never a stream cut short by the server). Checked at the end,
-once the clients are gone: no KV block held, no request left in the engine, no asyncio task, file descriptor
-or engine thread more than before the load, and resident memory flat between the middle and the end of the
+once the clients are gone: no KV block held, no request left in the engine, no asyncio task or file
+descriptor more than before the load, and resident memory flat between the middle and the end of the
 run. Loopback only; bounded by its duration.
 
 tests/test_reliability.py runs this same code for ~20 s; the `LiveServer` harness is shared with it.
@@ -257,11 +257,15 @@ def _chat(content: Any, **fields: Any) -> dict[str, Any]:
 
 
 class _Rejected(Exception):
-    pass
+    """A proper 503 + Retry-After: the client retries."""
+
+
+class _Failed(Exception):
+    """Anything else but 200 (already recorded as a problem): counted apart from the refusals."""
 
 
 async def _check_status(r: httpx.Response, started: float, report: SoakReport) -> None:
-    """Raise _Rejected for a proper 503; record anything that is neither that nor 200."""
+    """Raise _Rejected for a proper 503; record anything else but 200 as a problem and raise _Failed."""
     if r.status_code == 503:
         await r.aread()
         report.reject_latency_ms[math.ceil((time.monotonic() - started) * 1000)] += 1
@@ -271,7 +275,7 @@ async def _check_status(r: httpx.Response, started: float, report: SoakReport) -
     if r.status_code != 200:
         await r.aread()
         report.problem(f"unexpected {r.status_code}: {r.text[:300]}")
-        raise _Rejected
+        raise _Failed
 
 
 async def _one_request(http: httpx.AsyncClient, rng: random.Random, report: SoakReport) -> str:
@@ -342,6 +346,8 @@ async def _client(base_url: str, stop_at: float, rng: random.Random, report: Soa
                 report.outcomes[await _one_request(http, rng, report)] += 1
             except _Rejected:
                 report.outcomes["rejected"] += 1
+            except _Failed:
+                report.outcomes["failed"] += 1
                 await asyncio.sleep(rng.uniform(0.001, 0.02))
             except Exception as e:  # a transport error the server caused: a dropped connection
                 report.problem(f"client error: {type(e).__name__}: {e}")
