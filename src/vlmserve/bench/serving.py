@@ -416,7 +416,7 @@ async def run_benchmark(config: BenchConfig, *, progress: bool = True) -> BenchR
         # allocator growth, compilation) are paid at the batch sizes the run will see.
         warmup_results = await closed_loop(
             warmup,
-            min(config.max_in_flight, len(warmup)),
+            config.max_in_flight,  # closed_loop starts no more workers than there are bodies
             math.inf,
             lambda body: send_request(client, config, body, headers),
         )
