@@ -630,6 +630,21 @@ async def test_each_redirect_hop_is_vetted_again(server: ImageServer) -> None:
     assert [path for path, _ in server.requests if path == "/img.png"] == []
 
 
+async def test_a_redirect_is_followed_once_its_target_is_allowed_too(server: ImageServer) -> None:
+    """The other half of the test above: exempting the redirect's target as well, or the private network,
+    lets the same redirect through."""
+    target = server.url("/img.png", "127.0.0.1")
+    redirect = server.url(f"/redirect?to={urllib.parse.quote(target, safe='')}", "localhost")
+    for config in (
+        MediaConfig(allowed_media_domains=("localhost", "127.0.0.1")),
+        MediaConfig(allow_private_network=True),
+    ):
+        async with MediaLoader(config) as loader:
+            assert (await loader.load_image(redirect, 0)).size == (8, 6)
+    hosts = [headers["Host"] for path, headers in server.requests if path == "/img.png"]
+    assert hosts == [f"127.0.0.1:{server.port}"] * 2  # fetched from the target, once per configuration
+
+
 async def test_http_errors(server: ImageServer) -> None:
     async with MediaLoader(private_ok(fetch_timeout_s=0.3)) as allowed:
         assert "HTTP 404 Not Found" in (await load_error(allowed, server.url("/missing"))).reason

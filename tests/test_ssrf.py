@@ -13,7 +13,6 @@ import io
 import ipaddress
 import socket
 import threading
-import urllib.parse
 from collections.abc import AsyncIterator, Iterable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -207,8 +206,7 @@ async def client(backend: RecordingBackend) -> AsyncIterator[PinnedAsyncClient]:
 
 
 class LoopbackServer:
-    """Serves a PNG for any path on a loopback address (and a 302 to URL for /redirect?to=URL), and records
-    the requests' Host headers."""
+    """Serves a PNG for any path on a loopback address and records the requests' Host headers."""
 
     PNG = io.BytesIO()
     Image.new("RGB", (3, 2), (1, 2, 3)).save(PNG, "PNG")
@@ -223,12 +221,6 @@ class LoopbackServer:
 
             def do_GET(self) -> None:
                 owner.hosts.append(self.headers["Host"])
-                if self.path.startswith("/redirect?to="):
-                    self.send_response(302)
-                    self.send_header("Location", urllib.parse.unquote(self.path.partition("=")[2]))
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
                 body = LoopbackServer.PNG.getvalue()
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(body)))
@@ -380,27 +372,6 @@ async def test_private_hosts_pass_vetting_only_with_an_option(host: str) -> None
         assert vetted.addresses  # what the transport would connect to; no connection made here
     with pytest.raises(MediaError):
         await vet_host(host, 80, MediaConfig(allowed_media_domains=("images.internal",)))
-
-
-async def test_a_redirect_to_a_private_address_needs_an_option_for_its_target(
-    server_v4: LoopbackServer, client: PinnedAsyncClient
-) -> None:
-    target = f"http://127.0.0.1:{server_v4.port}/cat.png"
-    url = f"http://localhost:{server_v4.port}/redirect?to={urllib.parse.quote(target, safe='')}"
-    # Exempting the first host does not exempt where it redirects to ...
-    async with MediaLoader(MediaConfig(allowed_media_domains=("localhost",)), http_client=client) as loader:
-        with pytest.raises(MediaError) as caught:
-            await loader.load_image(url, 0)
-    assert "redirected to" in caught.value.reason and "loopback" in caught.value.reason
-    assert len(server_v4.hosts) == 1  # the redirect was served; its target was never asked for
-    # ... exempting the target too, or the private network, does.
-    for config in [
-        MediaConfig(allowed_media_domains=("localhost", "127.0.0.1")),
-        MediaConfig(allow_private_network=True),
-    ]:
-        async with MediaLoader(config, http_client=client) as loader:
-            assert (await loader.load_image(url, 0)).size == (3, 2)
-    assert server_v4.hosts[1:] == [f"localhost:{server_v4.port}", f"127.0.0.1:{server_v4.port}"] * 2
 
 
 def test_domain_patterns() -> None:
