@@ -39,10 +39,12 @@ def _oracle(llm: LLM, request, max_tokens: int) -> list[int]:
     )
 
 
-@pytest.fixture(scope="module")
-def tight_llm(tiny_checkpoint: Path) -> LLM:
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def tight_llm(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> LLM:
     # A small token budget forces chunked prefill; 34 blocks of 16 tokens cannot hold 18 requests of
-    # ~60-200 tokens at once (34 blocks), which forces preemption and recompute.
+    # ~60-200 tokens at once (34 blocks), which forces preemption and recompute. Every test runs with the
+    # step loop synchronous and asynchronous (each step queued before the previous one's tokens are read,
+    # as on a GPU), where a request can be preempted or stopped while a token of it is still pending.
     return LLM(
         str(tiny_checkpoint),
         max_model_len=256,
@@ -50,6 +52,7 @@ def tight_llm(tiny_checkpoint: Path) -> LLM:
         max_num_seqs=12,
         num_kv_blocks=34,
         block_size=16,
+        async_scheduling=request.param,
     )
 
 

@@ -48,7 +48,7 @@ def test_paged_decode_matches_torch(hq: int, hkv: int, dim: int, dtype: torch.dt
         assert err < (2e-2 if dtype != torch.float32 else 5e-3), (n, err)  # tl.dot runs fp32 as tf32
 
 
-def test_cuda_graph_decode_matches_eager_engine(tmp_path: Path) -> None:
+def test_cuda_graph_decode_and_async_loop_match_the_eager_sync_engine(tmp_path: Path) -> None:
     from tests.conftest import random_image
     from vlmserve.engine.sampling_params import SamplingParams
     from vlmserve.llm import LLM
@@ -59,26 +59,91 @@ def test_cuda_graph_decode_matches_eager_engine(tmp_path: Path) -> None:
         preset="tiny",
         text={"hidden_size": 128, "num_attention_heads": 2, "mrope_section": [8, 12, 12]},
     )
-    params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    seeded = SamplingParams(temperature=1.0, top_p=0.9, seed=3, max_tokens=24, ignore_eos=True)
     prompts = [
         ("Hello there, tell me about it", []),
         ("<|vision_start|><|image_pad|><|vision_end|>What?", [random_image(60, 40)]),
+        ("Once upon a time " * 6, []),
     ]
     outs = {}
-    for eager in (True, False):
+    # A 48-token budget splits the longer prompts into chunks that share steps with other requests'
+    # decodes: mixed eager steps whose decode rows read a token still on the device (async loop).
+    for eager, asyn in ((True, False), (False, False), (True, True), (False, True)):
         llm = LLM(
             str(ckpt),
             dtype="float32",
             device="cuda",
             enforce_eager=eager,
+            async_scheduling=asyn,
             max_model_len=2048,
             max_num_seqs=8,
+            max_num_batched_tokens=48,
             num_kv_blocks=1024,
         )
         assert (llm.engine.runner.graphs is None) == eager
-        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts * 3, params)]
+        assert llm.engine.async_scheduling == asyn
+        requests = [
+            llm.make_request(text, images, params)
+            for params in (greedy, seeded)
+            for text, images in prompts * 2
+        ]
+        outs[eager, asyn] = [o.outputs[0].token_ids for o in llm.run(requests)]
         del llm
-    assert outs[True] == outs[False]
+    assert outs[False, False] == outs[True, False]
+    assert outs[True, True] == outs[True, False]
+    assert outs[False, True] == outs[True, False]
+
+
+def test_mixed_step_triton_attention_matches_torch() -> None:
+    """Prefill chunks (with and without cached history) and decodes in one batch, against the torch path."""
+    from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
+    from vlmserve.runner.triton_attention import TritonPagedAttention
+
+    torch.manual_seed(0)
+    hq, hkv, dim, page, num_blocks = 28, 4, 128, 16, 600
+    dtype = torch.bfloat16
+    shape = (num_blocks, page, hkv, dim)
+    caches = [
+        (torch.randn(shape, device="cuda", dtype=dtype), torch.randn(shape, device="cuda", dtype=dtype))
+    ]
+    # (cached tokens, new tokens): decodes at several lengths, a fresh prefill, a chunk after a prefix.
+    rows = [(0, 37), (1299, 1), (15, 1), (300, 64), (2048, 1), (0, 1)]
+    perm = (torch.randperm(num_blocks - 1) + 1).tolist()
+    tables, used = [], 0
+    for cached, new in rows:
+        nb = -(-(cached + new) // page)
+        tables.append(perm[used : used + nb])
+        used += nb
+    width = max(len(t) for t in tables)
+    bt = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = torch.tensor(t)
+    slots = torch.cat(
+        [
+            bt[i, torch.arange(c, c + n) // page] * page + torch.arange(c, c + n) % page
+            for i, (c, n) in enumerate(rows)
+        ]
+    )
+    meta = PagedAttentionMetadata(
+        slot_mapping=slots.cuda(),
+        query_lens=[n for _, n in rows],
+        seq_lens=[c + n for c, n in rows],
+        block_tables=bt.cuda(),
+        decode_rows=[i for i, (_, n) in enumerate(rows) if n == 1],
+        prefill_rows=[i for i, (_, n) in enumerate(rows) if n > 1],
+    )
+    total = sum(n for _, n in rows)
+    q = torch.randn(total, hq, dim, device="cuda", dtype=dtype)
+    k = torch.randn(total, hkv, dim, device="cuda", dtype=dtype)
+    v = torch.randn_like(k)
+    scale = dim**-0.5
+    ref_caches = [(a.clone(), b.clone()) for a, b in caches]
+    ref = TorchPagedAttention(ref_caches, meta, scale)(0, q, k, v)
+    got = TritonPagedAttention(caches, meta, scale)(0, q, k, v)
+    assert torch.equal(caches[0][0], ref_caches[0][0]) and torch.equal(caches[0][1], ref_caches[0][1])
+    err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
+    assert err < 2e-2, err
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])

@@ -306,16 +306,16 @@ class StepFaults:
 
     def __init__(self, server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
         runner = server.engine.core.runner
-        self._execute = runner.execute
+        self._launch = runner.launch
         self.remaining: int | None = 0
-        monkeypatch.setattr(runner, "execute", self._maybe_fail)
+        monkeypatch.setattr(runner, "launch", self._maybe_fail)
 
     def _maybe_fail(self, *args: Any, **kwargs: Any) -> Any:
         if self.remaining is None or self.remaining > 0:
             if self.remaining is not None:
                 self.remaining -= 1
             raise RuntimeError("injected step failure")
-        return self._execute(*args, **kwargs)
+        return self._launch(*args, **kwargs)
 
 
 def test_a_failed_step_fails_only_its_requests_and_the_engine_serves_on(

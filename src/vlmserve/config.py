@@ -49,6 +49,11 @@ class EngineArgs(BaseModel):
     )
     seed: int = 0
     enforce_eager: bool = False
+    async_scheduling: bool | None = Field(
+        None,
+        description="queue each step while the previous one runs (host work overlaps the GPU); "
+        "default: on for CUDA, off on CPU",
+    )
     trust_remote_code: bool = Field(False, description="accepted for vLLM compatibility; never needed")
 
     @field_validator("limit_mm_per_prompt", "mm_processor_kwargs", mode="before")
@@ -114,3 +119,4 @@ class EngineConfig:
     max_queued_requests: int | None = None
     seed: int = 0
     enforce_eager: bool = False
+    async_scheduling: bool = False

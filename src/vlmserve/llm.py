@@ -74,6 +74,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         max_queued_requests=args.max_queued_requests,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
+        async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
     )
 
 

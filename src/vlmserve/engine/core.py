@@ -1,6 +1,16 @@
-"""The engine core: one synchronous step loop over the scheduler, the model runner and the detokenizers.
+"""The engine core: one step loop over the scheduler, the model runner and the detokenizers.
 
-    step():  schedule -> runner.execute -> scheduler.update_from_output -> detokenize -> deltas
+    step():  schedule -> runner.launch -> scheduler.update_from_output -> detokenize -> deltas
+
+With asynchronous scheduling (the default on a GPU) a step is one step ahead of its outputs:
+
+    step():  schedule N+1 -> runner.launch N+1 (queued behind N) -> wait for N -> update, detokenize N
+
+so the host's work for one step (scheduling, input building, detokenizing, stop checks) runs while the GPU
+computes the other, instead of leaving the GPU idle between steps. A token sampled by N reaches N+1's inputs
+on the device. What that costs: a request that stops on a token's value (eos, stop id, stop string) has
+one extra row computed and dropped. Requests whose sampling needs their full history (penalties, min_tokens)
+make the loop wait for N before scheduling N+1.
 
 Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It runs on the
 engine thread (see async_engine.py); it never touches asyncio or HTTP.
@@ -20,10 +30,10 @@ from vlmserve.engine.detokenizer import IncrementalDetokenizer
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 from vlmserve.engine.request import Request, RequestStatus, requests_from_engine_request
-from vlmserve.engine.scheduler import Scheduler, SchedulerConfig
+from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.runner.model_runner import ModelRunner, SampledToken, kv_bytes_per_block
+from vlmserve.runner.model_runner import ModelRunner, SampledToken, StepOutput, kv_bytes_per_block
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +101,8 @@ class EngineCore:
         self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
         self._children: dict[str, list[str]] = {}  # caller's request id -> scheduler request ids
         self._last_scheduled: list[str] = []
+        self.async_scheduling = config.async_scheduling
+        self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None  # launched, not yet applied
         self._tokens_generated = 0
         self._prompt_tokens_computed = 0
         self._started = time.monotonic()
@@ -148,14 +160,54 @@ class EngineCore:
         return request_id not in self._children
 
     def has_unfinished_requests(self) -> bool:
+        # A step still in flight with no unfinished request left only holds rows to drop; the next step
+        # (whenever it comes) waits for it.
         return self.scheduler.has_unfinished_requests()
 
     # --- the step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[CompletionDelta]:
+        if not self.async_scheduling:
+            sched = self.scheduler.schedule()
+            self._last_scheduled = [s.request.request_id for s in sched.scheduled]
+            return self._apply(sched, self.runner.launch(sched))
+        deltas: list[CompletionDelta] = []
+        prev = self._in_flight
+        if prev is not None and self._needs_known_tokens():
+            self._in_flight = None
+            deltas = self._apply(*prev)
+            prev = None
         sched = self.scheduler.schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
-        sampled = self.runner.execute(sched)
+        if prev is not None:
+            self._last_scheduled += [s.request.request_id for s in prev[0].scheduled]
+        # Launched before `prev` is applied: applying it may free blocks that this step's inputs name.
+        self._in_flight = (sched, self.runner.launch(sched, prev[1] if prev is not None else None))
+        if prev is not None:
+            deltas += self._apply(*prev)
+        if not sched.scheduled:
+            # Nothing was queued: nothing to wait for next step either.
+            self._in_flight = None
+            deltas += self._apply(sched, StepOutput([]))
+        return deltas
+
+    def _needs_known_tokens(self) -> bool:
+        """Whether a request with a token still being sampled needs its value to sample its next one."""
+        for req in self.scheduler.running:
+            if req.num_pending_tokens:
+                p = req.sampling_params
+                if (
+                    p.min_tokens
+                    or p.repetition_penalty != 1.0
+                    or p.frequency_penalty != 0.0
+                    or p.presence_penalty != 0.0
+                ):
+                    return True
+        return False
+
+    def _apply(self, sched: SchedulerOutput, out: StepOutput) -> list[CompletionDelta]:
+        """Wait for a launched step's tokens; update the scheduler and detokenize."""
+        sampled = out.result()
         for s in sched.scheduled:
             if s.request.num_output_tokens == 0:
                 self._prompt_tokens_computed += s.num_tokens
@@ -226,10 +278,14 @@ class EngineCore:
     # --- faults ----------------------------------------------------------------------------------------------
 
     def fail_scheduled(self, message: str) -> list[CompletionDelta]:
-        """Finish the requests of the step that failed with an error; the rest keep running."""
-        return self._fail([rid for rid in self._last_scheduled if rid in self._choices], message)
+        """Finish the requests of the step that failed with an error (and of the step in flight with it);
+        the rest keep running."""
+        self._in_flight = None
+        rids = dict.fromkeys(rid for rid in self._last_scheduled if rid in self._choices)
+        return self._fail(list(rids), message)
 
     def fail_all(self, message: str) -> list[CompletionDelta]:
+        self._in_flight = None
         return self._fail(list(self._choices), message)
 
     def _fail(self, rids: list[str], message: str) -> list[CompletionDelta]:

@@ -74,6 +74,9 @@ class Request:
     all_token_ids: list[int] = field(init=False, repr=False)
     # Tokens whose KV is (or, once the scheduled step has run, will be) in this request's blocks.
     num_computed_tokens: int = field(default=0, init=False)
+    # Sampled by a step that is still running (asynchronous scheduling): the token exists but its id is not
+    # known on the host yet. 0 or 1; the next step computes its KV from the id on the device.
+    num_pending_tokens: int = field(default=0, init=False)
     block_ids: list[int] = field(default_factory=list, init=False, repr=False)  # the block table
     # Prefix-cache hashes of this request's full blocks, computed lazily by the KV cache manager; they stay
     # valid across preemption because tokens never change once known.

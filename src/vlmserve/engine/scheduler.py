@@ -13,6 +13,12 @@ A step is `out = schedule()`, then the runner executes `out`, then `update_from_
 `schedule()` advances `num_computed_tokens` of every scheduled request right away (as vLLM v1 does); the runner
 reads the span from `ScheduledRequest.start` / `.num_tokens`. Call `add_request` / `finish_request` between
 steps, not between `schedule()` and `update_from_output()`.
+
+Asynchronous scheduling: the next step may be scheduled before the previous one's `update_from_output`. A
+request that samples in a step holds a pending token until its update (`num_pending_tokens`); the next
+schedule counts it as known, so the request decodes it (the runner takes its id from the device), and a
+request whose pending token must end it by length is not scheduled again. A stop that depends on the token's
+value (eos, stop ids, stop strings) is found one step late: the extra step's row is computed and dropped.
 """
 
 from __future__ import annotations
@@ -198,11 +204,17 @@ class Scheduler:
 
         # 1. Running requests, in admission order. A prefill chunk leaves one token for every decode behind
         # it, so decodes are never stalled by a long prompt (chunks are otherwise only limited by budget).
-        decodes_behind = sum(1 for r in self.running if r.num_tokens - r.num_computed_tokens == 1)
+        decodes_behind = sum(1 for r in self.running if _remaining(r) == 1)
         i = 0
         while i < len(self.running) and budget > 0:
             req = self.running[i]
-            remaining = req.num_tokens - req.num_computed_tokens
+            remaining = _remaining(req)
+            if req.num_pending_tokens and self._ends_by_length(req):
+                # Its pending token is its last: nothing more to compute (its update finishes it).
+                if remaining == 1:
+                    decodes_behind -= 1
+                i += 1
+                continue
             if remaining == 1:
                 decodes_behind -= 1
                 num_tokens = 1
@@ -217,7 +229,7 @@ class Scheduler:
             scheduled = True
             while not self.kv.allocate_slots(req, num_tokens):
                 victim = self.running.pop()  # the lowest priority: later than req, or req itself
-                if victim is not req and victim.num_tokens - victim.num_computed_tokens == 1:
+                if victim is not req and _remaining(victim) == 1:
                     decodes_behind -= 1
                 self._preempt(victim)
                 out.preempted_request_ids.append(victim.request_id)
@@ -326,9 +338,19 @@ class Scheduler:
     def _schedule_tokens(self, req: Request, num_tokens: int, out: SchedulerOutput) -> int:
         start = req.num_computed_tokens
         req.num_computed_tokens = start + num_tokens
-        sample = req.num_computed_tokens == req.num_tokens
+        sample = req.num_computed_tokens == req.num_tokens + req.num_pending_tokens
+        if sample:
+            req.num_pending_tokens += 1
         out.scheduled.append(ScheduledRequest(req, start, num_tokens, sample))
         return num_tokens
+
+    def _ends_by_length(self, req: Request) -> bool:
+        """Whether the request's known and pending tokens already reach max_tokens or max_model_len."""
+        max_tokens = req.sampling_params.max_tokens
+        n = req.num_pending_tokens
+        return (max_tokens is not None and req.num_output_tokens + n >= max_tokens) or (
+            req.num_tokens + n >= self.config.max_model_len
+        )
 
     def _preempt(self, req: Request) -> None:
         self.kv.free(req)
@@ -344,14 +366,19 @@ class Scheduler:
     def update_from_output(self, output: SchedulerOutput, sampled: Mapping[str, int]) -> list[Request]:
         """Apply one executed step: append sampled tokens, cache the now-computed full blocks, release passed
         images, finish requests that hit a stop condition (their blocks are freed, status and stop_reason set).
-        Returns the requests that got a new token, finished or not, for detokenization."""
+        Returns the requests that got a new token, finished or not, for detokenization.
+
+        With asynchronous scheduling, a later step has been scheduled already: a request may have been
+        preempted since (its token still counts) or finished (nothing of this step counts)."""
         updated: list[Request] = []
         for scheduled in output.scheduled:
             req = scheduled.request
-            if req.status is not RequestStatus.RUNNING:
+            if req.status is RequestStatus.RUNNING:
+                # Only blocks whose token ids are all known get a prefix-cache hash.
+                self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+                self._release_passed_images(req)
+            elif req.status is not RequestStatus.PREEMPTED:
                 continue  # finished by finish_request after schedule(); its blocks are already gone
-            self.kv.cache_full_blocks(req, req.num_computed_tokens)
-            self._release_passed_images(req)
             if not scheduled.sample:
                 continue
             token = sampled.get(req.request_id)
@@ -359,11 +386,12 @@ class Scheduler:
                 raise KeyError(
                     f"the runner returned no token for request {req.request_id!r}, scheduled to sample"
                 )
+            req.num_pending_tokens -= 1
             req.append_output_token(token)
             updated.append(req)
             status = self._check_stop(req, token)
             if status is not None:
-                self.running.remove(req)
+                (self.running if req.status is RequestStatus.RUNNING else self.waiting).remove(req)
                 self._finish(req, status)
         return updated
 
@@ -447,3 +475,8 @@ class Scheduler:
             num_preemptions=self.num_preemptions,
             encoder_cache_usage=self.encoder_cache.usage,
         )
+
+
+def _remaining(req: Request) -> int:
+    """Tokens the request has (known or pending) whose KV is not computed (or scheduled) yet."""
+    return req.num_tokens + req.num_pending_tokens - req.num_computed_tokens

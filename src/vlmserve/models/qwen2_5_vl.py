@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.models.layers.activation import silu_and_mul
-from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups, varlen_attention
+from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups, to_device, varlen_attention
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary, inverse_frequencies
 
@@ -250,11 +250,11 @@ def vision_layout(grids: list[tuple[int, int, int]], cfg: VisionConfig, device: 
     widx = torch.cat(window_index)
     pos_hw = torch.cat(pos).view(-1, unit, 2)[widx].view(-1, 2)
     return VisionLayout(
-        window_index=widx.to(device),
-        reverse_index=torch.argsort(widx).to(device),
+        window_index=to_device(widx, device),
+        reverse_index=to_device(torch.argsort(widx), device),
         windows=VarlenGroups.from_lengths(torch.cat(window_lens).tolist(), device),
         images=VarlenGroups.from_lengths(frame_lens, device),
-        pos_hw=pos_hw.to(device),
+        pos_hw=to_device(pos_hw, device),
     )
 
 

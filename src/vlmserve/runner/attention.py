@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlmserve.models.layers.attention import causal_attention
+from vlmserve.models.layers.attention import causal_attention, to_device
 
 
 @dataclass
@@ -36,21 +36,41 @@ class TorchPagedAttention:
         self.meta = meta
         self.scale = scale
         m = meta
+        self._decode_mask: torch.Tensor | None = None
         self.q_starts = [0]
         for n in m.query_lens:
             self.q_starts.append(self.q_starts[-1] + n)
         if m.decode_rows:
             dev = m.block_tables.device
-            rows = torch.tensor(m.decode_rows, device=dev)
-            self.decode_q_index = torch.tensor([self.q_starts[r] for r in m.decode_rows], device=dev)
-            lens = torch.tensor([m.seq_lens[r] for r in m.decode_rows], device=dev)
-            max_len = int(lens.max())
+            # Built from the host lists (never read back from the device): on a GPU, this runs while the
+            # previous step may still be executing.
+            lens_host = [m.seq_lens[r] for r in m.decode_rows]
+            self.decode_max_len = max(lens_host)
             block_size = kv_caches[0][0].shape[1]
-            n_blocks = -(-max_len // block_size)
-            self.decode_tables = m.block_tables[rows, :n_blocks]  # (Bd, nb)
-            self.decode_max_len = max_len
+            self.decode_q_index = to_device(torch.tensor([self.q_starts[r] for r in m.decode_rows]), dev)
+            self.decode_lens = to_device(torch.tensor(lens_host, dtype=torch.int32), dev)
+            rows = to_device(torch.tensor(m.decode_rows), dev)
+            self.decode_tables = m.block_tables[rows, : -(-self.decode_max_len // block_size)]  # (Bd, nb)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        """Attention of the decode rows (one new token each): (Bd, Hq, D)."""
+        _, _, hkv, dim = k_cache.shape
+        hq = q.shape[1]
+        bd = len(self.meta.decode_rows)
+        # Grouped-query attention without copying K/V per query head: query head h reads KV head
+        # h // (hq // hkv), so the group's query heads become the query rows of one call per KV head.
+        qd = q[self.decode_q_index].view(bd, hkv, hq // hkv, dim)  # (Bd, Hkv, G, D)
+        # index_select, not advanced indexing: the same gather, several times faster on CPU.
+        tables = self.decode_tables.flatten()
+        kd = k_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+        vd = v_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+        kd, vd = (t.transpose(1, 2).to(q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
+        if self._decode_mask is None:  # once per forward, not per layer
             # (Bd, 1, 1, S) key mask: positions past each sequence's length are padding.
-            self.decode_mask = (torch.arange(max_len, device=dev)[None, :] < lens[:, None])[:, None, None, :]
+            pos = torch.arange(self.decode_max_len, device=q.device)
+            self._decode_mask = (pos[None, :] < self.decode_lens[:, None])[:, None, None, :]
+        od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self._decode_mask, scale=self.scale)
+        return od.reshape(bd, hq, dim)
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]  # (N, bs, Hkv, D)
@@ -66,16 +86,5 @@ class TorchPagedAttention:
             vs = v_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
             out[s:e] = causal_attention(q[s:e], ks.to(q.dtype), vs.to(q.dtype), self.scale)
         if m.decode_rows:
-            hq = q.shape[1]
-            bd = len(m.decode_rows)
-            # Grouped-query attention without copying K/V per query head: query head h reads KV head
-            # h // (hq // hkv), so the group's query heads become the query rows of one call per KV head.
-            qd = q[self.decode_q_index].view(bd, hkv, hq // hkv, dim)  # (Bd, Hkv, G, D)
-            # index_select, not advanced indexing: the same gather, several times faster on CPU.
-            tables = self.decode_tables.flatten()
-            kd = k_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-            vd = v_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-            kd, vd = (t.transpose(1, 2).to(q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
-            od = F.scaled_dot_product_attention(qd, kd, vd, attn_mask=self.decode_mask, scale=self.scale)
-            out[self.decode_q_index] = od.reshape(bd, hq, dim)
+            out[self.decode_q_index] = self._decode(q, k_cache, v_cache)
         return out

@@ -1,25 +1,33 @@
 """The model runner: the one place that turns scheduled work into tensors.
 
 Owns the model, the paged KV cache, the vision-encoder output cache and per-request sampling state (seeded
-generators). Each `execute(scheduler_output)` encodes the images the scheduler asked for, packs every
+generators). Each `launch(scheduler_output)` encodes the images the scheduler asked for, packs every
 scheduled request's new tokens into one batch (token ids, multimodal positions, KV slots, image rows),
 runs one forward, and samples for the requests whose prompt is complete. It does not decide what runs.
+
+On a GPU nothing in `launch` waits for the device: it queues the step's work and returns a `StepOutput`
+whose `result()` waits for that step only. The next step can then be prepared and queued while this one
+runs; a token it needs that is still being sampled (a request's pending token) is read on the device from
+the previous step's `StepOutput`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from vlmserve.engine.request import Request
 from vlmserve.engine.scheduler import SchedulerOutput
+from vlmserve.models.layers.attention import to_device
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
-from vlmserve.runner.sampler import Sampler, build_sampling_batch, make_generator
+from vlmserve.runner.sampler import SampledBatch, Sampler, build_sampling_batch, make_generator
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +39,33 @@ class SampledToken:
     top_logprobs: list[tuple[int, float]] | None = None
 
 
+@dataclass
+class StepOutput:
+    """What one launched step samples, possibly still being computed on the device."""
+
+    request_ids: list[str]  # the requests that sample, in row order
+    sampled: SampledBatch | None = None  # None when no request samples
+
+    def rows(self) -> dict[str, int]:
+        return {rid: i for i, rid in enumerate(self.request_ids)}
+
+    def result(self) -> dict[str, SampledToken]:
+        """The sampled tokens by request id; waits for this step's work on the device."""
+        if self.sampled is None:
+            return {}
+        out = self.sampled.output()
+        result: dict[str, SampledToken] = {}
+        for i, rid in enumerate(self.request_ids):
+            lp = out.logprobs[i] if out.logprobs is not None else None
+            top = out.top_logprobs[i] if out.top_logprobs is not None else None
+            result[rid] = SampledToken(out.token_ids[i], lp, top)
+        return result
+
+
+# An input token id not known on the host yet: sampled by the step still running, read on the device.
+PENDING = -1
+
+
 # On CPU, a small model's steps of at most this many tokens run on one thread (ModelRunner._set_cpu_threads);
 # the others on torch's thread count as the process started (read once here: a runner made after another one
 # switched to one thread must not take that for the machine's size).
@@ -40,6 +75,8 @@ CPU_THREADS = torch.get_num_threads()
 # thread synchronisation than they gain. A real checkpoint's decode step streams gigabytes of weights and
 # needs every core's memory bandwidth, so it keeps all threads.
 SMALL_CPU_MODEL_BYTES = 64 * 2**20
+# Attention kernels the GPU path may use (see ModelRunner.launch for why not cuDNN's).
+GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def kv_bytes_per_block(model: Qwen2_5_VLForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
@@ -96,7 +133,7 @@ class ModelRunner:
         if not todo:
             return
         imgs = list(todo.values())
-        patches = torch.cat([img.data[0] for img in imgs]).to(self.device, self.dtype)
+        patches = to_device(torch.cat([img.data[0] for img in imgs]), self.device).to(self.dtype)
         grids = [tuple(img.data[1]) for img in imgs]
         for img, emb in zip(imgs, self.model.encode_images(patches, grids), strict=True):
             if emb.shape[0] != img.length:
@@ -135,47 +172,87 @@ class ModelRunner:
 
     def _prepare_decode(
         self, sched: SchedulerOutput
-    ) -> tuple[list[int], list[int], list[int], list[list[int]], list[int]] | None:
+    ) -> tuple[list[int], list[int], list[int], list[list[int]], list[int], list[tuple[int, str]]] | None:
         """Inputs of a step where every request computes one text token, built from plain ints (the hot
         path of large decode batches: no per-request tensors). None when the step is anything else."""
         bs = self.block_size
         ids, pos, slots, seq_lens, tables = [], [], [], [], []
-        for s in sched.scheduled:
+        pending: list[tuple[int, str]] = []
+        for row, s in enumerate(sched.scheduled):
             req, i = s.request, s.start
             if s.num_tokens != 1:
                 return None
             mp = req.mrope_positions
             if mp is not None and i < mp.shape[1]:
                 return None  # a one-token prefill chunk: may be an image token or need its 3-D position
-            ids.append(req.all_token_ids[i])
+            if i < len(req.all_token_ids):
+                ids.append(req.all_token_ids[i])
+            else:
+                ids.append(PENDING)
+                pending.append((row, req.request_id))
             pos.append(i + req.mrope_delta)
             slots.append(req.block_ids[i // bs] * bs + i % bs)
             seq_lens.append(i + 1)
             tables.append(req.block_ids)
-        return ids, pos, slots, tables, seq_lens
+        return ids, pos, slots, tables, seq_lens, pending
+
+    def _fill_pending(
+        self, ids: torch.Tensor, pending: list[tuple[int, str]], prev: StepOutput | None
+    ) -> None:
+        """Write the pending tokens' ids (rows of `ids`, on the device) from the step that samples them."""
+        if not pending:
+            return
+        if prev is None or prev.sampled is None:
+            raise RuntimeError("a scheduled token is still pending but no running step samples it")
+        rows = prev.rows()
+        index = to_device(
+            torch.tensor([[dst for dst, _ in pending], [rows[rid] for _, rid in pending]]), self.device
+        )
+        ids[index[0]] = prev.sampled.token_ids[index[1]]
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
+        """Run one step and wait for its tokens."""
+        return self.launch(sched).result()
+
+    @torch.inference_mode()
+    def launch(self, sched: SchedulerOutput, prev: StepOutput | None = None) -> StepOutput:
+        """Queue one step; `prev` is the step still running whose sampled tokens this one may need."""
         for h in sched.free_encoder_hashes:
             self.encoder_cache.pop(h, None)
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
         if not sched.scheduled:
-            return {}
+            return StepOutput([])
         if self.device.type == "cpu":
             self._set_cpu_threads(sched)
+            return self._forward(sched, prev)
+        # cuDNN's fused attention builds an execution plan per input shape (~10 ms of host time each on an
+        # H200), and the vision tower's and mixed steps' shapes change from step to step.
+        with sdpa_kernel(GPU_SDPA_BACKENDS):
+            return self._forward(sched, prev)
+
+    def _forward(self, sched: SchedulerOutput, prev: StepOutput | None) -> StepOutput:
         self._run_encoder(sched)
         if self.graphs is not None:
             decode = self._prepare_decode(sched)
             if decode is not None:
-                logits = self.graphs.run(*decode)
+                *inputs, pending = decode
+                logits = self.graphs.run(
+                    *inputs, fill_pending=lambda ids: self._fill_pending(ids, pending, prev)
+                )
                 if logits is not None:
                     reqs = [s.request for s in sched.scheduled if s.sample]
                     rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-                    return self._sample(logits[rows].float(), reqs) if reqs else {}
+                    if not reqs:
+                        return StepOutput([])
+                    if len(rows) < len(sched.scheduled):
+                        logits = logits[to_device(torch.tensor(rows), self.device)]
+                    return self._sample(logits.float(), reqs)
 
         bs = self.block_size
         token_ids: list[int] = []
+        pending: list[tuple[int, str]] = []
         positions: list[torch.Tensor] = []
         slots: list[torch.Tensor] = []
         query_lens: list[int] = []
@@ -190,6 +267,9 @@ class ModelRunner:
             req, start, n = s.request, s.start, s.num_tokens
             end = start + n
             token_ids.extend(req.all_token_ids[start:end])
+            for i in range(max(start, len(req.all_token_ids)), end):
+                token_ids.append(PENDING)
+                pending.append((flat + i - start, req.request_id))
             positions.append(self._positions(req, start, n))
             table = torch.tensor(req.block_ids, dtype=torch.long)
             idx = torch.arange(start, end)
@@ -208,17 +288,18 @@ class ModelRunner:
                 sample_reqs.append(req)
 
         dev = self.device
-        ids = torch.tensor(token_ids, device=dev)
-        pos = torch.cat(positions, dim=1).to(dev)
+        ids = to_device(torch.tensor(token_ids), dev)
+        self._fill_pending(ids, pending, prev)
+        pos = to_device(torch.cat(positions, dim=1), dev)
         max_blocks = max(len(t) for t in tables)
         block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.long)
         for i, t in enumerate(tables):
             block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         meta = PagedAttentionMetadata(
-            slot_mapping=torch.cat(slots).to(dev),
+            slot_mapping=to_device(torch.cat(slots), dev),
             query_lens=query_lens,
             seq_lens=seq_lens,
-            block_tables=block_tables.to(dev),
+            block_tables=to_device(block_tables, dev),
             decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
             prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
         )
@@ -226,16 +307,23 @@ class ModelRunner:
             mask = torch.zeros(len(token_ids), dtype=torch.bool)
             for a, b in image_spans:
                 mask[a:b] = True
-            x = self.model.embed(ids, torch.cat(image_rows), mask.to(dev))
+            x = self.model.embed(ids, torch.cat(image_rows), to_device(mask, dev))
         else:
             x = self.model.embed(ids)
-        hidden = self.model(x, pos, TorchPagedAttention(self.kv_caches, meta, self.scale))
+        hidden = self.model(x, pos, self._attention(meta))
         if not sample_reqs:
-            return {}
-        logits = self.model.compute_logits(hidden[torch.tensor(sample_index, device=dev)]).float()
+            return StepOutput([])
+        logits = self.model.compute_logits(hidden[to_device(torch.tensor(sample_index), dev)]).float()
         return self._sample(logits, sample_reqs)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> dict[str, SampledToken]:
+    def _attention(self, meta: PagedAttentionMetadata) -> TorchPagedAttention:
+        if self.device.type == "cuda":
+            from vlmserve.runner.triton_attention import TritonPagedAttention
+
+            return TritonPagedAttention(self.kv_caches, meta, self.scale)
+        return TorchPagedAttention(self.kv_caches, meta, self.scale)
+
+    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> StepOutput:
         gens = []
         for r in reqs:
             if r.request_id not in self.generators:
@@ -249,13 +337,7 @@ class ModelRunner:
             self.eos_token_ids,
             self.device,
         )
-        out = self.sampler(logits, batch)
-        result: dict[str, SampledToken] = {}
-        for i, r in enumerate(reqs):
-            lp = out.logprobs[i] if out.logprobs is not None else None
-            top = out.top_logprobs[i] if out.top_logprobs is not None else None
-            result[r.request_id] = SampledToken(out.token_ids[i], lp, top)
-        return result
+        return StepOutput([r.request_id for r in reqs], self.sampler.sample(logits, batch))
 
 
 class CudaGraphDecoder:
@@ -321,8 +403,10 @@ class CudaGraphDecoder:
         slots: list[int],
         tables: list[list[int]],
         seq_lens: list[int],
+        fill_pending: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor | None:
-        """(B, V) logits, or None when the batch is larger than every captured graph."""
+        """(B, V) logits, or None when the batch is larger than every captured graph. `fill_pending` gets
+        the token-id input buffer after the host's ids are copied in, to write the ids still on the device."""
         bsz = len(token_ids)
         size = next((s for s in self.sizes if s >= bsz), None)
         if size is None:
@@ -337,11 +421,17 @@ class CudaGraphDecoder:
         self.slots[bsz:size].zero_()
         self.seq_lens[bsz:size].fill_(1)
         self.tables[bsz:size, :1].zero_()
-        self.ids[:bsz].copy_(torch.tensor(token_ids), non_blocking=True)
-        self.pos[:, :bsz].copy_(torch.tensor(positions).expand(3, -1), non_blocking=True)
-        self.slots[:bsz].copy_(torch.tensor(slots), non_blocking=True)
-        self.tables[:bsz, :width].copy_(torch.from_numpy(table), non_blocking=True)
-        self.seq_lens[:bsz].copy_(torch.tensor(seq_lens, dtype=torch.int32), non_blocking=True)
+        # One pinned host buffer, one copy for the four int64 inputs (from pageable memory a copy may wait
+        # for the queued kernels to finish).
+        packed = torch.tensor([token_ids, positions, slots, seq_lens]).pin_memory()
+        dev = packed.to(self.ids.device, non_blocking=True)
+        self.ids[:bsz].copy_(dev[0])
+        self.pos[:, :bsz].copy_(dev[1].expand(3, -1))
+        self.slots[:bsz].copy_(dev[2])
+        self.seq_lens[:bsz].copy_(dev[3])
+        self.tables[:bsz, :width].copy_(torch.from_numpy(table).pin_memory(), non_blocking=True)
+        if fill_pending is not None:
+            fill_pending(self.ids[:bsz])
         self.graphs[size].replay()
         return self.logits[size][:bsz]
 

@@ -244,6 +244,11 @@ class Sampler:
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
         """Sample one token per row of `logits` (B, V), float32 or bf16; the input is not modified."""
+        return self.sample(logits, batch).output()
+
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledBatch:
+        """As `__call__`, without waiting for the device: the tokens stay on it (to feed the next step) while
+        their copy to the host runs; `.output()` waits for that copy."""
         if logits.dim() != 2 or logits.shape[0] != batch.size:
             raise ValueError(
                 f"Sampler: logits must be (batch, vocab) with batch = {batch.size} rows (one per request "
@@ -259,7 +264,7 @@ class Sampler:
             token_ids = processed.argmax(dim=-1)  # (B,)
         else:
             token_ids = _sample(processed, batch)
-        return _to_output(token_ids, raw_logprobs, batch)
+        return SampledBatch(token_ids, raw_logprobs, batch)
 
 
 def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -325,7 +330,7 @@ def _mask_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> None:
     if not pairs:
         return
     index = _to_device(torch.tensor(pairs, dtype=torch.int64), logits.device)  # (P, 2)
-    logits.index_put_((index[:, 0], index[:, 1]), torch.tensor(float("-inf"), device=logits.device))
+    logits.index_put_((index[:, 0], index[:, 1]), torch.full((), float("-inf"), device=logits.device))
 
 
 def apply_top_k_top_p(
@@ -394,21 +399,57 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(batch.is_greedy, logits.argmax(dim=-1), random_ids)
 
 
+class SampledBatch:
+    """One step's sampled tokens (and logprobs), on their way to the host.
+
+    `token_ids` (B,) stays on the device for the next step's inputs. The device -> host copies start when
+    this is made and run behind the step's kernels; `output()` waits for them (on a GPU, for this step's
+    work only, not for anything queued after it).
+    """
+
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, batch: SamplingBatch):
+        self.token_ids = token_ids
+        self.batch = batch
+        self._sampled_logprobs: torch.Tensor | None = None
+        self._top: tuple[torch.Tensor, torch.Tensor] | None = None
+        if raw_logprobs is not None and batch.max_num_logprobs is not None:
+            asked = token_ids if batch.logprob_rows is None else token_ids.index_select(0, batch.logprob_rows)
+            self._sampled_logprobs = _to_host(raw_logprobs.gather(1, asked.unsqueeze(1)).squeeze(1))  # (R,)
+            if batch.max_num_logprobs > 0:
+                values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)  # (R, K) each, descending
+                self._top = (_to_host(ids), _to_host(values))
+        self._host_ids = _to_host(token_ids)
+        self._ready: torch.cuda.Event | None = None
+        if token_ids.is_cuda:
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+
+    def output(self) -> SamplerOutput:
+        if self._ready is not None:
+            self._ready.synchronize()  # the step's one wait on the device
+        return _to_output(self._host_ids.tolist(), self._sampled_logprobs, self._top, self.batch)
+
+
+def _to_host(t: torch.Tensor) -> torch.Tensor:
+    # non_blocking from a CUDA tensor lands in pinned memory without waiting; valid once the event fires.
+    return t.to("cpu", non_blocking=True) if t.is_cuda else t
+
+
 def _to_output(
-    token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, batch: SamplingBatch
+    tokens: list[int],
+    sampled_logprobs: torch.Tensor | None,
+    top: tuple[torch.Tensor, torch.Tensor] | None,
+    batch: SamplingBatch,
 ) -> SamplerOutput:
-    tokens = token_ids.tolist()  # the step's one device -> host sync
-    if raw_logprobs is None or batch.max_num_logprobs is None:
+    if sampled_logprobs is None:
         return SamplerOutput(token_ids=tokens, logprobs=None, top_logprobs=None)
 
     rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
-    asked_ids = token_ids if batch.logprob_rows is None else token_ids.index_select(0, batch.logprob_rows)
-    sampled = raw_logprobs.gather(1, asked_ids.unsqueeze(1)).squeeze(1).tolist()  # (R,)
+    sampled = sampled_logprobs.tolist()  # (R,)
     top_ids: list[list[int]] = [[] for _ in rows]
     top_values: list[list[float]] = [[] for _ in rows]
-    if batch.max_num_logprobs > 0:
-        values, ids = raw_logprobs.topk(batch.max_num_logprobs, dim=-1)  # (R, K) each, descending
-        top_ids, top_values = ids.tolist(), values.tolist()
+    if top is not None:
+        top_ids, top_values = top[0].tolist(), top[1].tolist()
 
     logprobs: list[float | None] = [None] * batch.size
     top_logprobs: list[list[tuple[int, float]] | None] = [None] * batch.size

@@ -15,6 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
+from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
+
 PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)
 BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
 
@@ -193,4 +195,29 @@ class TritonDecodeAttention:
         v_cache.view(-1, hkv, dim).index_copy_(0, self.slot_mapping, v)
         return paged_decode_attention(
             q, k_cache, v_cache, self.block_tables, self.seq_lens, self.scale, self.num_partitions
+        )
+
+
+class TritonPagedAttention(TorchPagedAttention):
+    """AttentionBackend for the GPU's eager steps (prefill chunks mixed with decodes): the decode rows go
+    through the paged Triton kernel, which reads each history in place instead of gathering every decode
+    row's whole KV into one padded copy per layer; prefill rows run as in the torch backend (flash SDPA)."""
+
+    def __init__(
+        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: PagedAttentionMetadata, scale: float
+    ) -> None:
+        super().__init__(kv_caches, meta, scale)
+        if meta.decode_rows:
+            self.decode_tables_i32 = self.decode_tables.to(torch.int32)
+            self.num_partitions = -(-self.decode_max_len // PARTITION)
+
+    def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
+        return paged_decode_attention(
+            q[self.decode_q_index],
+            k_cache,
+            v_cache,
+            self.decode_tables_i32,
+            self.decode_lens,
+            self.scale,
+            self.num_partitions,
         )

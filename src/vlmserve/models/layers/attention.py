@@ -39,7 +39,15 @@ class VarlenGroups:
         by_len: dict[int, list[int]] = {}
         for start, n in zip(starts, lengths, strict=True):
             by_len.setdefault(n, []).extend(range(start, start + n))
-        return cls([(n, torch.tensor(rows, device=device)) for n, rows in by_len.items()])
+        return cls([(n, to_device(torch.tensor(rows), device)) for n, rows in by_len.items()])
+
+
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """A host tensor on `device` without waiting for the device: a plain `.to(cuda)` from pageable memory
+    synchronises the stream, which would stall the host until every queued kernel has run."""
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def varlen_attention(

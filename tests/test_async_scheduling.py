@@ -1,0 +1,140 @@
+"""Asynchronous scheduling: step N+1 is queued before step N's tokens reach the host.
+
+On a GPU this overlaps the host's work for one step with the device's work for the other. The loop's
+logic is device-independent, so it is checked here on the CPU (where `async_scheduling=True` runs the same
+code path, just without anything to overlap): same outputs as the synchronous loop, for every way a
+request can end, and the order of launches and waits that makes the overlap possible.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import random_image
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.llm import LLM
+from vlmserve.runner.model_runner import StepOutput
+
+
+def _engines(ckpt: Path) -> tuple[LLM, LLM]:
+    kw = dict(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=8, num_kv_blocks=40, block_size=16)
+    return LLM(str(ckpt), async_scheduling=False, **kw), LLM(str(ckpt), async_scheduling=True, **kw)
+
+
+def _requests(llm: LLM) -> list:
+    img = random_image(64, 48, seed=4)
+    text = llm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    )
+    plain = "Tell me about the sea."
+    base = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    # The greedy text decides the stop string and stop token below: both end generation mid-way.
+    greedy = llm.generate([plain], base)[0].outputs[0]
+    stop_str = next(
+        greedy.text[i : i + 2]
+        for i in range(4, len(greedy.text) - 2)
+        if greedy.text[i : i + 2].strip() and "\ufffd" not in greedy.text[i : i + 2]
+    )
+    cases = [
+        ((text, [img]), base),
+        (
+            (plain, []),
+            SamplingParams(temperature=0.9, top_p=0.8, top_k=50, seed=7, max_tokens=16, ignore_eos=True),
+        ),
+        ((text, [img]), SamplingParams(temperature=0, max_tokens=9, logprobs=2, ignore_eos=True)),
+        ((plain, []), SamplingParams(temperature=0, max_tokens=20, ignore_eos=True, stop=[stop_str])),
+        (
+            (plain, []),
+            SamplingParams(
+                temperature=0, max_tokens=20, ignore_eos=True, stop_token_ids=[greedy.token_ids[6]]
+            ),
+        ),
+        # Sampling that needs every earlier token: the loop waits for the pending one first.
+        ((plain, []), SamplingParams(temperature=0, max_tokens=12, repetition_penalty=1.5, ignore_eos=True)),
+        (
+            (plain, []),
+            SamplingParams(temperature=1.0, max_tokens=10, min_tokens=6, seed=3, presence_penalty=0.5),
+        ),
+        ((text, [img]), SamplingParams(n=2, temperature=1.0, seed=11, max_tokens=7, ignore_eos=True)),
+        # The model's own end-of-sequence token: random weights may or may not sample it, either way
+        # the two loops must agree.
+        ((plain, []), SamplingParams(temperature=1.0, seed=5, max_tokens=24)),
+    ]
+    return [
+        llm.make_request(p[0], p[1], params, request_id=f"case-{i}") for i, (p, params) in enumerate(cases)
+    ]
+
+
+def _summary(outputs: list) -> list:
+    return [
+        [
+            (
+                c.token_ids,
+                c.text,
+                c.finish_reason,
+                c.stop_reason,
+                [(lp.token_id, lp.top) for lp in c.logprobs or []],
+            )
+            for c in out.outputs
+        ]
+        for out in outputs
+    ]
+
+
+def test_async_loop_gives_the_sync_loops_outputs(tiny_checkpoint: Path) -> None:
+    sync, asyn = _engines(tiny_checkpoint)
+    expected = _summary(sync.run(_requests(sync)))
+    got = _summary(asyn.run(_requests(asyn)))
+    assert len(got) == len(expected)
+    for i, (g, e) in enumerate(zip(got, expected, strict=True)):
+        for gc, ec in zip(g, e, strict=True):
+            assert gc[:4] == ec[:4], f"case {i}"
+            for (gt, gtop), (et, etop) in zip(gc[4], ec[4], strict=True):
+                assert gt == et
+                assert [t for t, _ in gtop] == [t for t, _ in etop]
+                assert [v for _, v in gtop] == pytest.approx([v for _, v in etop], abs=1e-5)
+    # The stop cases really stopped early, so the async loop had rows to drop.
+    finish = [e[0][2] for e in expected]
+    assert finish[3] == finish[4] == "stop"
+    for llm in (sync, asyn):
+        assert llm.engine.scheduler.kv.num_used_blocks == 0  # the dropped rows' blocks came back too
+
+
+def test_next_step_is_queued_before_the_previous_tokens_are_read(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, llm = _engines(tiny_checkpoint)
+    events: list[tuple[str, int]] = []
+    launched: dict[int, int] = {}  # id(StepOutput) -> step number
+    runner = llm.engine.runner
+    launch = runner.launch
+
+    def traced_launch(sched, prev=None):
+        out = launch(sched, prev)
+        if sched.scheduled:  # (the last call only hands the runner what finished)
+            launched[id(out)] = len(launched)
+            events.append(("launch", launched[id(out)]))
+        return out
+
+    result = StepOutput.result
+
+    def traced_result(self):
+        events.append(("wait", launched.get(id(self), -1)))
+        return result(self)
+
+    monkeypatch.setattr(runner, "launch", traced_launch)
+    monkeypatch.setattr(StepOutput, "result", traced_result)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    out = llm.run([llm.make_request("Count with me", [], params)])
+    assert len(out[0].outputs[0].token_ids) == 6
+    # Step n's tokens are waited for only after step n + 1 is queued; the one request ran 6 steps
+    # (1 prefill + 5 decodes whose input is the previous step's token, still on the device).
+    waits = [(i, n) for i, (kind, n) in enumerate(events) if kind == "wait"]
+    assert len(waits) >= 5
+    for i, n in waits[:5]:
+        assert ("launch", n + 1) in events[:i], events
+    # A length stop is known at scheduling time: no step is queued for a request whose last token is
+    # pending, so the 6 tokens took exactly 6 launched steps.
+    assert sum(1 for kind, _ in events if kind == "launch") == 6
