@@ -109,14 +109,21 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
     events: list[tuple[str, int]] = []
     launched: dict[int, int] = {}  # id(StepOutput) -> step number
     runner = llm.engine.runner
-    launch = runner.launch
+    prepare = runner.prepare
 
-    def traced_launch(sched, prev=None):
-        out = launch(sched, prev)
-        if sched.scheduled:  # (the last call only hands the runner what finished)
-            launched[id(out)] = len(launched)
-            events.append(("launch", launched[id(out)]))
-        return out
+    def traced_prepare(sched, prev=None):
+        step = prepare(sched, prev)
+        run = step.run
+
+        def traced_run():
+            out = run()
+            if sched.scheduled:  # (the last call only hands the runner what finished)
+                launched[id(out)] = len(launched)
+                events.append(("launch", launched[id(out)]))
+            return out
+
+        step.run = traced_run
+        return step
 
     result = StepOutput.result
 
@@ -124,12 +131,12 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
         events.append(("wait", launched.get(id(self), -1)))
         return result(self)
 
-    monkeypatch.setattr(runner, "launch", traced_launch)
+    monkeypatch.setattr(runner, "prepare", traced_prepare)
     monkeypatch.setattr(StepOutput, "result", traced_result)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
     out = llm.run([llm.make_request("Count with me", [], params)])
     assert len(out[0].outputs[0].token_ids) == 6
-    # Step n's tokens are waited for only after step n + 1 is queued; the one request ran 6 steps
+    # Step n's tokens are waited for only after decode step n + 1 is queued; the one request ran 6 steps
     # (1 prefill + 5 decodes whose input is the previous step's token, still on the device).
     waits = [(i, n) for i, (kind, n) in enumerate(events) if kind == "wait"]
     assert len(waits) >= 5

@@ -98,7 +98,7 @@ def test_cuda_graph_decode_and_async_loop_match_the_eager_sync_engine(tmp_path: 
 def test_mixed_step_triton_attention_matches_torch() -> None:
     """Prefill chunks (with and without cached history) and decodes in one batch, against the torch path."""
     from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
-    from vlmserve.runner.triton_attention import TritonPagedAttention
+    from vlmserve.runner.triton_attention import PARTITION, TritonPagedAttention
 
     torch.manual_seed(0)
     hq, hkv, dim, page, num_blocks = 28, 4, 128, 16, 600
@@ -140,7 +140,7 @@ def test_mixed_step_triton_attention_matches_torch() -> None:
     scale = dim**-0.5
     ref_caches = [(a.clone(), b.clone()) for a, b in caches]
     ref = TorchPagedAttention(ref_caches, meta, scale)(0, q, k, v)
-    got = TritonPagedAttention(caches, meta, scale)(0, q, k, v)
+    got = TritonPagedAttention(caches, meta, scale, num_partitions=-(-4096 // PARTITION))(0, q, k, v)
     assert torch.equal(caches[0][0], ref_caches[0][0]) and torch.equal(caches[0][1], ref_caches[0][1])
     err = ((got.float() - ref.float()).norm() / ref.float().norm()).item()
     assert err < 2e-2, err

@@ -179,12 +179,21 @@ class EngineCore:
             prev = None
         sched = self.scheduler.schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
-        if prev is not None:
+        if prev is None:
+            self._in_flight = (sched, self.runner.launch(sched))
+        else:
             self._last_scheduled += [s.request.request_id for s in prev[0].scheduled]
-        # Launched before `prev` is applied: applying it may free blocks that this step's inputs name.
-        self._in_flight = (sched, self.runner.launch(sched, prev[1] if prev is not None else None))
-        if prev is not None:
-            deltas += self._apply(*prev)
+            # Inputs are built before `prev` is applied: applying it may free blocks that they name.
+            step = self.runner.prepare(sched, prev[1])
+            if step.decode_only:
+                # A decode step is cheap to queue: queue it behind `prev`, then do prev's host work meanwhile.
+                self._in_flight = (sched, step.run())
+                deltas += self._apply(*prev)
+            else:
+                # An eager step is thousands of kernel launches; queued behind `prev` they would hold the
+                # host until most of `prev` ran. Hand out prev's tokens first: the GPU waits only for that.
+                deltas += self._apply(*prev)
+                self._in_flight = (sched, step.run())
         if not sched.scheduled:
             # Nothing was queued: nothing to wait for next step either.
             self._in_flight = None

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -64,6 +65,29 @@ class StepOutput:
 
 # An input token id not known on the host yet: sampled by the step still running, read on the device.
 PENDING = -1
+
+
+@dataclass
+class PreparedStep:
+    """A step whose inputs are built; `run()` queues its kernels and returns its `StepOutput`."""
+
+    run: Callable[[], StepOutput]
+    # Every row decodes one token (or there are none): a graph replay, or a few kernels per layer, cheap to
+    # queue behind a running step. Anything else may be thousands of launches (prefill, vision tower).
+    decode_only: bool
+
+
+@dataclass
+class EagerInputs:
+    """An eager step's inputs, on the device, with what to fetch from the encoder cache once it ran."""
+
+    ids: torch.Tensor  # (T,)
+    positions: torch.Tensor  # (3, T)
+    meta: PagedAttentionMetadata
+    image_rows: list[tuple[str, int, int]]  # (mm_hash, first row, end row), in batch order
+    image_mask: torch.Tensor | None  # (T,) bool: the rows image rows replace
+    sample_index: torch.Tensor | None  # rows whose hidden state samples; None when no request samples
+    sample_reqs: list[Request]
 
 
 # On CPU, a small model's steps of at most this many tokens run on one thread (ModelRunner._set_cpu_threads);
@@ -119,21 +143,31 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         self.sampler = Sampler()
         self.graphs: CudaGraphDecoder | None = None
-        if self.device.type == "cuda" and not enforce_eager:
-            self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
+        self.max_partitions = 0  # the Triton decode kernel's partitions for max_model_len (GPU only)
+        if self.device.type == "cuda":
+            from vlmserve.runner.triton_attention import PARTITION
+
+            self.max_partitions = -(-max_model_len // PARTITION)
+            if not enforce_eager:
+                self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
 
     # --- encoder ---------------------------------------------------------------------------------------
 
-    def _run_encoder(self, sched: SchedulerOutput) -> None:
-        todo: dict[str, object] = {}
+    def _encoder_inputs(self, sched: SchedulerOutput) -> tuple[list[Any], torch.Tensor] | None:
+        """The images to encode this step (not cached yet, each once) and their patches, on the device."""
+        todo: dict[str, Any] = {}
         for req, idx in sched.encoder_inputs:
             img = req.images[idx]
             if img.mm_hash not in self.encoder_cache:
                 todo.setdefault(img.mm_hash, img)
         if not todo:
-            return
+            return None
         imgs = list(todo.values())
-        patches = to_device(torch.cat([img.data[0] for img in imgs]), self.device).to(self.dtype)
+        # Each image's patches straight to the device (a host-side cat would copy them once more first).
+        parts = [to_device(img.data[0], self.device) for img in imgs]
+        return imgs, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
+
+    def _encode(self, imgs: list[Any], patches: torch.Tensor) -> None:
         grids = [tuple(img.data[1]) for img in imgs]
         for img, emb in zip(imgs, self.model.encode_images(patches, grids), strict=True):
             if emb.shape[0] != img.length:
@@ -215,41 +249,69 @@ class ModelRunner:
         """Run one step and wait for its tokens."""
         return self.launch(sched).result()
 
-    @torch.inference_mode()
     def launch(self, sched: SchedulerOutput, prev: StepOutput | None = None) -> StepOutput:
         """Queue one step; `prev` is the step still running whose sampled tokens this one may need."""
+        return self.prepare(sched, prev).run()
+
+    @torch.inference_mode()
+    def prepare(self, sched: SchedulerOutput, prev: StepOutput | None = None) -> PreparedStep:
+        """Build one step's inputs (host work and host -> device copies); `.run()` queues its kernels.
+
+        Split so that the engine can build a step's inputs while the previous step runs and still choose
+        when to queue the kernels: a long eager step queued in full would block the host (the launch queue
+        fills up) until most of it ran, delaying the previous step's tokens."""
         for h in sched.free_encoder_hashes:
             self.encoder_cache.pop(h, None)
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
         if not sched.scheduled:
-            return StepOutput([])
+            return PreparedStep(lambda: StepOutput([]), decode_only=True)
         if self.device.type == "cpu":
             self._set_cpu_threads(sched)
-            return self._forward(sched, prev)
-        # cuDNN's fused attention builds an execution plan per input shape (~10 ms of host time each on an
-        # H200), and the vision tower's and mixed steps' shapes change from step to step.
-        with sdpa_kernel(GPU_SDPA_BACKENDS):
-            return self._forward(sched, prev)
+        decode = None if sched.encoder_inputs else self._prepare_decode(sched)
+        if decode is not None and self.graphs is not None and self.graphs.fits(len(sched.scheduled)):
+            *inputs, pending = decode
+            return PreparedStep(
+                self._in_mode(lambda: self._run_graph(sched, inputs, pending, prev)), decode_only=True
+            )
+        encoder = self._encoder_inputs(sched)
+        eager = self._eager_inputs(sched, prev)
+        return PreparedStep(
+            self._in_mode(lambda: self._run_eager(encoder, eager)), decode_only=decode is not None
+        )
 
-    def _forward(self, sched: SchedulerOutput, prev: StepOutput | None) -> StepOutput:
-        self._run_encoder(sched)
-        if self.graphs is not None:
-            decode = self._prepare_decode(sched)
-            if decode is not None:
-                *inputs, pending = decode
-                logits = self.graphs.run(
-                    *inputs, fill_pending=lambda ids: self._fill_pending(ids, pending, prev)
-                )
-                if logits is not None:
-                    reqs = [s.request for s in sched.scheduled if s.sample]
-                    rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
-                    if not reqs:
-                        return StepOutput([])
-                    if len(rows) < len(sched.scheduled):
-                        logits = logits[to_device(torch.tensor(rows), self.device)]
-                    return self._sample(logits.float(), reqs)
+    def _in_mode(self, fn: Callable[[], StepOutput]) -> Callable[[], StepOutput]:
+        """`fn` under inference mode and, on a GPU, the attention kernels allowed there."""
 
+        def run() -> StepOutput:
+            with torch.inference_mode():
+                if self.device.type == "cpu":
+                    return fn()
+                # cuDNN's fused attention builds an execution plan per input shape (~10 ms of host time
+                # each on an H200), and the vision tower's and mixed steps' shapes change every step.
+                with sdpa_kernel(GPU_SDPA_BACKENDS):
+                    return fn()
+
+        return run
+
+    def _run_graph(
+        self,
+        sched: SchedulerOutput,
+        inputs: list[Any],
+        pending: list[tuple[int, str]],
+        prev: StepOutput | None,
+    ) -> StepOutput:
+        assert self.graphs is not None
+        logits = self.graphs.run(*inputs, fill_pending=lambda ids: self._fill_pending(ids, pending, prev))
+        reqs = [s.request for s in sched.scheduled if s.sample]
+        rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
+        if not reqs:
+            return StepOutput([])
+        if len(rows) < len(sched.scheduled):
+            logits = logits[to_device(torch.tensor(rows), self.device)]
+        return self._sample(logits.float(), reqs)
+
+    def _eager_inputs(self, sched: SchedulerOutput, prev: StepOutput | None) -> EagerInputs:
         bs = self.block_size
         token_ids: list[int] = []
         pending: list[tuple[int, str]] = []
@@ -258,7 +320,7 @@ class ModelRunner:
         query_lens: list[int] = []
         seq_lens: list[int] = []
         tables: list[list[int]] = []
-        image_rows: list[torch.Tensor] = []
+        image_rows: list[tuple[str, int, int]] = []  # (mm_hash, first row, end row) of the image's embedding
         image_spans: list[tuple[int, int]] = []  # (flat start, flat end) of rows replaced by image rows
         sample_index: list[int] = []
         sample_reqs = []
@@ -280,7 +342,7 @@ class ModelRunner:
             for img in req.images:
                 lo, hi = max(start, img.offset), min(end, img.offset + img.length)
                 if lo < hi:
-                    image_rows.append(self.encoder_cache[img.mm_hash][lo - img.offset : hi - img.offset])
+                    image_rows.append((img.mm_hash, lo - img.offset, hi - img.offset))
                     image_spans.append((flat + lo - start, flat + hi - start))
             flat += n
             if s.sample:
@@ -290,7 +352,6 @@ class ModelRunner:
         dev = self.device
         ids = to_device(torch.tensor(token_ids), dev)
         self._fill_pending(ids, pending, prev)
-        pos = to_device(torch.cat(positions, dim=1), dev)
         max_blocks = max(len(t) for t in tables)
         block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.long)
         for i, t in enumerate(tables):
@@ -303,24 +364,41 @@ class ModelRunner:
             decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
             prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
         )
+        image_mask = None
         if image_rows:
             mask = torch.zeros(len(token_ids), dtype=torch.bool)
             for a, b in image_spans:
                 mask[a:b] = True
-            x = self.model.embed(ids, torch.cat(image_rows), to_device(mask, dev))
+            image_mask = to_device(mask, dev)
+        return EagerInputs(
+            ids=ids,
+            positions=to_device(torch.cat(positions, dim=1), dev),
+            meta=meta,
+            image_rows=image_rows,
+            image_mask=image_mask,
+            sample_index=to_device(torch.tensor(sample_index), dev) if sample_reqs else None,
+            sample_reqs=sample_reqs,
+        )
+
+    def _run_eager(self, encoder: tuple[list[Any], torch.Tensor] | None, inputs: EagerInputs) -> StepOutput:
+        if encoder is not None:
+            self._encode(*encoder)
+        if inputs.image_rows:
+            rows = torch.cat([self.encoder_cache[h][lo:hi] for h, lo, hi in inputs.image_rows])
+            x = self.model.embed(inputs.ids, rows, inputs.image_mask)
         else:
-            x = self.model.embed(ids)
-        hidden = self.model(x, pos, self._attention(meta))
-        if not sample_reqs:
+            x = self.model.embed(inputs.ids)
+        hidden = self.model(x, inputs.positions, self._attention(inputs.meta))
+        if inputs.sample_index is None:
             return StepOutput([])
-        logits = self.model.compute_logits(hidden[to_device(torch.tensor(sample_index), dev)]).float()
-        return self._sample(logits, sample_reqs)
+        logits = self.model.compute_logits(hidden[inputs.sample_index]).float()
+        return self._sample(logits, inputs.sample_reqs)
 
     def _attention(self, meta: PagedAttentionMetadata) -> TorchPagedAttention:
         if self.device.type == "cuda":
             from vlmserve.runner.triton_attention import TritonPagedAttention
 
-            return TritonPagedAttention(self.kv_caches, meta, self.scale)
+            return TritonPagedAttention(self.kv_caches, meta, self.scale, self.max_partitions)
         return TorchPagedAttention(self.kv_caches, meta, self.scale)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> StepOutput:
@@ -350,12 +428,12 @@ class CudaGraphDecoder:
     """
 
     def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int) -> None:
-        from vlmserve.runner.triton_attention import PARTITION, TritonDecodeAttention
+        from vlmserve.runner.triton_attention import TritonDecodeAttention
 
         self.runner = runner
         model, dev = runner.model, runner.device
         self.max_blocks = -(-max_model_len // runner.block_size)
-        self.num_partitions = -(-max_model_len // PARTITION)
+        self.num_partitions = runner.max_partitions
         self.sizes = sorted(
             {b for b in (1, 2, 4, 8, *range(16, 257, 16)) if b <= max_num_seqs} | {max_num_seqs}
         )
@@ -396,6 +474,9 @@ class CudaGraphDecoder:
         torch.cuda.synchronize()
         logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
 
+    def fits(self, batch_size: int) -> bool:
+        return batch_size <= self.sizes[-1]
+
     def run(
         self,
         token_ids: list[int],
@@ -404,13 +485,11 @@ class CudaGraphDecoder:
         tables: list[list[int]],
         seq_lens: list[int],
         fill_pending: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor | None:
-        """(B, V) logits, or None when the batch is larger than every captured graph. `fill_pending` gets
-        the token-id input buffer after the host's ids are copied in, to write the ids still on the device."""
+    ) -> torch.Tensor:
+        """(B, V) logits; the batch must `fit`. `fill_pending` gets the token-id input buffer after the
+        host's ids are copied in, to write the ids still on the device."""
         bsz = len(token_ids)
-        size = next((s for s in self.sizes if s >= bsz), None)
-        if size is None:
-            return None
+        size = next(s for s in self.sizes if s >= bsz)
         width = max(len(t) for t in tables)
         table = np.zeros((bsz, width), dtype=np.int32)
         for i, t in enumerate(tables):

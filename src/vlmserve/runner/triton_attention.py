@@ -6,7 +6,8 @@ padded to 16 rows for tl.dot), walks its partition of the sequence BLOCK_N token
 table, and writes an unnormalised partial result with its running max and sum; a small reduction merges the
 partitions. Shapes are static given (batch, max partitions), so the kernel can live inside a CUDA graph:
 sequence lengths and block tables are read from device memory, and partitions past a sequence's end return
-at once.
+at once without writing anything (the merge reads only the partitions a sequence's length covers), so a
+generous partition count (max_model_len's) costs a launch slot per empty program, not memory traffic.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs
 BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"])  # the eager path's table width changes from step to step
 def _paged_decode_partial(
     q_ptr,  # (B, Hq, D)
     k_cache_ptr,  # (num_blocks, page, Hkv, D)
@@ -56,13 +57,7 @@ def _paged_decode_partial(
     heads = kvh * GROUP + rows
     out_off = (b * tl.num_programs(1) * GROUP + heads) * num_partitions + part  # (GROUP_PAD,)
     if start >= seq_len:
-        # An empty partition still writes all three outputs: the merge weighs it by e^-inf = 0, and
-        # 0 * (uninitialised memory) could be NaN.
-        tl.store(max_ptr + out_off, tl.full([GROUP_PAD], float("-inf"), tl.float32), mask=row_ok)
-        tl.store(sum_ptr + out_off, tl.zeros([GROUP_PAD], tl.float32), mask=row_ok)
-        zeros = tl.zeros([GROUP_PAD, HEAD_DIM], tl.float32)
-        tl.store(acc_ptr + out_off[:, None] * HEAD_DIM + dims[None, :], zeros, mask=row_ok[:, None])
-        return
+        return  # the merge does not read partitions past the sequence's end
     q = tl.load(
         q_ptr + b * stride_qb + heads[:, None] * stride_qh + dims[None, :], mask=row_ok[:, None], other=0.0
     )  # (GROUP_PAD, D)
@@ -97,17 +92,22 @@ def _merge_partitions(
     max_ptr,  # (B * Hq, P)
     sum_ptr,
     out_ptr,  # (B * Hq, D) in q's dtype
+    seq_lens_ptr,  # (B,) int32
+    num_heads,
     num_partitions,
     HEAD_DIM: tl.constexpr,
     P_PAD: tl.constexpr,
+    PART: tl.constexpr,
 ):
-    """out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p, one program per (sequence, head)."""
+    """out = sum_p e^(m_p - M) acc_p / sum_p e^(m_p - M) l_p over the partitions the sequence's length
+    covers (the others were never written), one program per (sequence, head)."""
     row = tl.program_id(0)
+    seq_len = tl.load(seq_lens_ptr + row // num_heads)
     parts = tl.arange(0, P_PAD)
-    ok = parts < num_partitions
+    ok = parts < tl.minimum(tl.cdiv(seq_len, PART), num_partitions)
     m = tl.load(max_ptr + row * num_partitions + parts, mask=ok, other=float("-inf"))
     l_ = tl.load(sum_ptr + row * num_partitions + parts, mask=ok, other=0.0)
-    w = tl.exp(m - tl.max(m, 0))  # empty partitions: e^-inf = 0 (every sequence has a token, M is finite)
+    w = tl.exp(m - tl.max(m, 0))  # masked partitions: e^-inf = 0 (every sequence has a token, M is finite)
     dims = tl.arange(0, HEAD_DIM)
     acc = tl.load(
         acc_ptr + (row * num_partitions + parts[:, None]) * HEAD_DIM + dims[None, :],
@@ -163,7 +163,16 @@ def paged_decode_attention(
     )
     out = torch.empty_like(q)
     _merge_partitions[(bsz * hq,)](
-        acc, mx, sm, out, num_partitions, HEAD_DIM=dim, P_PAD=max(2, triton.next_power_of_2(num_partitions))
+        acc,
+        mx,
+        sm,
+        out,
+        seq_lens,
+        hq,
+        num_partitions,
+        HEAD_DIM=dim,
+        P_PAD=max(2, triton.next_power_of_2(num_partitions)),
+        PART=PARTITION,
     )
     return out
 
@@ -201,15 +210,23 @@ class TritonDecodeAttention:
 class TritonPagedAttention(TorchPagedAttention):
     """AttentionBackend for the GPU's eager steps (prefill chunks mixed with decodes): the decode rows go
     through the paged Triton kernel, which reads each history in place instead of gathering every decode
-    row's whole KV into one padded copy per layer; prefill rows run as in the torch backend (flash SDPA)."""
+    row's whole KV into one padded copy per layer; prefill rows run as in the torch backend (flash SDPA).
+
+    `num_partitions` is fixed (max_model_len's, as in the CUDA graphs), not this step's longest sequence:
+    the merge kernel's partition count is a compile-time constant, and one per step would compile new
+    variants while serving."""
 
     def __init__(
-        self, kv_caches: list[tuple[torch.Tensor, torch.Tensor]], meta: PagedAttentionMetadata, scale: float
+        self,
+        kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
+        meta: PagedAttentionMetadata,
+        scale: float,
+        num_partitions: int,
     ) -> None:
         super().__init__(kv_caches, meta, scale)
+        self.num_partitions = num_partitions
         if meta.decode_rows:
             self.decode_tables_i32 = self.decode_tables.to(torch.int32)
-            self.num_partitions = -(-self.decode_max_len // PARTITION)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         return paged_decode_attention(
