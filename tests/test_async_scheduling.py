@@ -119,7 +119,8 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
             out = run()
             if sched.scheduled:  # (the last call only hands the runner what finished)
                 launched[id(out)] = len(launched)
-                events.append(("launch", launched[id(out)]))
+                prefill = any(s.num_tokens > 1 for s in sched.scheduled)
+                events.append(("launch prefill" if prefill else "launch", launched[id(out)]))
             return out
 
         step.run = traced_run
@@ -144,4 +145,24 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
         assert ("launch", n + 1) in events[:i], events
     # A length stop is known at scheduling time: no step is queued for a request whose last token is
     # pending, so the 6 tokens took exactly 6 launched steps.
-    assert sum(1 for kind, _ in events if kind == "launch") == 6
+    assert sum(1 for kind, _ in events if kind.startswith("launch")) == 6
+
+    # A prefill step (thousands of kernel launches on a GPU) is queued only after the running step's
+    # tokens are handed out: the running request's next delta does not wait for the newcomer's prefill.
+    events.clear()
+    engine = llm.engine
+    engine.add_request(
+        llm.make_request("First one", [], SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+    )
+    for _ in range(3):
+        engine.step()
+    engine.add_request(llm.make_request("A second, longer prompt " * 3, [], params))
+    events.clear()
+    handed_out = engine.step()  # schedules and prepares the mixed step, applies the running one
+    assert [d.request_id for d in handed_out]
+    assert [kind for kind, _ in events] == ["wait"]
+    engine.step()  # queues it first thing
+    assert events[1][0] == "launch prefill", events
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.scheduler.kv.num_used_blocks == 0

@@ -33,7 +33,13 @@ from vlmserve.engine.request import Request, RequestStatus, requests_from_engine
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.runner.model_runner import ModelRunner, SampledToken, StepOutput, kv_bytes_per_block
+from vlmserve.runner.model_runner import (
+    ModelRunner,
+    PreparedStep,
+    SampledToken,
+    StepOutput,
+    kv_bytes_per_block,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -103,6 +109,7 @@ class EngineCore:
         self._last_scheduled: list[str] = []
         self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None  # launched, not yet applied
+        self._to_launch: tuple[SchedulerOutput, PreparedStep] | None = None  # prepared, queued next call
         self._tokens_generated = 0
         self._prompt_tokens_computed = 0
         self._started = time.monotonic()
@@ -172,6 +179,9 @@ class EngineCore:
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
             return self._apply(sched, self.runner.launch(sched))
         deltas: list[CompletionDelta] = []
+        if self._to_launch is not None:
+            self._in_flight = (self._to_launch[0], self._to_launch[1].run())
+            self._to_launch = None
         prev = self._in_flight
         if prev is not None and self._needs_known_tokens():
             self._in_flight = None
@@ -190,10 +200,12 @@ class EngineCore:
                 self._in_flight = (sched, step.run())
                 deltas += self._apply(*prev)
             else:
-                # An eager step is thousands of kernel launches; queued behind `prev` they would hold the
-                # host until most of `prev` ran. Hand out prev's tokens first: the GPU waits only for that.
+                # An eager step is thousands of kernel launches: queued now, they would hold the host until
+                # most of `prev` ran, and prev's tokens would wait for that. Hand them out first; the step
+                # is queued at the start of the next call (the GPU idles only for the caller's turn).
+                self._in_flight = None
                 deltas += self._apply(*prev)
-                self._in_flight = (sched, step.run())
+                self._to_launch = (sched, step)
         if not sched.scheduled:
             # Nothing was queued: nothing to wait for next step either.
             self._in_flight = None
@@ -289,12 +301,12 @@ class EngineCore:
     def fail_scheduled(self, message: str) -> list[CompletionDelta]:
         """Finish the requests of the step that failed with an error (and of the step in flight with it);
         the rest keep running."""
-        self._in_flight = None
+        self._in_flight = self._to_launch = None
         rids = dict.fromkeys(rid for rid in self._last_scheduled if rid in self._choices)
         return self._fail(list(rids), message)
 
     def fail_all(self, message: str) -> list[CompletionDelta]:
-        self._in_flight = None
+        self._in_flight = self._to_launch = None
         return self._fail(list(self._choices), message)
 
     def _fail(self, rids: list[str], message: str) -> list[CompletionDelta]:
