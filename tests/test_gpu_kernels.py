@@ -95,7 +95,8 @@ def test_cuda_graph_decode_and_async_loop_match_the_eager_sync_engine(tmp_path: 
     assert outs[False, True] == outs[True, False]
 
 
-def test_mixed_step_triton_attention_matches_torch() -> None:
+@pytest.mark.parametrize("with_decodes", [True, False])
+def test_mixed_step_triton_attention_matches_torch(with_decodes: bool) -> None:
     """Prefill chunks (with and without cached history) and decodes in one batch, against the torch path."""
     from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
     from vlmserve.runner.triton_attention import PARTITION, TritonPagedAttention
@@ -109,8 +110,11 @@ def test_mixed_step_triton_attention_matches_torch() -> None:
     ]
     # (cached tokens, new tokens): decodes at several lengths, a fresh prefill, a chunk after a prefix.
     rows = [(0, 37), (1299, 1), (15, 1), (300, 64), (2048, 1), (0, 1)]
+    if not with_decodes:
+        rows = [(0, 37), (300, 64), (1000, 17)]
     perm = (torch.randperm(num_blocks - 1) + 1).tolist()
-    tables, used = [], 0
+    tables: list[list[int]] = []
+    used = 0
     for cached, new in rows:
         nb = -(-(cached + new) // page)
         tables.append(perm[used : used + nb])
@@ -132,6 +136,7 @@ def test_mixed_step_triton_attention_matches_torch() -> None:
         block_tables=bt.cuda(),
         decode_rows=[i for i, (_, n) in enumerate(rows) if n == 1],
         prefill_rows=[i for i, (_, n) in enumerate(rows) if n > 1],
+        host_block_tables=tables,  # the prefill rows go through one flash call
     )
     total = sum(n for _, n in rows)
     q = torch.randn(total, hq, dim, device="cuda", dtype=dtype)
@@ -212,3 +217,18 @@ def test_training_on_cuda_gets_gradients_through_norms_and_rotary() -> None:
     with torch.inference_mode():  # serving still takes the fused kernels, with the same result
         fused_y = apply_rotary(norm(lin(x)).view(5, 1, 64), cos, sin)
         torch.testing.assert_close(fused_y, y.detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_vision_varlen_flash_matches_grouped_sdpa() -> None:
+    """The vision tower's windows and images in one flash call (bf16) against per-length SDPA (float32)."""
+    from vlmserve.models.layers.attention import VarlenGroups, varlen_attention
+
+    torch.manual_seed(0)
+    lengths = [64, 64, 16, 40, 64, 4, 1200]  # full windows, edge windows, a whole image
+    n, heads, dim = sum(lengths), 16, 80
+    q, k, v = (torch.randn(n, heads, dim, device="cuda") for _ in range(3))
+    seqs = VarlenGroups.from_lengths(lengths, "cuda")
+    ref = varlen_attention(q, k, v, seqs, scale=dim**-0.5)  # float32: the grouped path
+    got = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), seqs, scale=dim**-0.5)
+    err = ((got.float() - ref).norm() / ref.norm()).item()
+    assert err < 2e-2, err

@@ -24,6 +24,7 @@ class PagedAttentionMetadata:
     # Sequences with exactly one new token (decodes) go through one batched call.
     decode_rows: list[int]
     prefill_rows: list[int]
+    host_block_tables: list[list[int]] | None = None  # the block tables as built on the host, if at hand
 
 
 class TorchPagedAttention:
@@ -74,10 +75,21 @@ class TorchPagedAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]  # (N, bs, Hkv, D)
-        _, block_size, hkv, dim = k_cache.shape
+        _, _, hkv, dim = k_cache.shape
         k_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, k.to(k_cache.dtype))
         v_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, v.to(v_cache.dtype))
         out = torch.empty_like(q)  # (T, Hq, D)
+        if self.meta.prefill_rows:
+            self._prefill(q, k_cache, v_cache, out)
+        if self.meta.decode_rows:
+            out[self.decode_q_index] = self._decode(q, k_cache, v_cache)
+        return out
+
+    def _prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Causal attention of the prefill rows (several new tokens each) into their rows of `out`."""
+        _, block_size, hkv, dim = k_cache.shape
         m = self.meta
         for r in m.prefill_rows:
             s, e, seq_len = self.q_starts[r], self.q_starts[r + 1], m.seq_lens[r]
@@ -85,6 +97,3 @@ class TorchPagedAttention:
             ks = k_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
             vs = v_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
             out[s:e] = causal_attention(q[s:e], ks.to(q.dtype), vs.to(q.dtype), self.scale)
-        if m.decode_rows:
-            out[self.decode_q_index] = self._decode(q, k_cache, v_cache)
-        return out

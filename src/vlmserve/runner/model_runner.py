@@ -363,6 +363,7 @@ class ModelRunner:
             block_tables=to_device(block_tables, dev),
             decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
             prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
+            host_block_tables=tables,
         )
         image_mask = None
         if image_rows:

@@ -12,10 +12,14 @@ generous partition count (max_model_len's) costs a launch slot per empty program
 
 from __future__ import annotations
 
+import itertools
+
+import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+from vlmserve.models.layers.attention import flash_varlen, to_device
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
 
 PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)
@@ -227,6 +231,62 @@ class TritonPagedAttention(TorchPagedAttention):
         self.num_partitions = num_partitions
         if meta.decode_rows:
             self.decode_tables_i32 = self.decode_tables.to(torch.int32)
+        self._flash: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None = (
+            None
+        )
+        half = kv_caches[0][0].dtype in (torch.float16, torch.bfloat16)
+        if meta.prefill_rows and half and meta.host_block_tables is not None:
+            self._flash = self._flash_inputs(meta, kv_caches[0][0].shape[1], kv_caches[0][0].device)
+
+    def _flash_inputs(
+        self, meta: PagedAttentionMetadata, page: int, device: torch.device
+    ) -> tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int, int]:
+        """For one flash call over every prefill row: their query rows (None when that is every row), the
+        cache slots of their whole contexts in order, and cumulative query / context starts."""
+        assert meta.host_block_tables is not None
+        rows = meta.prefill_rows
+        q_rows = np.concatenate([np.arange(self.q_starts[r], self.q_starts[r + 1]) for r in rows])
+        slots = np.concatenate(
+            [
+                (
+                    np.asarray(meta.host_block_tables[r][: -(-meta.seq_lens[r] // page)])[:, None] * page
+                    + np.arange(page)
+                ).ravel()[: meta.seq_lens[r]]
+                for r in rows
+            ]
+        )
+        q_lens = [meta.query_lens[r] for r in rows]
+        k_lens = [meta.seq_lens[r] for r in rows]
+        cu = torch.tensor(
+            [[0, *itertools.accumulate(q_lens)], [0, *itertools.accumulate(k_lens)]], dtype=torch.int32
+        )
+        every_row = len(rows) == len(meta.query_lens)
+        return (
+            None if every_row else to_device(torch.from_numpy(q_rows), device),
+            to_device(torch.from_numpy(slots), device),
+            *to_device(cu, device),
+            max(q_lens),
+            max(k_lens),
+        )
+
+    def _prefill(
+        self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, out: torch.Tensor
+    ) -> None:
+        """Every prefill row in one variable-length flash call (grouped-query aware, causal from the bottom
+        right), over their contexts gathered once per layer, instead of a gather + SDPA per row."""
+        if self._flash is None or q.dtype != k_cache.dtype:
+            super()._prefill(q, k_cache, v_cache, out)
+            return
+        q_rows, slots, cu_q, cu_k, max_q, max_k = self._flash
+        _, _, hkv, dim = k_cache.shape
+        ks = k_cache.view(-1, hkv, dim).index_select(0, slots)
+        vs = v_cache.view(-1, hkv, dim).index_select(0, slots)
+        qp = q if q_rows is None else q.index_select(0, q_rows)
+        res = flash_varlen(qp, ks, vs, cu_q, cu_k, max_q, max_k, self.scale, causal=True)
+        if q_rows is None:
+            out.copy_(res)
+        else:
+            out.index_copy_(0, q_rows, res)
 
     def _decode(self, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor) -> torch.Tensor:
         return paged_decode_attention(

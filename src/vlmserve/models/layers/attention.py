@@ -1,7 +1,8 @@
 """Attention primitives the model files call.
 
 - `varlen_attention`: bidirectional attention over packed variable-length sequences (the vision tower's
-  windows and images), one mask-free SDPA call per distinct sequence length.
+  windows and images): one variable-length flash call on a GPU in half precision (`flash_varlen`, also what
+  the GPU's paged prefill uses), else one mask-free SDPA call per distinct sequence length.
 - `AttentionBackend`: what the language model's attention layers call for causal attention with a KV cache.
   The model never knows how the cache is laid out; the runner passes a backend per forward (paged KV on the
   engine path, a contiguous per-sequence cache on the reference path below).
@@ -9,7 +10,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import itertools
 from typing import Protocol
 
 import torch
@@ -17,29 +18,63 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
 
-@dataclass
 class VarlenGroups:
-    """A packed batch of independent sequences, grouped by length.
+    """A packed batch of independent sequences (lengths known on the host).
 
-    Attention then runs one mask-free call per distinct length (fused flash kernels apply; no padding, no
-    mask). Built on the host from Python lengths, so using it never synchronises with the device.
+    On a GPU in half precision: one variable-length flash-attention call over cumulative sequence starts
+    (no padding, no mask, no gathers). Otherwise: the sequences grouped by length, one mask-free SDPA call
+    per distinct length. Never synchronises with the device.
     """
 
-    # (length, row indices of all sequences of that length, in order; None when that is every row in order)
-    groups: list[tuple[int, torch.Tensor | None]]
+    def __init__(self, lengths: list[int], device: torch.device | str) -> None:
+        self.lengths = [n for n in lengths if n > 0]
+        self.device = torch.device(device)
+        self.max_len = max(self.lengths)
+        self.cu_seqlens: torch.Tensor | None = None  # (S + 1,) int32 sequence starts, on a CUDA device
+        if self.device.type == "cuda":
+            self.cu_seqlens = to_device(
+                torch.tensor([0, *itertools.accumulate(self.lengths)], dtype=torch.int32), device
+            )
+        self._groups: list[tuple[int, torch.Tensor | None]] | None = None
 
     @classmethod
-    def from_lengths(cls, lengths: list[int], device: torch.device) -> VarlenGroups:
-        lengths = [n for n in lengths if n > 0]
-        if len(set(lengths)) == 1:
-            return cls([(lengths[0], None)])
-        starts = [0]
-        for n in lengths[:-1]:
-            starts.append(starts[-1] + n)
-        by_len: dict[int, list[int]] = {}
-        for start, n in zip(starts, lengths, strict=True):
-            by_len.setdefault(n, []).extend(range(start, start + n))
-        return cls([(n, to_device(torch.tensor(rows), device)) for n, rows in by_len.items()])
+    def from_lengths(cls, lengths: list[int], device: torch.device | str) -> VarlenGroups:
+        return cls(lengths, device)
+
+    @property
+    def groups(self) -> list[tuple[int, torch.Tensor | None]]:
+        """(length, row indices of all sequences of that length, in order; None when that is every row)."""
+        if self._groups is None:
+            if len(set(self.lengths)) == 1:
+                self._groups = [(self.lengths[0], None)]
+            else:
+                by_len: dict[int, list[int]] = {}
+                start = 0
+                for n in self.lengths:
+                    by_len.setdefault(n, []).extend(range(start, start + n))
+                    start += n
+                self._groups = [(n, to_device(torch.tensor(rows), self.device)) for n, rows in by_len.items()]
+        return self._groups
+
+
+def flash_varlen(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cu_q: torch.Tensor,
+    cu_k: torch.Tensor,
+    max_q: int,
+    max_k: int,
+    scale: float,
+    causal: bool,
+) -> torch.Tensor:
+    """Flash attention over packed sequences: q (Tq, Hq, D), k and v (Tk, Hkv, D) (grouped-query aware), cu_q /
+    cu_k (S + 1,) int32 sequence starts. Causal masks align bottom right (query i of a sequence with more keys
+    than queries sees the keys up to its own position). fp16 / bf16 on CUDA only. -> (Tq, Hq, D)."""
+    out = torch.ops.aten._flash_attention_forward(
+        q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
+    )[0]
+    return out
 
 
 def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
@@ -54,6 +89,9 @@ def varlen_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seqs: VarlenGroups, scale: float
 ) -> torch.Tensor:
     """q, k, v (N, H, D) packed; each sequence attends only to itself (bidirectional). Returns (N, H, D)."""
+    if seqs.cu_seqlens is not None and q.dtype in (torch.float16, torch.bfloat16):
+        cu, n = seqs.cu_seqlens, seqs.max_len
+        return flash_varlen(q, k, v, cu, cu, n, n, scale, causal=False)
     _, heads, dim = q.shape
     out = torch.empty_like(q) if len(seqs.groups) > 1 else None
     for length, rows in seqs.groups:
