@@ -306,23 +306,25 @@ class StepFaults:
 
     def __init__(self, server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
         runner = server.engine.core.runner
-        self._launch = runner.launch
+        self._prepare = runner.prepare  # every step goes through it, in either loop
         self.remaining: int | None = 0
-        monkeypatch.setattr(runner, "launch", self._maybe_fail)
+        monkeypatch.setattr(runner, "prepare", self._maybe_fail)
 
     def _maybe_fail(self, *args: Any, **kwargs: Any) -> Any:
         if self.remaining is None or self.remaining > 0:
             if self.remaining is not None:
                 self.remaining -= 1
             raise RuntimeError("injected step failure")
-        return self._launch(*args, **kwargs)
+        return self._prepare(*args, **kwargs)
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True], ids=["sync", "async"])
 def test_a_failed_step_fails_only_its_requests_and_the_engine_serves_on(
-    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, async_scheduling: bool
 ) -> None:
     # max_num_seqs=1: the streamed request runs, the second one waits (and is not part of the failed step).
-    server = make_server(tiny_checkpoint, max_num_seqs=1)
+    # Async (the GPU's loop): the step fails while the previous one is in flight, with a token pending.
+    server = make_server(tiny_checkpoint, max_num_seqs=1, async_scheduling=async_scheduling)
     faults = StepFaults(server, monkeypatch)
     try:
         with (
