@@ -242,3 +242,23 @@ def test_cpu_few_token_steps_use_one_thread_only_for_small_models(
         assert torch.get_num_threads() == model_runner.CPU_THREADS
     finally:
         torch.set_num_threads(model_runner.CPU_THREADS)
+
+
+def test_images_sent_as_pixels_are_patchified_by_the_runner(tiny_checkpoint: Path) -> None:
+    """An engine on a GPU takes resized uint8 pixels and patchifies them on the device; the same path on
+    the CPU gives the same tokens as float32 patches made by the processor."""
+    images = [random_image(70, 50, seed=7), random_image(40, 90, seed=8)]
+    params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    tokens = {}
+    for pixels in (False, True):
+        llm = LLM(str(tiny_checkpoint), max_model_len=1024)  # fresh caches: each run encodes its images
+        llm.processor.patchify_on_device = pixels  # what an engine on a GPU sets
+        text, _ = _chat(llm, "What are these?", images)
+        request = llm.make_request(text, images, params)
+        data = request.images[0].data[0]
+        if pixels:
+            assert data.dtype == torch.uint8 and data.dim() == 3 and data.shape[-1] == 3
+        else:
+            assert data.dtype == torch.float32 and data.dim() == 2
+        tokens[pixels] = llm.run([request])[0].outputs[0].token_ids
+    assert tokens[True] == tokens[False]

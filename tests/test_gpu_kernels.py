@@ -232,3 +232,14 @@ def test_vision_varlen_flash_matches_grouped_sdpa() -> None:
     got = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), seqs, scale=dim**-0.5)
     err = ((got.float() - ref).norm() / ref.norm()).item()
     assert err < 2e-2, err
+
+
+def test_patchify_on_the_gpu_is_bit_identical_to_the_cpu(tmp_path: Path) -> None:
+    from tests.conftest import random_image
+    from vlmserve.models.processor import Qwen2_5_VLProcessor
+    from vlmserve.testing.checkpoint import write_checkpoint
+
+    proc = Qwen2_5_VLProcessor.from_pretrained(write_checkpoint(tmp_path / "7b", preset="7b", weights=False))
+    for size in ((1280, 720), (448, 448), (97, 301)):
+        pixels, _ = proc.resize_image(random_image(*size, seed=sum(size)))
+        assert torch.equal(proc.patchify(pixels.cuda()).cpu(), proc.patchify(pixels))

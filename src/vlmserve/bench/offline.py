@@ -218,6 +218,14 @@ def main(argv: list[str] | None = None) -> None:
     # take several times longer than later ones.
     for i in range(3):
         run_batch(core, proc, [make_prompt(proc, w1_size, w1_len, seed=990 + i)], 8)
+    # What a server does on its host before the engine sees a W1 request (image resize; on a GPU the
+    # normalise + patchify run in the engine): part of a served request's time to first token.
+    times = []
+    for _ in range(5):
+        t = time.perf_counter()
+        proc.process(w1.text, [w1.image])
+        times.append(1e3 * (time.perf_counter() - t))
+    results["w1_host_preprocess_ms"] = statistics.median(times)
     seed = 1
     for b in [int(x) for x in args.batches.split(",")]:
         # One request is a few hundred ms: the median of three runs (new images each time, so no cache hits).

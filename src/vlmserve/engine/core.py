@@ -82,7 +82,11 @@ class EngineCore:
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
+            patchify=self.processor.patchify,
         )
+        # On a GPU, requests carry resized uint8 pixels and the runner patchifies them there: an eighth of the
+        # bytes of float32 patches to copy, and no normalise / patchify pass on the host.
+        self.processor.patchify_on_device = device.type == "cuda"
         # One image must fit into a step's encoder budget and into the encoder cache, whatever the
         # token budget: size both for the largest image the processor can produce.
         unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2

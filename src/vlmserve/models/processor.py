@@ -407,7 +407,11 @@ class Qwen2_5_VLProcessor:
         self._tokens_per_second = tokens_per_second
         self._eos_token_ids = list(eos_token_ids)
         self._special_tokens = dict(special_tokens or {})
-        self._lut = self._normalization_table(image_config)
+        self._lut = torch.from_numpy(self._normalization_table(image_config))  # (3, 256) float32
+        self._lut_on: dict[torch.device, torch.Tensor] = {}
+        # Images leave `process` as resized uint8 pixels (the engine patchifies them where the model runs: 8x
+        # fewer bytes to move than float32 patches) instead of patches. Set by an engine on a GPU.
+        self.patchify_on_device = False
         # Everything besides the pixels and the pixel range that decides the encoder input, for image_hash.
         self._hash_salt = repr(replace(image_config, min_pixels=0, max_pixels=0)).encode()
 
@@ -628,6 +632,14 @@ class Qwen2_5_VLProcessor:
         Returns pixel_values (grid_t*grid_h*grid_w, C*T*P*P) float32 and grid_thw = (1, grid_h, grid_w), in
         patches of `patch_size` pixels. min_pixels / max_pixels override the checkpoint's range for this call.
         """
+        pixels, grid = self.resize_image(image, min_pixels, max_pixels)
+        return self.patchify(pixels), grid
+
+    def resize_image(
+        self, image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
+    ) -> tuple[torch.Tensor, tuple[int, int, int]]:
+        """`preprocess_image` up to the resized pixels: ((H, W, 3) uint8, grid_thw); `patchify` does the rest,
+        on whatever device the pixels are."""
         c = self._image_config
         if c.do_convert_rgb:
             image = convert_rgb(image)
@@ -646,18 +658,27 @@ class Qwen2_5_VLProcessor:
             )
         if c.do_resize:
             image = image.resize((resized_w, resized_h), resample=Image.Resampling(c.resample))
-        pixels = np.asarray(image, dtype=np.uint8)  # (H, W, 3)
-        chw = np.stack([self._lut[ch][pixels[..., ch]] for ch in range(3)])  # (3, H, W) float32
+        pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3), a writable copy
+        return pixels, (1, resized_h // c.patch_size, resized_w // c.patch_size)
 
+    def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
+        """Resized (H, W, 3) uint8 pixels -> (grid_h * grid_w, C*T*P*P) float32 patches on the pixels' device:
+        rescale + normalise by table lookup (bit-identical to HF's arithmetic), then HF's patch order."""
+        c = self._image_config
+        lut = self._lut_on.get(pixels.device)
+        if lut is None:
+            lut = self._lut_on[pixels.device] = self._lut.to(pixels.device).flatten()
+        height, width, _ = pixels.shape
         p, m, t = c.patch_size, c.merge_size, c.temporal_patch_size
-        grid_h, grid_w = resized_h // p, resized_w // p
+        grid_h, grid_w = height // p, width // p
         # HF's patch order: merge windows row-major, then the m x m patches inside a window, each patch
-        # flattened as (C, T, P, P) with the single frame repeated T times.
-        patches = chw.reshape(3, grid_h // m, m, p, grid_w // m, m, p)
-        patches = patches.transpose(1, 4, 2, 5, 0, 3, 6)  # (gh/m, gw/m, m, m, C, P, P)
-        patches = np.broadcast_to(patches[:, :, :, :, :, None], (*patches.shape[:5], t, p, p))
-        flat = patches.reshape(grid_h * grid_w, 3 * t * p * p)  # copies into a contiguous array
-        return torch.from_numpy(flat), (1, grid_h, grid_w)
+        # flattened as (C, T, P, P) with the single frame repeated T times. Reordered while still uint8 (a
+        # quarter of the bytes), then one table lookup; channel c reads lut[256 c : 256 (c + 1)].
+        ordered = pixels.view(grid_h // m, m, p, grid_w // m, m, p, 3).permute(0, 3, 1, 4, 6, 2, 5)
+        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device).view(3, 1, 1)
+        patches = lut[ordered.to(torch.int32) + offsets]  # (gh/m, gw/m, m, m, C, P, P) float32
+        patches = patches.unsqueeze(5).expand(*patches.shape[:5], t, p, p)
+        return patches.reshape(grid_h * grid_w, 3 * t * p * p)  # copies into a contiguous tensor
 
     def image_hash(
         self, image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
@@ -711,7 +732,10 @@ class Qwen2_5_VLProcessor:
         features: list[ImageFeature] = []
         grids: list[tuple[int, int, int]] = []
         for img, piece in zip(images, encoded[1:], strict=True):
-            pixel_values, grid = self.preprocess_image(img, min_pixels, max_pixels)
+            pixels, grid = self.resize_image(img, min_pixels, max_pixels)
+            # The encoder's input: float32 patches, or the uint8 pixels for the engine to patchify on its
+            # device (`patchify_on_device`).
+            pixel_values = pixels if self.patchify_on_device else self.patchify(pixels)
             length = grid[0] * grid[1] * grid[2] // merge_area
             features.append(
                 ImageFeature(

@@ -119,8 +119,12 @@ class ModelRunner:
         max_model_len: int = 32768,
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
+        patchify: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
+        # Resized (H, W, 3) uint8 pixels -> float32 patches, on the pixels' device (the processor's); images
+        # may arrive as those pixels instead of patches.
+        self.patchify = patchify
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -164,8 +168,16 @@ class ModelRunner:
             return None
         imgs = list(todo.values())
         # Each image's patches straight to the device (a host-side cat would copy them once more first).
-        parts = [to_device(img.data[0], self.device) for img in imgs]
+        parts = [self._patches(img.data[0]) for img in imgs]
         return imgs, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
+
+    def _patches(self, data: torch.Tensor) -> torch.Tensor:
+        """An image's encoder input on the device: float32 patches as given, or uint8 pixels patchified there."""
+        if data.dtype != torch.uint8:
+            return to_device(data, self.device)
+        if self.patchify is None:
+            raise RuntimeError("an image arrived as pixels, but this runner was given no patchify function")
+        return self.patchify(to_device(data, self.device))
 
     def _encode(self, imgs: list[Any], patches: torch.Tensor) -> None:
         grids = [tuple(img.data[1]) for img in imgs]
