@@ -166,3 +166,86 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.scheduler.kv.num_used_blocks == 0
+
+
+def _tight(ckpt: Path, asyn: bool) -> LLM:
+    kw = dict(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=8, num_kv_blocks=40, block_size=16)
+    return LLM(str(ckpt), async_scheduling=asyn, **kw)
+
+
+def _fail_next(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> None:
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected fault")
+
+    monkeypatch.setattr(obj, name, boom)
+
+
+def test_a_failure_after_an_early_apply_still_hands_out_the_applied_deltas(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # X samples with a penalty, so the loop applies the step in flight before scheduling; X finishes there.
+    # The same step() call then fails: X's last delta must still reach the caller (or its stream hangs).
+    llm = _tight(tiny_checkpoint, True)
+    engine = llm.engine
+    penalized = SamplingParams(temperature=0, max_tokens=2, repetition_penalty=1.5, ignore_eos=True)
+    engine.add_request(llm.make_request("hello there", [], penalized, request_id="X"))
+    got = engine.step() + engine.step()
+    engine.add_request(llm.make_request("another prompt", [], SamplingParams(max_tokens=4), request_id="Y"))
+    _fail_next(monkeypatch, engine.runner, "prepare")
+    with pytest.raises(RuntimeError, match="injected"):
+        engine.step()
+    got += engine.fail_scheduled("step failed")
+    finished = {d.request_id: d.finish_reason for d in got if d.finished}
+    assert finished == {"X": "length", "Y": "error"}
+    assert sum(len(d.token_ids) for d in got if d.request_id == "X") == 2
+
+
+def test_a_failed_queued_step_leaves_no_uncomputed_blocks_in_the_prefix_cache(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A 140-token prompt in 64-token chunks: the second chunk is queued (an eager step) when the first is
+    # applied, then fails. Only the first chunk's blocks may be cached; a hit on the second's would serve
+    # KV that was never written.
+    prompt = " ".join(f"word{i}" for i in range(30))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    expected = _tight(tiny_checkpoint, False).generate([prompt], params)[0].outputs[0].token_ids
+    llm = _tight(tiny_checkpoint, True)
+    engine = llm.engine
+    engine.add_request(llm.make_request(prompt, [], params, request_id="A"))
+    engine.step()
+    engine.step()
+    assert engine._to_launch is not None  # the second chunk, prepared and not queued yet
+    with monkeypatch.context() as m:
+        _fail_next(m, engine.runner, "_run_eager")
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    assert [d.finish_reason for d in engine.fail_scheduled("step failed")] == ["error"]
+    assert engine.scheduler.kv.num_cached_blocks == 64 // 16
+    again = llm.generate([prompt], params)[0]
+    assert again.num_cached_tokens == 64
+    assert again.outputs[0].token_ids == expected
+
+
+@pytest.mark.parametrize("asyn", [False, True], ids=["sync", "async"])
+def test_an_image_whose_encoding_step_failed_is_encoded_when_next_needed(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch, asyn: bool
+) -> None:
+    # The scheduler counted the image as encoded when it planned the failed step; the runner never had it.
+    img = random_image(84, 56, seed=1)
+    llm = _tight(tiny_checkpoint, asyn)
+    text = llm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]
+    )
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    llm.engine.add_request(llm.make_request(text, [img], params, request_id="A"))
+    with monkeypatch.context() as m:
+        _fail_next(m, llm.engine.runner, "prepare")
+        with pytest.raises(RuntimeError, match="injected"):
+            llm.engine.step()
+    llm.engine.fail_scheduled("step failed")
+    out = llm.generate([(text, [img])], params)[0].outputs[0]
+    assert out.finish_reason == "length"
+    assert (
+        out.token_ids
+        == _tight(tiny_checkpoint, asyn).generate([(text, [img])], params)[0].outputs[0].token_ids
+    )

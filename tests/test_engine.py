@@ -261,4 +261,17 @@ def test_images_sent_as_pixels_are_patchified_by_the_runner(tiny_checkpoint: Pat
         else:
             assert data.dtype == torch.float32 and data.dim() == 2
         tokens[pixels] = llm.run([request])[0].outputs[0].token_ids
+        if pixels:  # the reference loop takes such images with the processor's patchify, and says so
+            with pytest.raises(ValueError, match="patchify"):
+                _oracle(llm, request, 1)
+            oracle = greedy_generate(
+                llm.engine.model,
+                request.prompt_token_ids,
+                request.images,
+                request.mrope_positions,
+                request.mrope_delta,
+                12,
+                patchify=llm.processor.patchify,
+            )
+            assert oracle == tokens[True]
     assert tokens[True] == tokens[False]

@@ -114,6 +114,9 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None  # launched, not yet applied
         self._to_launch: tuple[SchedulerOutput, PreparedStep] | None = None  # prepared, queued next call
+        # Deltas of applied steps not yet returned: a failure later in the same step() call hands them out with
+        # its error deltas (a request that finished in them has no other way to get its last delta).
+        self._undelivered: list[CompletionDelta] = []
         self._tokens_generated = 0
         self._prompt_tokens_computed = 0
         self._started = time.monotonic()
@@ -182,14 +185,13 @@ class EngineCore:
             sched = self.scheduler.schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
             return self._apply(sched, self.runner.launch(sched))
-        deltas: list[CompletionDelta] = []
         if self._to_launch is not None:
             self._in_flight = (self._to_launch[0], self._to_launch[1].run())
             self._to_launch = None
         prev = self._in_flight
         if prev is not None and self._needs_known_tokens():
             self._in_flight = None
-            deltas = self._apply(*prev)
+            self._undelivered += self._apply(*prev)
             prev = None
         sched = self.scheduler.schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
@@ -202,18 +204,19 @@ class EngineCore:
             if step.decode_only:
                 # A decode step is cheap to queue: queue it behind `prev`, then do prev's host work meanwhile.
                 self._in_flight = (sched, step.run())
-                deltas += self._apply(*prev)
+                self._undelivered += self._apply(*prev)
             else:
                 # An eager step is thousands of kernel launches: queued now, they would hold the host until
                 # most of `prev` ran, and prev's tokens would wait for that. Hand them out first; the step
                 # is queued at the start of the next call (the GPU idles only for the caller's turn).
                 self._in_flight = None
-                deltas += self._apply(*prev)
+                self._undelivered += self._apply(*prev)
                 self._to_launch = (sched, step)
         if not sched.scheduled:
             # Nothing was queued: nothing to wait for next step either.
             self._in_flight = None
-            deltas += self._apply(sched, StepOutput([]))
+            self._undelivered += self._apply(sched, StepOutput([]))
+        deltas, self._undelivered = self._undelivered, []
         return deltas
 
     def _needs_known_tokens(self) -> bool:
@@ -237,7 +240,7 @@ class EngineCore:
             if s.request.num_output_tokens == 0:
                 self._prompt_tokens_computed += s.num_tokens
         updated = self.scheduler.update_from_output(sched, {rid: t.token_id for rid, t in sampled.items()})
-        self._tokens_generated += len(sampled)
+        self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 
     def _deltas(self, updated: list[Request], sampled: dict[str, SampledToken]) -> list[CompletionDelta]:
@@ -307,11 +310,13 @@ class EngineCore:
         the rest keep running."""
         self._in_flight = self._to_launch = None
         rids = dict.fromkeys(rid for rid in self._last_scheduled if rid in self._choices)
-        return self._fail(list(rids), message)
+        delivered, self._undelivered = self._undelivered, []
+        return delivered + self._fail(list(rids), message)
 
     def fail_all(self, message: str) -> list[CompletionDelta]:
         self._in_flight = self._to_launch = None
-        return self._fail(list(self._choices), message)
+        delivered, self._undelivered = self._undelivered, []
+        return delivered + self._fail(list(self._choices), message)
 
     def _fail(self, rids: list[str], message: str) -> list[CompletionDelta]:
         out = []

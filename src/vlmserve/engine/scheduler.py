@@ -374,8 +374,10 @@ class Scheduler:
         for scheduled in output.scheduled:
             req = scheduled.request
             if req.status is RequestStatus.RUNNING:
-                # Only blocks whose token ids are all known get a prefix-cache hash.
-                self.kv.cache_full_blocks(req, min(req.num_computed_tokens, req.num_tokens))
+                # Blocks computed by this step (a later one may be scheduled already, and may yet fail) whose
+                # token ids are all known get a prefix-cache hash.
+                done = min(scheduled.start + scheduled.num_tokens, req.num_tokens)
+                self.kv.cache_full_blocks(req, done)
                 self._release_passed_images(req)
             elif req.status is not RequestStatus.PREEMPTED:
                 continue  # finished by finish_request after schedule(); its blocks are already gone

@@ -6,6 +6,8 @@ batching, no sampling options, no stopping rules beyond EOS and a token count.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from vlmserve.engine.inputs import ImageFeature
@@ -15,14 +17,31 @@ from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 
 @torch.inference_mode()
 def prompt_embeddings(
-    model: Qwen2_5_VLForConditionalGeneration, token_ids: list[int], images: list[ImageFeature]
+    model: Qwen2_5_VLForConditionalGeneration,
+    token_ids: list[int],
+    images: list[ImageFeature],
+    patchify: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
-    """(L, hidden) embeddings of a prompt with every image's placeholders replaced by its encoder output."""
+    """(L, hidden) embeddings of a prompt with every image's placeholders replaced by its encoder output.
+
+    Images carry float32 patches, or uint8 pixels (from a processor whose engine runs on a GPU) that
+    `patchify` (the processor's) turns into patches."""
     device = next(model.parameters()).device
     ids = torch.tensor(token_ids, device=device)
     if not images:
         return model.embed(ids)
-    patches = torch.cat([img.data[0] for img in images]).to(device)
+    parts = []
+    for img in images:
+        data = img.data[0]
+        if data.dtype == torch.uint8:
+            if patchify is None:
+                raise ValueError(
+                    "the images are uint8 pixels (the processor's patchify_on_device is set, as an engine on a "
+                    "GPU does): pass patchify=processor.patchify"
+                )
+            data = patchify(data)
+        parts.append(data)
+    patches = torch.cat(parts).to(device)
     grids = [tuple(img.data[1]) for img in images]
     embeds = torch.cat(model.encode_images(patches, grids))  # (image tokens, hidden)
     mask = torch.zeros(len(token_ids), dtype=torch.bool, device=device)
@@ -40,6 +59,7 @@ def greedy_generate(
     mrope_delta: int,
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...] = (),
+    patchify: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy tokens after the prompt. positions (3, L) or None for text positions 0..L-1."""
     device = next(model.parameters()).device
@@ -47,7 +67,7 @@ def greedy_generate(
     if positions is None:
         positions = torch.arange(n).expand(3, n)
     cache = ContiguousKVCache(len(model.model.layers), scale=model.model.layers[0].self_attn.head_dim ** -0.5)
-    x = prompt_embeddings(model, token_ids, images)
+    x = prompt_embeddings(model, token_ids, images, patchify)
     pos = positions.to(device)
     out: list[int] = []
     for step in range(max_new_tokens):

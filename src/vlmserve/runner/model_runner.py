@@ -83,7 +83,7 @@ class EagerInputs:
 
     ids: torch.Tensor  # (T,)
     positions: torch.Tensor  # (3, T)
-    meta: PagedAttentionMetadata
+    attn: TorchPagedAttention  # built from the block tables as they are now, not when the step runs
     image_rows: list[tuple[str, int, int]]  # (mm_hash, first row, end row), in batch order
     image_mask: torch.Tensor | None  # (T,) bool: the rows image rows replace
     sample_index: torch.Tensor | None  # rows whose hidden state samples; None when no request samples
@@ -164,6 +164,14 @@ class ModelRunner:
             img = req.images[idx]
             if img.mm_hash not in self.encoder_cache:
                 todo.setdefault(img.mm_hash, img)
+        # An image the step reads but nobody encoded: the step meant to encode it failed before it ran (the
+        # scheduler still counts it as cached). Encode it now rather than fail every request that shows it.
+        for s in sched.scheduled:
+            for img in s.request.images:
+                overlaps = img.offset < s.start + s.num_tokens and img.offset + img.length > s.start
+                if overlaps and img.mm_hash not in self.encoder_cache and img.mm_hash not in todo:
+                    logger.warning("image %s was never encoded (a failed step); encoding it now", img.mm_hash)
+                    todo[img.mm_hash] = img
         if not todo:
             return None
         imgs = list(todo.values())
@@ -386,7 +394,7 @@ class ModelRunner:
         return EagerInputs(
             ids=ids,
             positions=to_device(torch.cat(positions, dim=1), dev),
-            meta=meta,
+            attn=self._attention(meta),
             image_rows=image_rows,
             image_mask=image_mask,
             sample_index=to_device(torch.tensor(sample_index), dev) if sample_reqs else None,
@@ -401,7 +409,7 @@ class ModelRunner:
             x = self.model.embed(inputs.ids, rows, inputs.image_mask)
         else:
             x = self.model.embed(inputs.ids)
-        hidden = self.model(x, inputs.positions, self._attention(inputs.meta))
+        hidden = self.model(x, inputs.positions, inputs.attn)
         if inputs.sample_index is None:
             return StepOutput([])
         logits = self.model.compute_logits(hidden[inputs.sample_index]).float()
