@@ -249,3 +249,42 @@ def test_an_image_whose_encoding_step_failed_is_encoded_when_next_needed(
         out.token_ids
         == _tight(tiny_checkpoint, asyn).generate([(text, [img])], params)[0].outputs[0].token_ids
     )
+
+
+def test_a_queued_step_that_fails_fails_only_its_own_requests(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # B decodes while A's long prompt is chunked; A's next chunk (an eager step, queued at the start of the
+    # next call) fails when queued. B was in that step too (its decode shares it) and fails with it; C, held
+    # back by max_num_seqs, keeps running. (The step applied before it is done: its requests that are not in
+    # the failed one, e.g. one preempted meanwhile, are not failed either.)
+    llm = LLM(
+        str(tiny_checkpoint),
+        async_scheduling=True,
+        max_model_len=256,
+        max_num_batched_tokens=64,
+        max_num_seqs=2,
+        num_kv_blocks=40,
+        block_size=16,
+    )
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    engine.add_request(llm.make_request("short one", [], params, request_id="B"))
+    engine.step()
+    engine.step()
+    engine.add_request(llm.make_request(" ".join(f"w{i}" for i in range(60)), [], params, request_id="A"))
+    engine.add_request(llm.make_request("waiting", [], params, request_id="C"))
+    while engine._to_launch is None:
+        engine.step()
+    in_queued = {s.request.request_id for s in engine._to_launch[0].scheduled}
+    assert "C" not in in_queued
+    with monkeypatch.context() as m:
+        _fail_next(m, engine.runner, "_run_eager")
+        with pytest.raises(RuntimeError, match="injected"):
+            engine.step()
+    failed = {d.request_id for d in engine.fail_scheduled("step failed") if d.finish_reason == "error"}
+    assert failed == in_queued
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+    assert any(d.request_id == "C" and d.finish_reason == "length" for d in outputs)

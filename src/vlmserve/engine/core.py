@@ -186,8 +186,11 @@ class EngineCore:
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
             return self._apply(sched, self.runner.launch(sched))
         if self._to_launch is not None:
-            self._in_flight = (self._to_launch[0], self._to_launch[1].run())
+            queued, step = self._to_launch
             self._to_launch = None
+            # The step before it was applied in the last call: only this one's requests can fail here.
+            self._last_scheduled = [s.request.request_id for s in queued.scheduled]
+            self._in_flight = (queued, step.run())
         prev = self._in_flight
         if prev is not None and self._needs_known_tokens():
             self._in_flight = None
