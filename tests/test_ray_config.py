@@ -3,6 +3,7 @@ checked without a Ray cluster (ray[serve] must be installed: its schemas validat
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -18,7 +19,8 @@ from vlmserve.deploy.builder import (
     server_deployment_options,
 )
 from vlmserve.deploy.config import LLMConfig, LLMServingArgs, ServeConfigFile
-from vlmserve.deploy.server import RemoteAPIError
+from vlmserve.deploy.server import RemoteAPIError, _forward, merge_deltas
+from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 
 MODEL = {"model_id": "my-qwen-VL", "model_source": "Qwen/Qwen2.5-VL-7B-Instruct"}
 
@@ -74,6 +76,19 @@ def test_the_issue_example_validates() -> None:
         ),
         ({"accelerator_type": "L40"}, "unknown accelerator_type 'L40'; did you mean 'L40S'?"),
         ({"llm_engine": "SGLang"}, "llm_engine 'SGLang' is not available"),
+        (
+            {"experimental_configs": {"stream_batching_interval": 50}},
+            "experimental_configs.stream_batching_interval is not supported; the one vlmserve takes is "
+            "stream_batching_interval_ms",
+        ),
+        (
+            {"experimental_configs": {"stream_batching_interval_ms": -5}},
+            "stream_batching_interval_ms must be a number of milliseconds >= 0, got -5",
+        ),
+        (
+            {"experimental_configs": {"num_ingress_replicas": 2}},
+            "give the ingress's replicas in build_openai_app's ingress_deployment_config",
+        ),
     ],
 )
 def test_errors_name_the_field_and_the_fix(fields: dict[str, object], expected: str) -> None:
@@ -292,3 +307,99 @@ def test_example_python_app_and_run_targets(tmp_path: Path, monkeypatch: pytest.
         cluster.build_application(cluster.AppSpec("x", "/", "serve_qwen_VL:nope", {}))
     with pytest.raises(cluster.ClusterError, match="is a built application; it takes no args"):
         cluster.build_application(cluster.AppSpec("x", "/", "serve_qwen_VL:app", {"llm_configs": []}))
+
+
+def test_stream_batching_interval_reaches_the_replica() -> None:
+    assert config().stream_batching_interval_s == 0.05  # Ray Serve LLM's default
+    assert config(experimental_configs={"stream_batching_interval_ms": 0}).stream_batching_interval_s == 0.0
+    cfg = config(experimental_configs={"stream_batching_interval_ms": 50}, engine_kwargs={"device": "cpu"})
+    assert cfg.stream_batching_interval_s == 0.05
+    app = build_openai_app({"llm_configs": [cfg]})
+    server = app._bound_deployment.init_kwargs["llm_deployments"][cfg.model_id]
+    assert server._bound_deployment.init_kwargs["stream_batching_interval_s"] == 0.05
+
+
+def _delta(i: int, index: int = 0, finish: str | None = None) -> CompletionDelta:
+    return CompletionDelta(
+        "r",
+        index,
+        f"t{i} ",
+        [i],
+        [TokenLogprob(i, -0.1 * i)],
+        finish,
+        num_prompt_tokens=5,
+        num_output_tokens=i + 1,
+    )
+
+
+def test_merge_deltas_joins_each_choice_in_order() -> None:
+    merged = merge_deltas([_delta(0), _delta(1, index=1), _delta(2), _delta(3, index=1, finish="length")])
+    assert [(d.index, d.text, d.token_ids, [lp.token_id for lp in d.logprobs]) for d in merged] == [
+        (0, "t0 t2 ", [0, 2], [0, 2]),
+        (1, "t1 t3 ", [1, 3], [1, 3]),
+    ]
+    assert merged[0].finish_reason is None and merged[1].finish_reason == "length"
+    assert merged[1].num_output_tokens == 4
+
+
+def test_windowed_forwarding_sends_the_first_token_at_once_then_batches() -> None:
+    """Deltas 10 ms apart through a 50 ms window: the first alone, then ~5 per item, the last with its
+    finish reason; every token arrives once and in order, and the source is closed at the end."""
+
+    closed = []
+
+    async def source():
+        try:
+            for i in range(20):
+                await asyncio.sleep(0.01)
+                yield _delta(i, finish="length" if i == 19 else None)
+        finally:
+            closed.append(True)
+
+    async def run() -> list[tuple[float, CompletionDelta]]:
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        return [(loop.time() - start, d) async for d in _forward(source(), 0.05)]
+
+    items = asyncio.run(run())
+    tokens = [t for _, d in items for t in d.token_ids]
+    assert tokens == list(range(20))
+    assert items[0][1].token_ids == [0] and items[0][0] < 0.04
+    assert 3 <= len(items) <= 8  # about 200 ms of tokens in 50 ms windows, not 20 items
+    assert items[-1][1].finish_reason == "length"
+    assert closed == [True]
+
+
+def test_windowed_forwarding_passes_on_a_failure_and_stops_the_source_when_closed() -> None:
+    async def failing():
+        yield _delta(0)
+        await asyncio.sleep(0.005)
+        yield _delta(1)
+        raise RuntimeError("engine failed")
+
+    async def drain(gen) -> list[CompletionDelta]:
+        return [d async for d in gen]
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        asyncio.run(drain(_forward(failing(), 0.05)))
+
+    closed = []
+
+    async def endless():
+        try:
+            i = 0
+            while True:
+                await asyncio.sleep(0.001)
+                yield _delta(i)
+                i += 1
+        finally:
+            closed.append(True)
+
+    async def take_two() -> None:
+        gen = _forward(endless(), 0.02)
+        await anext(gen)
+        await anext(gen)
+        await gen.aclose()  # what Ray does when the ingress's client goes away
+
+    asyncio.run(take_two())
+    assert closed == [True]

@@ -147,6 +147,10 @@ def build_openai_app(builder_config: Mapping[str, Any] | LLMServingArgs) -> Appl
                 "give one of them deployment_config.name"
             )
         names[name] = config.model_id
-        servers[config.model_id] = serve.deployment(LLMServer).options(**options).bind(engine_args)
+        servers[config.model_id] = (
+            serve.deployment(LLMServer)
+            .options(**options)
+            .bind(engine_args, stream_batching_interval_s=config.stream_batching_interval_s)
+        )
     ingress = serve.deployment(ingress_class()).options(**ingress_deployment_options(args))
     return ingress.bind(llm_deployments=servers)

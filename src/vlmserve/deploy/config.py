@@ -199,15 +199,16 @@ class ModelLoadingConfig(BaseModel):
         return self.model_source or self.model_id
 
 
+# Ray Serve LLM's default: every token as its own Ray item on both hops (replica -> ingress -> proxy) costs
+# more CPU than the model on a small machine (benchmarks/RESULTS.md: +25-45% requests/s on 2 cores with it).
+DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50
+
 _LLM_CONFIG_UNSUPPORTED = {
     "lora_config": "LoRA adapters are not supported by vlmserve; remove lora_config",
     "placement_group_config": "vlmserve runs one replica per GPU (no tensor parallelism yet); remove "
     "placement_group_config and use accelerator_type or deployment_config.ray_actor_options",
     "accelerator_config": "give the GPU type as accelerator_type (e.g. 'L40S') instead",
     "server_cls": "the server deployment is vlmserve's own (vlmserve.deploy.server.LLMServer); remove server_cls",
-    "experimental_configs": "vlmserve streams every token as soon as it is produced (there is no "
-    "stream_batching_interval_ms) and its ingress options go in build_openai_app's ingress_deployment_config; "
-    "remove experimental_configs",
     "log_engine_metrics": "engine metrics are always exported on the app's /metrics; remove log_engine_metrics",
     "callback_config": "vlmserve has no model-initialization callbacks; remove callback_config",
 }
@@ -236,6 +237,13 @@ class LLMConfig(BaseModel):
     llm_engine: str = Field(
         "vlmserve", description="accepted so that Ray Serve LLM files load unchanged: 'vLLM' or 'vlmserve'"
     )
+    experimental_configs: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Ray Serve LLM's opt-in knobs; vlmserve takes stream_batching_interval_ms: a replica sends a "
+        f"stream's tokens to the ingress in batches of this many milliseconds (default "
+        f"{DEFAULT_STREAM_BATCHING_INTERVAL_MS}, as in Ray Serve LLM; the first token goes at once) instead of "
+        "one Ray call per token on each hop; 0 streams every token on its own",
+    )
 
     @model_validator(mode="before")
     @classmethod
@@ -243,6 +251,34 @@ class LLMConfig(BaseModel):
         if isinstance(data, Mapping):
             reject_unknown_keys("", data, cls.model_fields, _LLM_CONFIG_UNSUPPORTED)
         return data
+
+    @field_validator("experimental_configs", mode="before")
+    @classmethod
+    def _experimental(cls, value: Any) -> dict[str, Any]:
+        value = dict(value or {})
+        for key in value:
+            if key == "num_ingress_replicas":
+                raise ValueError(
+                    "experimental_configs.num_ingress_replicas: give the ingress's replicas in "
+                    "build_openai_app's ingress_deployment_config instead"
+                )
+            if key != "stream_batching_interval_ms":
+                raise ValueError(
+                    f"experimental_configs.{key} is not supported; the one vlmserve takes is "
+                    "stream_batching_interval_ms"
+                )
+        interval = value.get("stream_batching_interval_ms", DEFAULT_STREAM_BATCHING_INTERVAL_MS)
+        if isinstance(interval, bool) or not isinstance(interval, (int, float)) or interval < 0:
+            raise ValueError(
+                f"experimental_configs.stream_batching_interval_ms must be a number of milliseconds >= 0, got "
+                f"{interval!r}"
+            )
+        return value
+
+    @property
+    def stream_batching_interval_s(self) -> float:
+        ms = self.experimental_configs.get("stream_batching_interval_ms", DEFAULT_STREAM_BATCHING_INTERVAL_MS)
+        return float(ms) / 1e3
 
     @field_validator("llm_engine")
     @classmethod

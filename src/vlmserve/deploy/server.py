@@ -12,13 +12,17 @@ exposes what the ingress needs over Ray Serve handle calls:
 
 An API error raised before the first delta (bad request, queue full) travels as a `RemoteAPIError` item
 instead of an exception: Ray would wrap the exception and lose its status, parameter and code. Deltas are
-yielded one by one as the engine produces them (no batching window), so tokens stream individually.
+yielded one by one as the engine produces them, so tokens stream individually; with a stream batching
+interval (LLMConfig.experimental_configs.stream_batching_interval_ms, as in Ray Serve LLM) the first delta
+goes at once and later ones are merged over each interval, one Ray item per window instead of per token.
 
 Does not know: HTTP, routing between models, Ray deployment options (builder.py).
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -82,7 +86,8 @@ class ReplicaState:
 class LLMServer:
     """A Ray Serve replica serving one model id with its own engine."""
 
-    def __init__(self, engine_args: EngineArgs) -> None:
+    def __init__(self, engine_args: EngineArgs, stream_batching_interval_s: float = 0.0) -> None:
+        self.stream_batching_interval_s = stream_batching_interval_s
         # A replica is a serving process, as `vlmserve serve` is: cap malloc arenas before the engine's
         # threads allocate (memory.py). A library user's process keeps its own settings.
         limit_malloc_arenas()
@@ -131,7 +136,7 @@ class LLMServer:
         except APIError as e:
             yield RemoteAPIError.capture(e)
             return
-        async for delta in _forward(deltas):
+        async for delta in _forward(deltas, self.stream_batching_interval_s):
             yield delta
 
     async def prepare_completions(
@@ -152,15 +157,82 @@ class LLMServer:
         except APIError as e:
             yield RemoteAPIError.capture(e)
             return
-        async for delta in _forward(deltas):
+        async for delta in _forward(deltas, self.stream_batching_interval_s):
             yield delta
 
 
-async def _forward(deltas: AsyncGenerator[CompletionDelta, None]) -> AsyncGenerator[CompletionDelta, None]:
+async def _forward(
+    deltas: AsyncGenerator[CompletionDelta, None], interval_s: float = 0.0
+) -> AsyncGenerator[CompletionDelta, None]:
     # Closing `deltas` aborts the engine request; that happens here when Ray cancels this stream (the
     # ingress's client went away) as well as when it ends.
+    if interval_s <= 0:
+        try:
+            async for delta in deltas:
+                yield delta
+        finally:
+            await deltas.aclose()
+        return
+    # Windowed: a task moves deltas into a queue as they come, and this side waits on the queue with a
+    # deadline (waiting on the stream itself with a timeout would cancel it).
+    queue: asyncio.Queue[CompletionDelta | BaseException | None] = asyncio.Queue()
+
+    async def pump() -> None:
+        try:
+            async for delta in deltas:
+                queue.put_nowait(delta)
+            queue.put_nowait(None)
+        except Exception as e:
+            queue.put_nowait(e)
+
+    task = asyncio.create_task(pump())
+    loop = asyncio.get_running_loop()
+    first = True
     try:
-        async for delta in deltas:
-            yield delta
+        while True:
+            item = await queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            batch = [item]
+            if not first:
+                deadline = loop.time() + interval_s
+                while not batch[-1].finished and (left := deadline - loop.time()) > 0:
+                    try:
+                        item = await asyncio.wait_for(queue.get(), left)
+                    except TimeoutError:
+                        break
+                    if item is None or isinstance(item, BaseException):
+                        queue.put_nowait(item)  # the end (or a failure): handled once this batch is out
+                        break
+                    batch.append(item)
+            first = False
+            for delta in merge_deltas(batch):
+                yield delta
     finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
         await deltas.aclose()
+
+
+def merge_deltas(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
+    """Consecutive deltas as one per choice: the text, token ids and logprobs joined, the rest (finish
+    reason, counts, error) from the latest. Choices keep the order of their first delta."""
+    merged: dict[int, CompletionDelta] = {}
+    for d in deltas:
+        m = merged.get(d.index)
+        if m is None:
+            merged[d.index] = dataclasses.replace(
+                d, token_ids=list(d.token_ids), logprobs=None if d.logprobs is None else list(d.logprobs)
+            )
+            continue
+        m.text += d.text
+        m.token_ids += d.token_ids
+        if d.logprobs is not None:
+            m.logprobs = (m.logprobs or []) + d.logprobs
+        m.finish_reason, m.stop_reason, m.error = d.finish_reason, d.stop_reason, d.error or m.error
+        m.num_prompt_tokens, m.num_cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
+        m.num_output_tokens = d.num_output_tokens
+    return list(merged.values())
