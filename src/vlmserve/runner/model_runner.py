@@ -294,11 +294,12 @@ class ModelRunner:
             return PreparedStep(
                 self._in_mode(lambda: self._run_graph(sched, inputs, pending, prev)), decode_only=True
             )
+        if decode is not None:  # CPU (or a batch beyond the graphs): the same ints, no per-request tensors
+            eager = self._decode_inputs(sched, decode, prev)
+            return PreparedStep(self._in_mode(lambda: self._run_eager(None, eager)), decode_only=True)
         encoder = self._encoder_inputs(sched)
         eager = self._eager_inputs(sched, prev)
-        return PreparedStep(
-            self._in_mode(lambda: self._run_eager(encoder, eager)), decode_only=decode is not None
-        )
+        return PreparedStep(self._in_mode(lambda: self._run_eager(encoder, eager)), decode_only=False)
 
     def _in_mode(self, fn: Callable[[], StepOutput]) -> Callable[[], StepOutput]:
         """`fn` under inference mode and, on a GPU, the attention kernels allowed there."""
@@ -399,6 +400,41 @@ class ModelRunner:
             image_mask=image_mask,
             sample_index=to_device(torch.tensor(sample_index), dev) if sample_reqs else None,
             sample_reqs=sample_reqs,
+        )
+
+    def _decode_inputs(
+        self, sched: SchedulerOutput, decode: tuple[Any, ...], prev: StepOutput | None
+    ) -> EagerInputs:
+        """`_eager_inputs` for a step of one-token decodes, from `_prepare_decode`'s plain ints."""
+        token_ids, positions, slots, tables, seq_lens, pending = decode
+        dev = self.device
+        ids = to_device(torch.tensor(token_ids), dev)
+        self._fill_pending(ids, pending, prev)
+        width = max(len(t) for t in tables)
+        block_tables = np.zeros((len(tables), width), dtype=np.int64)
+        for i, t in enumerate(tables):
+            block_tables[i, : len(t)] = t
+        rows = list(range(len(token_ids)))
+        meta = PagedAttentionMetadata(
+            slot_mapping=to_device(torch.tensor(slots), dev),
+            query_lens=[1] * len(rows),
+            seq_lens=seq_lens,
+            block_tables=to_device(torch.from_numpy(block_tables), dev),
+            decode_rows=rows,
+            prefill_rows=[],
+            host_block_tables=tables,
+        )
+        sample = [i for i, s in enumerate(sched.scheduled) if s.sample]
+        return EagerInputs(
+            ids=ids,
+            positions=to_device(
+                torch.tensor(positions).expand(3, -1).contiguous(), dev
+            ),  # text: same on all axes
+            attn=self._attention(meta),
+            image_rows=[],
+            image_mask=None,
+            sample_index=to_device(torch.tensor(sample), dev) if sample else None,
+            sample_reqs=[sched.scheduled[i].request for i in sample],
         )
 
     def _run_eager(self, encoder: tuple[list[Any], torch.Tensor] | None, inputs: EagerInputs) -> StepOutput:
