@@ -218,7 +218,7 @@ def test_prompt_longer_than_max_model_len_is_refused(tight_llm: LLM) -> None:
     assert str(len(request.prompt_token_ids)) in str(e.value)
 
 
-def test_cpu_few_token_steps_use_one_thread_only_for_small_models(
+def test_cpu_decode_and_few_token_steps_use_one_thread_only_for_small_models(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from types import SimpleNamespace
@@ -227,12 +227,20 @@ def test_cpu_few_token_steps_use_one_thread_only_for_small_models(
 
     runner = LLM(str(tiny_checkpoint), device="cpu").engine.runner
     decode = SimpleNamespace(scheduled=[SimpleNamespace(num_tokens=1)] * 2, encoder_inputs=[])
+    big_decode = SimpleNamespace(scheduled=[SimpleNamespace(num_tokens=1)] * 32, encoder_inputs=[])
     prefill = SimpleNamespace(scheduled=[SimpleNamespace(num_tokens=64)], encoder_inputs=[])
+    mixed = SimpleNamespace(
+        scheduled=[SimpleNamespace(num_tokens=1)] * 8 + [prefill.scheduled[0]], encoder_inputs=[]
+    )
     try:
         assert runner.one_thread_small_steps  # the tiny test model is far below SMALL_CPU_MODEL_BYTES
         runner._set_cpu_threads(decode)
         assert torch.get_num_threads() == 1
         runner._set_cpu_threads(prefill)
+        assert torch.get_num_threads() == model_runner.CPU_THREADS
+        runner._set_cpu_threads(big_decode)  # a decode step of any batch size: one token per sequence
+        assert torch.get_num_threads() == 1
+        runner._set_cpu_threads(mixed)  # a prefill chunk in the step: every thread
         assert torch.get_num_threads() == model_runner.CPU_THREADS
         # A model above the size limit (the limit lowered, as if the weights were a real checkpoint's).
         monkeypatch.setattr(model_runner, "SMALL_CPU_MODEL_BYTES", 0)

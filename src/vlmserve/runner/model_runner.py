@@ -90,8 +90,8 @@ class EagerInputs:
     sample_reqs: list[Request]
 
 
-# On CPU, a small model's steps of at most this many tokens run on one thread (ModelRunner._set_cpu_threads);
-# the others on torch's thread count as the process started (read once here: a runner made after another one
+# On CPU, a small model's decode steps and steps of at most this many tokens run on one thread
+# (ModelRunner._set_cpu_threads); the others on torch's thread count as the process started (read once here: a runner made after another one
 # switched to one thread must not take that for the machine's size).
 SMALL_CPU_STEP_TOKENS = 4
 CPU_THREADS = torch.get_num_threads()
@@ -199,11 +199,15 @@ class ModelRunner:
             self.encoder_cache[img.mm_hash] = emb.clone() if len(imgs) > 1 else emb
 
     def _set_cpu_threads(self, sched: SchedulerOutput) -> None:
-        """A small model's step of a few tokens is a chain of small ops, each cheaper on one thread than split
-        (and the other cores stay free for the HTTP front); a step with prefill or images, or any step of a
-        large model, takes every thread."""
-        tokens = sum(s.num_tokens for s in sched.scheduled)
-        small = self.one_thread_small_steps and tokens <= SMALL_CPU_STEP_TOKENS and not sched.encoder_inputs
+        """A small model's decode step (one token per sequence), or any step of a few tokens, is a chain of
+        small ops that one thread runs about as fast as two (within 10% up to batch 32), and the other cores
+        stay free for the HTTP front; a step with a prefill chunk or images, or any step of a large model,
+        takes every thread."""
+        if not self.one_thread_small_steps or sched.encoder_inputs:
+            small = False
+        else:
+            tokens = sum(s.num_tokens for s in sched.scheduled)
+            small = tokens <= SMALL_CPU_STEP_TOKENS or tokens == len(sched.scheduled)
         want = 1 if small else CPU_THREADS
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
