@@ -8,6 +8,7 @@ request can end, and the order of launches and waits that makes the overlap poss
 
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 
 import pytest
@@ -107,7 +108,7 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
 ) -> None:
     _, llm = _engines(tiny_checkpoint)
     events: list[tuple[str, int]] = []
-    launched: dict[int, int] = {}  # id(StepOutput) -> step number
+    counter = itertools.count()
     runner = llm.engine.runner
     prepare = runner.prepare
 
@@ -118,9 +119,9 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
         def traced_run():
             out = run()
             if sched.scheduled:  # (the last call only hands the runner what finished)
-                launched[id(out)] = len(launched)
+                out.trace_step = next(counter)  # on the object: ids of freed outputs get reused
                 prefill = any(s.num_tokens > 1 for s in sched.scheduled)
-                events.append(("launch prefill" if prefill else "launch", launched[id(out)]))
+                events.append(("launch prefill" if prefill else "launch", out.trace_step))
             return out
 
         step.run = traced_run
@@ -129,7 +130,7 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
     result = StepOutput.result
 
     def traced_result(self):
-        events.append(("wait", launched.get(id(self), -1)))
+        events.append(("wait", getattr(self, "trace_step", -1)))
         return result(self)
 
     monkeypatch.setattr(runner, "prepare", traced_prepare)
