@@ -20,8 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmserve.devices import to_device
 from vlmserve.models.layers.activation import silu_and_mul
-from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups, to_device, varlen_attention
+from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups, varlen_attention
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary, inverse_frequencies
 

@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from vlmserve.models.layers.attention import causal_attention, to_device
+from vlmserve.devices import to_device
+from vlmserve.models.layers.attention import causal_attention
 
 
 @dataclass

@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from vlmserve.devices import to_device
 from vlmserve.engine.request import Request
 from vlmserve.engine.scheduler import SchedulerOutput
-from vlmserve.models.layers.attention import to_device
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
 from vlmserve.runner.sampler import SampledBatch, Sampler, build_sampling_batch, make_generator

@@ -12,7 +12,8 @@ penalties, min_tokens masking and seed. The order and the formulas follow vLLM (
 
 `build_sampling_batch` turns the per-request Python state into tensors once per step; every flag that
 picks a fast path (all greedy, no penalties, no top-k / top-p, ...) is computed there on the host, so the
-sampler itself never waits on the device until the final `.tolist()`.
+sampler itself never waits on the device: `Sampler.sample` returns the tokens still on it (the next step can
+read them there) with their copy to the host under way, and only `SampledBatch.output()` waits.
 
 Seeds: a request with a seed draws its noise from its own `torch.Generator` (made once by the runner with
 `make_generator`, kept for the request's lifetime), one full-vocabulary row per step. Its tokens then do
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from vlmserve.devices import to_device
 from vlmserve.engine.sampling_params import SamplingParams
 
 # Temperatures below this are treated as greedy (as vLLM does): dividing logits by ~0 overflows float32
@@ -174,14 +176,14 @@ def build_sampling_batch(
     repetition = [p.repetition_penalty for p in params]
 
     # One host->device copy for every per-row float instead of one per field.
-    scalars = _to_device(
+    scalars = to_device(
         torch.tensor(
             [temperature, top_p, min_p, presence, frequency, repetition, [float(g) for g in greedy]],
             dtype=torch.float32,
         ),
         device,
     )  # (7, B)
-    top_k_t = _to_device(torch.tensor(top_k, dtype=torch.int64), device)  # (B,)
+    top_k_t = to_device(torch.tensor(top_k, dtype=torch.int64), device)  # (B,)
 
     uses_repetition = [p.repetition_penalty != 1.0 for p in params]
     uses_freq_presence = [p.frequency_penalty != 0.0 or p.presence_penalty != 0.0 for p in params]
@@ -205,7 +207,7 @@ def build_sampling_batch(
     asking = [i for i, k in enumerate(num_logprobs) if k is not None]
     logprob_rows = None
     if 0 < len(asking) < batch_size:
-        logprob_rows = _to_device(torch.tensor(asking, dtype=torch.int64), device)
+        logprob_rows = to_device(torch.tensor(asking, dtype=torch.int64), device)
 
     enabled_top_k = [k for k in top_k if k > 0]
     return SamplingBatch(
@@ -329,7 +331,7 @@ def _mask_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> None:
     ]
     if not pairs:
         return
-    index = _to_device(torch.tensor(pairs, dtype=torch.int64), logits.device)  # (P, 2)
+    index = to_device(torch.tensor(pairs, dtype=torch.int64), logits.device)  # (P, 2)
     logits.index_put_((index[:, 0], index[:, 1]), torch.full((), float("-inf"), device=logits.device))
 
 
@@ -472,12 +474,5 @@ def _flatten_token_ids(
     # every prompt and output token of the penalized rows.
     ids = np.fromiter(itertools.chain.from_iterable(token_ids[r] for r in rows), dtype=np.int64, count=total)
     row_ids = np.repeat(np.asarray(rows, dtype=np.int64), lengths)
-    packed = _to_device(torch.from_numpy(np.stack([row_ids, ids])), device)  # (2, N): one copy for both
+    packed = to_device(torch.from_numpy(np.stack([row_ids, ids])), device)  # (2, N): one copy for both
     return packed[0], packed[1]
-
-
-def _to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
-    if device.type == "cuda":
-        # Pinned memory lets the copy run asynchronously instead of blocking the host.
-        return tensor.pin_memory().to(device, non_blocking=True)
-    return tensor.to(device)

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from vlmserve.models.layers.attention import flash_varlen, to_device
+from vlmserve.devices import to_device
+from vlmserve.models.layers.attention import flash_varlen
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
 
 PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)

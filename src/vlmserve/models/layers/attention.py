@@ -17,6 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 
+from vlmserve.devices import to_device
+
 
 class VarlenGroups:
     """A packed batch of independent sequences (lengths known on the host).
@@ -75,14 +77,6 @@ def flash_varlen(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )[0]
     return out
-
-
-def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
-    """A host tensor on `device` without waiting for the device: a plain `.to(cuda)` from pageable memory
-    synchronises the stream, which would stall the host until every queued kernel has run."""
-    if torch.device(device).type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
 
 
 def varlen_attention(
