@@ -227,7 +227,7 @@ def test_vision_varlen_flash_matches_grouped_sdpa() -> None:
     lengths = [64, 64, 16, 40, 64, 4, 1200]  # full windows, edge windows, a whole image
     n, heads, dim = sum(lengths), 16, 80
     q, k, v = (torch.randn(n, heads, dim, device="cuda") for _ in range(3))
-    seqs = VarlenGroups.from_lengths(lengths, "cuda")
+    seqs = VarlenGroups(lengths, "cuda")
     ref = varlen_attention(q, k, v, seqs, scale=dim**-0.5)  # float32: the grouped path
     got = varlen_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), seqs, scale=dim**-0.5)
     err = ((got.float() - ref).norm() / ref.norm()).item()

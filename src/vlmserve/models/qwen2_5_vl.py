@@ -253,8 +253,8 @@ def vision_layout(grids: list[tuple[int, int, int]], cfg: VisionConfig, device: 
     return VisionLayout(
         window_index=to_device(widx, device),
         reverse_index=to_device(torch.argsort(widx), device),
-        windows=VarlenGroups.from_lengths(torch.cat(window_lens).tolist(), device),
-        images=VarlenGroups.from_lengths(frame_lens, device),
+        windows=VarlenGroups(torch.cat(window_lens).tolist(), device),
+        images=VarlenGroups(frame_lens, device),
         pos_hw=to_device(pos_hw, device),
     )
 

@@ -7,8 +7,10 @@ K/V goes (slot_mapping) and which cached tokens each sequence attends to.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -26,6 +28,20 @@ class PagedAttentionMetadata:
     decode_rows: list[int]
     prefill_rows: list[int]
     host_block_tables: list[list[int]] | None = None  # the block tables as built on the host, if at hand
+
+
+def token_slots(table: Sequence[int], start: int, end: int, block_size: int) -> np.ndarray:
+    """Cache slots (block id * block_size + offset) of a sequence's tokens [start, end), given its block table."""
+    idx = np.arange(start, end)
+    return np.asarray(table, dtype=np.int64)[idx // block_size] * block_size + idx % block_size
+
+
+def padded_block_tables(tables: Sequence[Sequence[int]], dtype: type = np.int64) -> np.ndarray:
+    """(B, longest) block tables, padded with block 0 (never read: attention stops at each sequence's length)."""
+    out = np.zeros((len(tables), max(len(t) for t in tables)), dtype=dtype)
+    for i, t in enumerate(tables):
+        out[i, : len(t)] = t
+    return out
 
 
 class TorchPagedAttention:

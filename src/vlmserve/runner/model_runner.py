@@ -27,7 +27,12 @@ from vlmserve.devices import to_device
 from vlmserve.engine.request import Request
 from vlmserve.engine.scheduler import SchedulerOutput
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
+from vlmserve.runner.attention import (
+    PagedAttentionMetadata,
+    TorchPagedAttention,
+    padded_block_tables,
+    token_slots,
+)
 from vlmserve.runner.sampler import SampledBatch, Sampler, build_sampling_batch, make_generator
 
 logger = logging.getLogger(__name__)
@@ -91,8 +96,8 @@ class EagerInputs:
 
 
 # On CPU, a small model's decode steps and steps of at most this many tokens run on one thread
-# (ModelRunner._set_cpu_threads); the others on torch's thread count as the process started (read once here: a runner made after another one
-# switched to one thread must not take that for the machine's size).
+# (ModelRunner._set_cpu_threads); the others on torch's thread count as the process started (read once
+# here: a runner made after another one switched to one thread must not take that for the machine's size).
 SMALL_CPU_STEP_TOKENS = 4
 CPU_THREADS = torch.get_num_threads()
 # Weights up to this size count as small: their few-token steps are chains of tiny ops, which lose more to
@@ -358,9 +363,7 @@ class ModelRunner:
                 token_ids.append(PENDING)
                 pending.append((flat + i - start, req.request_id))
             positions.append(self._positions(req, start, n))
-            table = torch.tensor(req.block_ids, dtype=torch.long)
-            idx = torch.arange(start, end)
-            slots.append(table[idx // bs] * bs + idx % bs)
+            slots.append(token_slots(req.block_ids, start, end, bs))
             query_lens.append(n)
             seq_lens.append(end)
             tables.append(req.block_ids)
@@ -377,15 +380,11 @@ class ModelRunner:
         dev = self.device
         ids = to_device(torch.tensor(token_ids), dev)
         self._fill_pending(ids, pending, prev)
-        max_blocks = max(len(t) for t in tables)
-        block_tables = torch.zeros(len(tables), max_blocks, dtype=torch.long)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = torch.tensor(t, dtype=torch.long)
         meta = PagedAttentionMetadata(
-            slot_mapping=to_device(torch.cat(slots), dev),
+            slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), dev),
             query_lens=query_lens,
             seq_lens=seq_lens,
-            block_tables=to_device(block_tables, dev),
+            block_tables=to_device(torch.from_numpy(padded_block_tables(tables)), dev),
             decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
             prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
             host_block_tables=tables,
@@ -414,26 +413,21 @@ class ModelRunner:
         dev = self.device
         ids = to_device(torch.tensor(token_ids), dev)
         self._fill_pending(ids, pending, prev)
-        width = max(len(t) for t in tables)
-        block_tables = np.zeros((len(tables), width), dtype=np.int64)
-        for i, t in enumerate(tables):
-            block_tables[i, : len(t)] = t
         rows = list(range(len(token_ids)))
         meta = PagedAttentionMetadata(
             slot_mapping=to_device(torch.tensor(slots), dev),
             query_lens=[1] * len(rows),
             seq_lens=seq_lens,
-            block_tables=to_device(torch.from_numpy(block_tables), dev),
+            block_tables=to_device(torch.from_numpy(padded_block_tables(tables)), dev),
             decode_rows=rows,
             prefill_rows=[],
             host_block_tables=tables,
         )
         sample = [i for i, s in enumerate(sched.scheduled) if s.sample]
+        text_positions = torch.tensor(positions).expand(3, -1).contiguous()  # the same on all three axes
         return EagerInputs(
             ids=ids,
-            positions=to_device(
-                torch.tensor(positions).expand(3, -1).contiguous(), dev
-            ),  # text: same on all axes
+            positions=to_device(text_positions, dev),
             attn=self._attention(meta),
             image_rows=[],
             image_mask=None,
@@ -551,10 +545,8 @@ class CudaGraphDecoder:
         host's ids are copied in, to write the ids still on the device."""
         bsz = len(token_ids)
         size = next(s for s in self.sizes if s >= bsz)
-        width = max(len(t) for t in tables)
-        table = np.zeros((bsz, width), dtype=np.int32)
-        for i, t in enumerate(tables):
-            table[i, : len(t)] = t
+        table = padded_block_tables(tables, np.int32)
+        width = table.shape[1]
         # Padding rows: token 0 at position 0, written into the null block, attending to one token.
         self.ids[bsz:size].zero_()
         self.pos[:, bsz:size].zero_()

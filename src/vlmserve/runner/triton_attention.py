@@ -21,7 +21,7 @@ import triton.language as tl
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import flash_varlen
-from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention
+from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention, token_slots
 
 PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)
 BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
@@ -215,7 +215,8 @@ class TritonDecodeAttention:
 class TritonPagedAttention(TorchPagedAttention):
     """AttentionBackend for the GPU's eager steps (prefill chunks mixed with decodes): the decode rows go
     through the paged Triton kernel, which reads each history in place instead of gathering every decode
-    row's whole KV into one padded copy per layer; prefill rows run as in the torch backend (flash SDPA).
+    row's whole KV into one padded copy per layer; the prefill rows (in half precision) go through one
+    variable-length flash call over their gathered contexts, the torch backend's per-row path otherwise.
 
     `num_partitions` is fixed (max_model_len's, as in the CUDA graphs), not this step's longest sequence:
     the merge kernel's partition count is a compile-time constant, and one per step would compile new
@@ -248,13 +249,7 @@ class TritonPagedAttention(TorchPagedAttention):
         rows = meta.prefill_rows
         q_rows = np.concatenate([np.arange(self.q_starts[r], self.q_starts[r + 1]) for r in rows])
         slots = np.concatenate(
-            [
-                (
-                    np.asarray(meta.host_block_tables[r][: -(-meta.seq_lens[r] // page)])[:, None] * page
-                    + np.arange(page)
-                ).ravel()[: meta.seq_lens[r]]
-                for r in rows
-            ]
+            [token_slots(meta.host_block_tables[r], 0, meta.seq_lens[r], page) for r in rows]
         )
         q_lens = [meta.query_lens[r] for r in rows]
         k_lens = [meta.seq_lens[r] for r in rows]

@@ -39,10 +39,6 @@ class VarlenGroups:
             )
         self._groups: list[tuple[int, torch.Tensor | None]] | None = None
 
-    @classmethod
-    def from_lengths(cls, lengths: list[int], device: torch.device | str) -> VarlenGroups:
-        return cls(lengths, device)
-
     @property
     def groups(self) -> list[tuple[int, torch.Tensor | None]]:
         """(length, row indices of all sequences of that length, in order; None when that is every row)."""
@@ -73,10 +69,9 @@ def flash_varlen(
     """Flash attention over packed sequences: q (Tq, Hq, D), k and v (Tk, Hkv, D) (grouped-query aware), cu_q /
     cu_k (S + 1,) int32 sequence starts. Causal masks align bottom right (query i of a sequence with more keys
     than queries sees the keys up to its own position). fp16 / bf16 on CUDA only. -> (Tq, Hq, D)."""
-    out = torch.ops.aten._flash_attention_forward(
+    return torch.ops.aten._flash_attention_forward(
         q, k, v, cu_q, cu_k, max_q, max_k, 0.0, causal, False, scale=scale
     )[0]
-    return out
 
 
 def varlen_attention(
