@@ -224,17 +224,9 @@ class EngineCore:
 
     def _needs_known_tokens(self) -> bool:
         """Whether a request with a token still being sampled needs its value to sample its next one."""
-        for req in self.scheduler.running:
-            if req.num_pending_tokens:
-                p = req.sampling_params
-                if (
-                    p.min_tokens
-                    or p.repetition_penalty != 1.0
-                    or p.frequency_penalty != 0.0
-                    or p.presence_penalty != 0.0
-                ):
-                    return True
-        return False
+        return any(
+            r.num_pending_tokens and r.sampling_params.reads_output_tokens for r in self.scheduler.running
+        )
 
     def _apply(self, sched: SchedulerOutput, out: StepOutput) -> list[CompletionDelta]:
         """Wait for a launched step's tokens; update the scheduler and detokenize."""

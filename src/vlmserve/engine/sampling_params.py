@@ -82,3 +82,14 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def reads_output_tokens(self) -> bool:
+        """Whether sampling a token looks at the request's earlier output tokens (penalties count them,
+        min_tokens counts them), so the next token cannot be sampled before the last one is known."""
+        return (
+            self.min_tokens > 0
+            or self.repetition_penalty != 1.0
+            or self.frequency_penalty != 0.0
+            or self.presence_penalty != 0.0
+        )
