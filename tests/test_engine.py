@@ -1,4 +1,5 @@
-"""The full engine (scheduler + paged runner + sampler + detokenizer) on a tiny real checkpoint, on CPU.
+"""The full engine (scheduler + paged runner + sampler + detokenizer) on a tiny real checkpoint, on the CPU
+(pinned: the oracles are exact float32 comparisons, which a bf16 GPU engine would not meet).
 
 The oracle is `greedy_generate`: one request at a time, contiguous KV cache, no scheduling. Whatever the
 batching, chunking, preemption and caching did, greedy tokens must be identical.
@@ -53,6 +54,8 @@ def tight_llm(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> LLM:
         num_kv_blocks=34,
         block_size=16,
         async_scheduling=request.param,
+        device="cpu",
+        dtype="float32",  # batch-invariant arithmetic: bf16 rounding would depend on the batch's shape
     )
 
 
@@ -112,7 +115,7 @@ def test_prefix_cache_knows_images(tight_llm: LLM) -> None:
 def test_engine_greedy_equals_hf_generate(tiny_checkpoint: Path) -> None:
     from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
 
-    llm = LLM(str(tiny_checkpoint), max_model_len=1024)
+    llm = LLM(str(tiny_checkpoint), max_model_len=1024, device="cpu", dtype="float32")
     images = [random_image(70, 50, seed=7), random_image(40, 90, seed=8)]
     text, _ = _chat(llm, "What are these?", images)
     out = llm.generate([(text, images)], SamplingParams(temperature=0, max_tokens=24, ignore_eos=True))[0]
@@ -259,7 +262,9 @@ def test_images_sent_as_pixels_are_patchified_by_the_runner(tiny_checkpoint: Pat
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens = {}
     for pixels in (False, True):
-        llm = LLM(str(tiny_checkpoint), max_model_len=1024)  # fresh caches: each run encodes its images
+        llm = LLM(
+            str(tiny_checkpoint), max_model_len=1024, device="cpu"
+        )  # fresh caches: each run encodes its images
         llm.processor.patchify_on_device = pixels  # what an engine on a GPU sets
         text, _ = _chat(llm, "What are these?", images)
         request = llm.make_request(text, images, params)

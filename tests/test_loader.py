@@ -10,7 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmserve.models.loader import CheckpointError, load_model, resolve_model_path
+from vlmserve.models import loader
+from vlmserve.models.loader import CheckpointError, load_model, resolve_dtype, resolve_model_path
+from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig
 from vlmserve.testing.checkpoint import write_checkpoint
 
 
@@ -37,6 +39,28 @@ def test_half_precision_storage_loads_to_the_dtype_asked(tmp_path: Path, storage
     q = raw["model.layers.0.self_attn.q_proj.weight"].float()
     torch.testing.assert_close(model.model.layers[0].self_attn.qkv_proj.weight[: q.shape[0]], q)
     assert load_model(path, "bfloat16", progress=False).model.norm.weight.dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize(
+    ("declared", "device", "native_bf16", "expected"),
+    [
+        ("bfloat16", "cuda", False, torch.bfloat16),
+        ("float16", "cuda", False, torch.float16),
+        ("float32", "cuda", False, torch.float32),
+        ("bfloat16", "cpu", True, torch.bfloat16),  # AVX512-BF16 / AMX: the checkpoint's dtype, as vLLM's CPU
+        ("float16", "cpu", True, torch.bfloat16),  # backend (it casts float16 to bfloat16 on a CPU)
+        ("bfloat16", "cpu", False, torch.float32),  # emulated bf16 is slower than float32
+        ("float32", "cpu", True, torch.float32),
+    ],
+)
+def test_auto_dtype(
+    monkeypatch, tiny_checkpoint: Path, declared: str, device: str, native_bf16: bool, expected: torch.dtype
+) -> None:
+    monkeypatch.setattr(loader, "cpu_has_native_bf16", lambda: native_bf16)
+    cfg = json.loads((tiny_checkpoint / "config.json").read_text())
+    config = Qwen2_5_VLConfig.from_dict({**cfg, "torch_dtype": declared})
+    assert resolve_dtype("auto", config, torch.device(device)) == expected
+    assert resolve_dtype("fp32", config, torch.device(device)) == torch.float32
 
 
 def test_sharded_checkpoint_equals_single_file(tmp_path: Path, reference: dict[str, torch.Tensor]) -> None:

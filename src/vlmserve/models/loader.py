@@ -150,12 +150,26 @@ def iter_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[str
             bar.update(1)
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and
+    slower than float32."""
+    cpu = torch.cpu
+    return any(
+        getattr(cpu, name, lambda: False)()
+        for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    )
+
+
 def resolve_dtype(dtype: str | torch.dtype, config: Qwen2_5_VLConfig, device: torch.device) -> torch.dtype:
-    """'auto' is the checkpoint's dtype on GPU and float32 on CPU (CPU bf16 matmuls are slow without AMX)."""
+    """'auto' is the checkpoint's dtype (as in HF transformers and vLLM), except on a CPU without native bf16,
+    where it is float32; a float16 checkpoint runs in bfloat16 on a CPU (vLLM's CPU backend does the same)."""
     if isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
-        return DTYPES.get(config.torch_dtype, torch.bfloat16) if device.type == "cuda" else torch.float32
+        declared = DTYPES.get(config.torch_dtype, torch.bfloat16)
+        if device.type == "cuda" or declared == torch.float32:
+            return declared
+        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
     if dtype not in DTYPES:
         raise CheckpointError(
             f"dtype {dtype!r} is not supported; use one of auto, {', '.join(sorted(DTYPES))}"
