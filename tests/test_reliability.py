@@ -305,6 +305,7 @@ class StepFaults:
     """Makes the model runner raise on its next `count` steps (or every step with count=None)."""
 
     def __init__(self, server: ModelServer, monkeypatch: pytest.MonkeyPatch) -> None:
+        # Faults go into the engine's runner, so these tests run it in the server's process.
         runner = server.engine.core.runner
         self._prepare = runner.prepare  # every step goes through it, in either loop
         self.remaining: int | None = 0
@@ -324,7 +325,9 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_serves_on(
 ) -> None:
     # max_num_seqs=1: the streamed request runs, the second one waits (and is not part of the failed step).
     # Async (the GPU's loop): the step fails while the previous one is in flight, with a token pending.
-    server = make_server(tiny_checkpoint, max_num_seqs=1, async_scheduling=async_scheduling)
+    server = make_server(
+        tiny_checkpoint, max_num_seqs=1, async_scheduling=async_scheduling, engine_process=False
+    )
     faults = StepFaults(server, monkeypatch)
     try:
         with (
@@ -360,7 +363,7 @@ def test_a_failed_step_fails_only_its_requests_and_the_engine_serves_on(
 def test_an_engine_that_keeps_failing_is_declared_dead(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    server = make_server(tiny_checkpoint)
+    server = make_server(tiny_checkpoint, engine_process=False)
     StepFaults(server, monkeypatch).remaining = None
     try:
         with (

@@ -54,6 +54,11 @@ class EngineArgs(BaseModel):
         description="queue each step while the previous one runs (host work overlaps the GPU); "
         "default: on for CUDA, off on CPU",
     )
+    engine_process: bool = Field(
+        True,
+        description="serve with the engine's step loop in its own process (no GIL shared with the HTTP "
+        "front); off: a thread of the server process",
+    )
     trust_remote_code: bool = Field(False, description="accepted for vLLM compatibility; never needed")
 
     @field_validator("limit_mm_per_prompt", "mm_processor_kwargs", mode="before")
@@ -120,3 +125,4 @@ class EngineConfig:
     seed: int = 0
     enforce_eager: bool = False
     async_scheduling: bool = False
+    engine_process: bool = False  # how a server runs it (ModelServer.from_config); LLM always runs in-process

@@ -50,6 +50,7 @@ from PIL import Image
 from vlmserve.api.server import build_app
 from vlmserve.api.serving import ModelServer
 from vlmserve.config import EngineArgs
+from vlmserve.engine.engine_process import EngineProcess
 from vlmserve.media import MediaConfig
 from vlmserve.memory import limit_malloc_arenas
 
@@ -117,9 +118,16 @@ class LiveServer:
         return self.call(count)
 
 
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+def rss_bytes(server: ModelServer | None = None) -> int:
+    """Resident memory of this process, plus the engine's process when the server runs one."""
+    pids = ["self"]
+    if server is not None and isinstance(server.engine, EngineProcess):
+        pids.append(str(server.engine.pid))
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/statm") as f:
+            total += int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    return total
 
 
 def open_fds() -> int:
@@ -129,10 +137,20 @@ def open_fds() -> int:
 def engine_leaks(server: ModelServer) -> list[str]:
     """What the engine still holds for requests although none is in flight: [] when clean.
 
-    Reads engine internals on purpose: these maps are where a missed abort would leave its trace.
+    Reads engine internals on purpose: these maps are where a missed abort would leave its trace. An engine
+    in its own process is checked from this side: no open request in the parent, none running or waiting in
+    the child's stats.
     """
-    engine, core = server.engine, server.engine.core
+    engine = server.engine
     found = []
+    if isinstance(engine, EngineProcess):
+        if engine._open:
+            found.append(f"{len(engine._open)} open requests left in the engine process's parent side")
+        stats = engine.stats()
+        if stats["num_requests_running"] or stats["num_requests_waiting"]:
+            found.append(f"requests left in the engine process: {stats}")
+        return found
+    core = engine.core
     if core.has_unfinished_requests():
         found.append(f"{len(core.scheduler.requests)} requests left in the scheduler")
     if engine._sinks:
@@ -357,7 +375,7 @@ def _sample(live: LiveServer, server: ModelServer, started: float) -> Sample:
     stats = server.stats()
     return Sample(
         t_s=round(time.monotonic() - started, 1),
-        rss_mib=round(rss_bytes() / 2**20, 1),
+        rss_mib=round(rss_bytes(server) / 2**20, 1),
         fds=open_fds(),
         tasks=live.num_tasks(),
         threads=threading.active_count(),

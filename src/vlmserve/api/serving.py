@@ -39,6 +39,7 @@ from vlmserve.api.protocol import (
 from vlmserve.config import EngineArgs, EngineConfig
 from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from vlmserve.engine.core import EngineCore
+from vlmserve.engine.engine_process import EngineProcess
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
 from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
@@ -73,7 +74,7 @@ class ModelServer:
 
     def __init__(
         self,
-        engine: AsyncEngine,
+        engine: AsyncEngine | EngineProcess,
         processor: Qwen2_5_VLProcessor,
         config: EngineConfig,
         media: MediaLoader,
@@ -108,7 +109,13 @@ class ModelServer:
     @classmethod
     def from_config(cls, config: EngineConfig, media_config: MediaConfig | None = None) -> ModelServer:
         processor = Qwen2_5_VLProcessor.from_pretrained(config.model_path)
-        engine = AsyncEngine(EngineCore(config, processor))
+        engine: AsyncEngine | EngineProcess
+        if config.engine_process:
+            engine = EngineProcess(config)
+            # Images cross to the engine as resized uint8 pixels; its runner patchifies them.
+            processor.patchify_on_device = True
+        else:
+            engine = AsyncEngine(EngineCore(config, processor))
         return cls(engine, processor, config, MediaLoader(media_config or MediaConfig()))
 
     # --- lifecycle ---------------------------------------------------------------------------------------

@@ -36,6 +36,22 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+def step_or_fail(core: EngineCore, failures: int) -> tuple[list[CompletionDelta], int, str | None]:
+    """One step of `core`, given how many steps in a row failed before it: (deltas, failures now, why the
+    engine is dead or None). A failed step fails its own requests (the rest keep running); after
+    MAX_CONSECUTIVE_STEP_FAILURES in a row, every request fails and the engine is dead."""
+    try:
+        return core.step(), 0, None
+    except Exception as e:
+        failures += 1
+        logger.exception("engine step failed (%d in a row)", failures)
+        deltas = core.fail_scheduled(f"engine step failed: {type(e).__name__}: {e}")
+        if failures < MAX_CONSECUTIVE_STEP_FAILURES:
+            return deltas, failures, None
+        reason = f"{failures} consecutive step failures, last: {e!r}"
+        return deltas + core.fail_all(reason), failures, reason
+
+
 @dataclass
 class _Add:
     request: EngineRequest
@@ -151,18 +167,11 @@ class AsyncEngine:
                     cmd = None
             if self._stop.is_set() or not self.core.has_unfinished_requests():
                 continue
-            try:
-                deltas = self.core.step()
-                failures = 0
-            except Exception as e:
-                failures += 1
-                logger.exception("engine step failed (%d in a row)", failures)
-                deltas = self.core.fail_scheduled(f"engine step failed: {type(e).__name__}: {e}")
-                if failures >= MAX_CONSECUTIVE_STEP_FAILURES:
-                    self.dead_reason = f"{failures} consecutive step failures, last: {e!r}"
-                    deltas += self.core.fail_all(self.dead_reason)
-                    self._dispatch(deltas)
-                    return
+            deltas, failures, dead_reason = step_or_fail(self.core, failures)
+            if dead_reason is not None:
+                self.dead_reason = dead_reason
+                self._dispatch(deltas)
+                return
             self.last_step_time = time.monotonic()
             self._dispatch(deltas)
 
