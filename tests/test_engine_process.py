@@ -184,7 +184,8 @@ def test_the_engine_process_exits_when_its_parent_dies(tiny_checkpoint: Path, tm
         """
     )
     (tmp_path / "parent.py").write_text(script)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path.cwd() / "src"), str(Path.cwd())])}
+    path = [str(Path.cwd() / "src"), str(Path.cwd()), os.environ.get("PYTHONPATH", "")]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in path if p)}
     out = subprocess.run(
         [sys.executable, str(tmp_path / "parent.py")],
         capture_output=True,

@@ -229,6 +229,11 @@ def test_pixel_values_match_hf(ours: Qwen2_5_VLProcessor, hf: HFImageTextProcess
     torch.testing.assert_close(pixel_values, ref["pixel_values"], rtol=0, atol=1e-5)
     h, w = (grid[1] * 14, grid[2] * 14)
     assert MIN_PIXELS <= h * w <= MAX_PIXELS
+    # An engine that takes pixels patchifies them straight into the model's dtype: the same values as
+    # the float32 patches cast to it (what HF's model does with its processor's output).
+    pixels, _ = ours.resize_image(img)
+    for dtype in (torch.bfloat16, torch.float16):
+        assert torch.equal(ours.patchify(pixels, dtype), pixel_values.to(dtype))
 
 
 @pytest.mark.parametrize(

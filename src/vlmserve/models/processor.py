@@ -408,7 +408,7 @@ class Qwen2_5_VLProcessor:
         self._eos_token_ids = list(eos_token_ids)
         self._special_tokens = dict(special_tokens or {})
         self._lut = torch.from_numpy(self._normalization_table(image_config))  # (3, 256) float32
-        self._lut_on: dict[torch.device, torch.Tensor] = {}
+        self._lut_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
         # Images leave `process` as resized uint8 pixels (the engine patchifies them where the model runs: 8x
         # fewer bytes to move than float32 patches) instead of patches. Set by an engine on a GPU.
         self.patchify_on_device = False
@@ -661,13 +661,15 @@ class Qwen2_5_VLProcessor:
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3), a writable copy
         return pixels, (1, resized_h // c.patch_size, resized_w // c.patch_size)
 
-    def patchify(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Resized (H, W, 3) uint8 pixels -> (grid_h * grid_w, C*T*P*P) float32 patches on the pixels' device:
-        rescale + normalise by table lookup (bit-identical to HF's arithmetic), then HF's patch order."""
+    def patchify(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Resized (H, W, 3) uint8 pixels -> (grid_h * grid_w, C*T*P*P) patches on the pixels' device: rescale +
+        normalise by table lookup (bit-identical to HF's float32 arithmetic), then HF's patch order. In another
+        `dtype` (the model's), the table is rounded once: the same values as float32 patches cast to it."""
         c = self._image_config
-        lut = self._lut_on.get(pixels.device)
+        key = (pixels.device, dtype)
+        lut = self._lut_on.get(key)
         if lut is None:
-            lut = self._lut_on[pixels.device] = self._lut.to(pixels.device).flatten()
+            lut = self._lut_on[key] = self._lut.to(pixels.device).flatten().to(dtype)
         height, width, _ = pixels.shape
         p, m, t = c.patch_size, c.merge_size, c.temporal_patch_size
         grid_h, grid_w = height // p, width // p
@@ -675,8 +677,8 @@ class Qwen2_5_VLProcessor:
         # flattened as (C, T, P, P) with the single frame repeated T times. Reordered while still uint8 (a
         # quarter of the bytes), then one table lookup; channel c reads lut[256 c : 256 (c + 1)].
         ordered = pixels.view(grid_h // m, m, p, grid_w // m, m, p, 3).permute(0, 3, 1, 4, 6, 2, 5)
-        offsets = torch.arange(0, 3 * 256, 256, dtype=torch.int32, device=pixels.device).view(3, 1, 1)
-        patches = lut[ordered.to(torch.int32) + offsets]  # (gh/m, gw/m, m, m, C, P, P) float32
+        offsets = torch.arange(0, 3 * 256, 256, device=pixels.device).view(3, 1, 1)
+        patches = lut.take(ordered.long() + offsets)  # (gh/m, gw/m, m, m, C, P, P); take: a flat gather
         patches = patches.unsqueeze(5).expand(*patches.shape[:5], t, p, p)
         return patches.reshape(grid_h * grid_w, 3 * t * p * p)  # copies into a contiguous tensor
 

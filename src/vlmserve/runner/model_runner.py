@@ -124,7 +124,7 @@ class ModelRunner:
         max_model_len: int = 32768,
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
-        patchify: Callable[[torch.Tensor], torch.Tensor] | None = None,
+        patchify: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
     ) -> None:
         self.model = model
         # Resized (H, W, 3) uint8 pixels -> float32 patches, on the pixels' device (the processor's); images
@@ -185,12 +185,13 @@ class ModelRunner:
         return imgs, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
 
     def _patches(self, data: torch.Tensor) -> torch.Tensor:
-        """An image's encoder input on the device: float32 patches as given, or uint8 pixels patchified there."""
+        """An image's encoder input on the device: float32 patches as given, or uint8 pixels patchified there
+        (straight into the model's dtype)."""
         if data.dtype != torch.uint8:
             return to_device(data, self.device)
         if self.patchify is None:
             raise RuntimeError("an image arrived as pixels, but this runner was given no patchify function")
-        return self.patchify(to_device(data, self.device))
+        return self.patchify(to_device(data, self.device), self.dtype)
 
     def _encode(self, imgs: list[Any], patches: torch.Tensor) -> None:
         grids = [tuple(img.data[1]) for img in imgs]
