@@ -11,6 +11,8 @@ import asyncio
 import hmac
 import json
 import logging
+import os
+import signal
 import socket
 import threading
 import time
@@ -30,6 +32,7 @@ from vlmserve.api.streaming import SSEResponse
 from vlmserve.config import EngineArgs
 from vlmserve.deploy.server import LLMServer
 from vlmserve.engine.async_engine import MAX_CONSECUTIVE_STEP_FAILURES
+from vlmserve.engine.engine_process import EngineProcess
 from vlmserve.media import MediaConfig
 
 MODEL = "tiny"
@@ -434,3 +437,30 @@ def test_keys_never_reach_the_logs(server: ModelServer, caplog: pytest.LogCaptur
     # The access log and the debug logs were captured: the check below looks at what a server writes.
     assert any(r.name == "uvicorn.access" for r in caplog.records), caplog.text
     assert good not in caplog.text and bad not in caplog.text
+
+
+def test_a_killed_engine_process_fails_its_streams_and_health(tiny_checkpoint: Path) -> None:
+    """The engine's process dies (the OOM killer, kill -9): the stream in flight ends with an SSE error and
+    [DONE], /health turns 503 engine_dead (a supervisor replaces the server), new requests get 503."""
+    server = make_server(tiny_checkpoint)
+    assert isinstance(server.engine, EngineProcess)
+    try:
+        with (
+            LiveServer(build_app(server, shutdown_servers=False)) as live,
+            httpx.Client(base_url=live.base_url, timeout=60) as http,
+        ):
+            with http.stream("POST", "/v1/chat/completions", json=long_stream(2000)) as victim:
+                lines = victim.iter_lines()
+                assert next(lines).startswith("data: ")
+                os.kill(server.engine.pid, signal.SIGKILL)
+                events = sse_events(lines)
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert error["code"] == "engine_error" and "exit code -9" in error["message"], error
+            assert wait_until(lambda: not server.is_alive, 10)
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=3))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        asyncio.run(server.aclose())
