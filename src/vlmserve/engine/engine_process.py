@@ -191,6 +191,7 @@ class EngineProcess:
         self._open: dict[str, _Open] = {}
         self._lock = threading.Lock()  # _open and the command pipe
         self._stopping = False
+        self._closed = False  # set (under the lock) once the reader has ended: no request may wait on it
         self.dead_reason: str | None = None
         self.last_step_time = time.monotonic()
         self._reader = threading.Thread(target=self._read, name="vlmserve-engine-reader", daemon=True)
@@ -217,6 +218,8 @@ class EngineProcess:
         entry = _Open(loop, inbox.put_nowait, loop.create_future(), request.sampling_params.n)
         payload = dumps(("add", request))
         with self._lock:
+            if self._closed:  # the reader failed every open request already: this one would wait forever
+                raise EngineDeadError(f"engine is not running: {self.dead_reason or 'stopped'}")
             if rid in self._open:
                 raise ValueError(f"request id {rid!r} is already running")
             self._open[rid] = entry
@@ -306,6 +309,7 @@ class EngineProcess:
 
     def _fail_open(self, reason: str) -> None:
         with self._lock:
+            self._closed = True
             open_requests, self._open = self._open, {}
         by_loop: dict[asyncio.AbstractEventLoop, list[Callable[[], None]]] = {}
         for rid, entry in open_requests.items():
