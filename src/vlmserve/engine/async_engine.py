@@ -36,6 +36,29 @@ class EngineDeadError(RuntimeError):
     pass
 
 
+async def stream_deltas(
+    accepted: asyncio.Future,
+    inbox: asyncio.Queue[list[CompletionDelta]],
+    n: int,
+    request_id: str,
+    abort: Callable[[str], None],
+) -> AsyncIterator[CompletionDelta]:
+    """A submitted request's deltas until all n choices finished: first its acceptance (raises the engine's
+    ValueError / QueueFullError), then each step's deltas from its inbox. A caller that stops early (or is
+    cancelled, even while waiting for the acceptance) aborts the request."""
+    done = 0
+    try:
+        await accepted
+        while done < n:
+            for delta in await inbox.get():
+                if delta.finished:
+                    done += 1
+                yield delta
+    finally:
+        if done < n:
+            abort(request_id)
+
+
 def step_or_fail(core: EngineCore, failures: int) -> tuple[list[CompletionDelta], int, str | None]:
     """One step of `core`, given how many steps in a row failed before it: (deltas, failures now, why the
     engine is dead or None). A failed step fails its own requests (the rest keep running); after
@@ -91,19 +114,10 @@ class AsyncEngine:
         inbox: asyncio.Queue[list[CompletionDelta]] = asyncio.Queue()
         accepted: asyncio.Future = loop.create_future()
         self._commands.put(_Add(request, inbox.put_nowait, accepted, loop))
-        n = request.sampling_params.n
-        done = 0
-        try:
-            # Inside the try: a caller cancelled while waiting here must still abort its request.
-            await accepted  # raises the core's ValueError / QueueFullError
-            while done < n:
-                for delta in await inbox.get():
-                    if delta.finished:
-                        done += 1
-                    yield delta
-        finally:
-            if done < n:
-                self.abort(request.request_id)
+        async for delta in stream_deltas(
+            accepted, inbox, request.sampling_params.n, request.request_id, self.abort
+        ):
+            yield delta
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))

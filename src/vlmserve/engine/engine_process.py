@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from vlmserve.config import EngineConfig
-from vlmserve.engine.async_engine import EngineDeadError, step_or_fail
+from vlmserve.engine.async_engine import EngineDeadError, step_or_fail, stream_deltas
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
 
@@ -224,17 +224,8 @@ class EngineProcess:
                 raise ValueError(f"request id {rid!r} is already running")
             self._open[rid] = entry
             self._send(payload)
-        n, done = entry.n, 0
-        try:
-            await entry.accepted  # raises the core's ValueError / QueueFullError
-            while done < n:
-                for delta in await inbox.get():
-                    if delta.finished:
-                        done += 1
-                    yield delta
-        finally:
-            if done < n:
-                self.abort(rid)
+        async for delta in stream_deltas(entry.accepted, inbox, entry.n, rid, self.abort):
+            yield delta
 
     def abort(self, request_id: str) -> None:
         with self._lock:
