@@ -96,8 +96,7 @@ def test_validation_errors_reach_the_caller_with_their_type(reference: LLM, tiny
             model=str(tiny_checkpoint),
             device="cpu",
             max_queued_requests=1,
-            max_num_seqs=1,
-            **{k: v for k, v in ENGINE.items() if k != "max_num_seqs"},
+            **{**ENGINE, "max_num_seqs": 1},
         )
     )
     engine = EngineProcess(config)
