@@ -257,8 +257,18 @@ def test_image_hash(ours: Qwen2_5_VLProcessor) -> None:
     same = Image.fromarray(np.asarray(img).copy())
     assert ours.image_hash(img) == ours.image_hash(same)
     assert ours.image_hash(img) != ours.image_hash(_image(64, 48, seed=1))
-    assert ours.image_hash(img) != ours.image_hash(img, max_pixels=64 * 28 * 28)
-    assert ours.image_hash(img) != ours.image_hash(img.convert("RGBA"))
+    # A pixel range that changes the resized size changes the input; one that does not, does not.
+    big = _image(320, 240)
+    assert ours.image_hash(big) != ours.image_hash(big, max_pixels=64 * 28 * 28)
+    assert ours.image_hash(img) == ours.image_hash(img, max_pixels=64 * 28 * 28)
+    # The hash is of the encoder's input: an opaque RGBA copy gives the same RGB pixels, so the same hash.
+    assert ours.image_hash(img) == ours.image_hash(img.convert("RGBA"))
+    translucent = img.convert("RGBA")
+    translucent.putalpha(128)
+    assert ours.image_hash(img) != ours.image_hash(translucent)
+    # What process() gives the engine carries the same hash.
+    prompt = ours.process("a<|image_pad|>b", [img])
+    assert prompt.images[0].mm_hash == ours.image_hash(img)
     # Same palette indices, different palette: different RGB pixels, so a different hash.
     pal = _image(64, 48, "P")
     recoloured = pal.copy()

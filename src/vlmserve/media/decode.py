@@ -81,7 +81,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception as exc:  # a plugin rejecting a malformed header raises almost anything
         raise MediaError(f"could not read the image header ({type(exc).__name__}: {exc})") from None
 
-    with image:
+    keep = False  # an image that already is plain RGB is returned as it is, open; anything else is closed
+    try:
         _check_pixels(image.size, max_pixels)
         try:
             image.seek(0)  # the first frame of an animated GIF / WebP / multi-page TIFF
@@ -100,7 +101,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         except Exception:
             # A broken EXIF block only loses the orientation hint; browsers show such images as stored.
             logger.debug("ignoring unreadable EXIF orientation", exc_info=True)
+        if image.mode == "RGB" and image.info.get("transparency") is None:
+            keep = True  # no copy: the common case (JPEG) skips a pass over every pixel
+            return image
         return to_rgb(image)
+    finally:
+        if not keep:
+            image.close()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -177,7 +177,9 @@ def smart_resize(
 def convert_rgb(image: Image.Image) -> Image.Image:
     """RGB the way HF's convert_to_rgb does it: anything with transparency (an alpha band, or a palette /
     greyscale image with a transparency entry) is composited onto white first; everything else is a plain
-    `convert("RGB")`."""
+    `convert("RGB")`; an RGB image without transparency comes back as it is (no copy)."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
@@ -412,7 +414,7 @@ class Qwen2_5_VLProcessor:
         # Images leave `process` as resized uint8 pixels (the engine patchifies them where the model runs: 8x
         # fewer bytes to move than float32 patches) instead of patches. Set by an engine on a GPU.
         self.patchify_on_device = False
-        # Everything besides the pixels and the pixel range that decides the encoder input, for image_hash.
+        # Everything besides the resized pixels that decides the encoder input, for pixels_hash.
         self._hash_salt = repr(replace(image_config, min_pixels=0, max_pixels=0)).encode()
 
     # ---------------------------------------------------------------- loading
@@ -685,17 +687,17 @@ class Qwen2_5_VLProcessor:
     def image_hash(
         self, image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> str:
-        """Content hash of an image as this processor would preprocess it: the same hash means the same
-        encoder input. Hashes the raw pixels (with palette and transparency, which change the RGB values) and
-        the resize parameters, not the float patches."""
-        lo, hi = self._pixel_range(min_pixels, max_pixels)
+        """Content hash of an image as this processor would preprocess it (`pixels_hash` of its resized pixels)."""
+        return self.pixels_hash(self.resize_image(image, min_pixels, max_pixels)[0])
+
+    def pixels_hash(self, pixels: torch.Tensor) -> str:
+        """Content hash of resized (H, W, 3) uint8 pixels, the encoder's input before the fixed normalisation:
+        the same hash means the same encoder input, whatever file, mode or palette the pixels came from. The
+        resized pixels are also fewer bytes to hash than the decoded image (and need no copy to read)."""
         h = hashlib.blake2b(digest_size=16)
         h.update(self._hash_salt)
-        h.update(f"{image.mode}|{image.size}|{lo}|{hi}|{image.info.get('transparency')!r}|".encode())
-        palette = image.getpalette() if image.mode in ("P", "PA") else None
-        if palette is not None:
-            h.update(bytes(palette))
-        h.update(image.tobytes())
+        h.update(f"{tuple(pixels.shape)}|".encode())
+        h.update(pixels.contiguous().numpy())
         return h.hexdigest()
 
     # ---------------------------------------------------------------- prompts
@@ -727,8 +729,10 @@ class Qwen2_5_VLProcessor:
 
         # Tokenize the text between placeholders and splice the placeholders in as ids: the placeholder is a
         # special token, which the tokenizer splits on anyway, so this gives the same ids as tokenizing the
-        # expanded string, without building a string of thousands of placeholders.
-        encoded = self._tokenizer.encode_batch(pieces, add_special_tokens=False)
+        # expanded string, without building a string of thousands of placeholders. One piece at a time, not
+        # encode_batch: its thread pool costs more to wake than a few short pieces cost to encode (on a busy
+        # server, milliseconds per request, waiting for pool threads that have no free core).
+        encoded = [self._tokenizer.encode(piece, add_special_tokens=False) for piece in pieces]
         merge_area = self._image_config.merge_size**2
         token_ids: list[int] = list(encoded[0].ids)
         features: list[ImageFeature] = []
@@ -741,7 +745,7 @@ class Qwen2_5_VLProcessor:
             length = grid[0] * grid[1] * grid[2] // merge_area
             features.append(
                 ImageFeature(
-                    mm_hash=self.image_hash(img, min_pixels, max_pixels),
+                    mm_hash=self.pixels_hash(pixels),
                     offset=len(token_ids),
                     length=length,
                     data=(pixel_values, grid),
