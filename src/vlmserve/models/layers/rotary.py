@@ -19,6 +19,9 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     """x (T, H, D); cos, sin (T, D) in float32. Rotation in float32, result in x's dtype."""
     if fused.use_fused(x):
         return fused.rotary(x, cos, sin)
+    if torch.is_grad_enabled():  # training: the out= writes below are not differentiable
+        x32 = x.float()
+        return (x32 * cos[:, None] + rotate_half(x32) * sin[:, None]).to(x.dtype)
     # x * cos + rotate_half(x) * sin, half by half: the two halves of cos / sin are equal, so
     #   out[:h] = x1 * cos - x2 * sin,  out[h:] = x2 * cos + x1 * sin
     # Multiplying a bf16 half by the float32 table computes in float32 without a float32 copy of x first, and
