@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from transformers import AutoImageProcessor, AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLModel
+from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLModel
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
-from tests.hf_reference import HFImageTextProcessor
+from tests.hf_reference import HFImageTextProcessor, HFPilImageProcessor
 from vlmserve.models.processor import ImageProcessorConfig, Qwen2_5_VLProcessor, smart_resize
 from vlmserve.testing.tokenizer import (
     QWEN2_5_VL_CHAT_TEMPLATE,
@@ -181,8 +181,8 @@ def test_hf_tokenizer_loads_and_agrees(
 
 
 def test_hf_image_processor_reads_preprocessor_config(checkpoint: tuple[Path, dict[str, int]]) -> None:
-    ip = AutoImageProcessor.from_pretrained(checkpoint[0])
-    assert type(ip).__name__ == "Qwen2VLImageProcessorPil"
+    ip = HFImageTextProcessor.from_pretrained(checkpoint[0]).image_processor
+    assert type(ip) is HFPilImageProcessor
     assert (ip.size["shortest_edge"], ip.size["longest_edge"]) == (MIN_PIXELS, MAX_PIXELS)
     assert (ip.patch_size, ip.temporal_patch_size, ip.merge_size) == (14, 2, 2)
 
