@@ -81,7 +81,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     except Exception as exc:  # a plugin rejecting a malformed header raises almost anything
         raise MediaError(f"could not read the image header ({type(exc).__name__}: {exc})") from None
 
-    keep = False  # an image that already is plain RGB is returned as it is, open; anything else is closed
+    rgb = None
     try:
         _check_pixels(image.size, max_pixels)
         try:
@@ -101,17 +101,18 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         except Exception:
             # A broken EXIF block only loses the orientation hint; browsers show such images as stored.
             logger.debug("ignoring unreadable EXIF orientation", exc_info=True)
-        if image.mode == "RGB" and image.info.get("transparency") is None:
-            keep = True  # no copy: the common case (JPEG) skips a pass over every pixel
-            return image
-        return to_rgb(image)
+        rgb = to_rgb(image)
+        return rgb
     finally:
-        if not keep:
+        if rgb is not image:  # a converted copy (or an error): the decoded original is done with
             image.close()
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """A new 8-bit RGB copy of `image` (see the module docstring for how each mode is mapped)."""
+    """`image` as 8-bit RGB (see the module docstring for how each mode is mapped): a new image, or `image`
+    itself when it already is RGB without a transparent colour (the common JPEG case skips a copy)."""
+    if image.mode == "RGB" and image.info.get("transparency") is None:
+        return image
     if image.mode in _SIXTEEN_BIT_MODES or image.mode == "F":
         image = _high_depth_to_8bit(image)
         if image.mode == "L":
