@@ -5,14 +5,17 @@ either side of the pipe dies."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -20,7 +23,7 @@ from tests.conftest import random_image
 from vlmserve.config import EngineArgs
 from vlmserve.engine.async_engine import EngineDeadError
 from vlmserve.engine.engine_process import EngineProcess, dumps, loads
-from vlmserve.engine.inputs import EngineRequest
+from vlmserve.engine.inputs import EngineRequest, ImageFeature
 from vlmserve.engine.outputs import CompletionDelta
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.engine.scheduler import QueueFullError
@@ -225,3 +228,165 @@ def test_requests_cross_the_pipe_intact(reference: LLM) -> None:
     )
     half = torch.randn(3, 4).to(torch.bfloat16)  # numpy has no bfloat16: torch's own pickling
     assert torch.equal(loads(dumps(half)), half)
+
+
+# ------------------------------------------------------------------------------------------ the pipes never jam
+#
+# A stand-in core for the child (spawned, so module-level): each step takes STEP_S and reports every running
+# request with REPORT_BYTES of text in all, more than a pipe holds; a request finishes after STEPS_PER_REQUEST
+# steps. With large requests arriving while steps run, the old design froze: the event loop wrote a request to
+# the pipe (blocking: the child reads only between steps) while holding the lock that the parent's reader
+# needed to hand out a report; the reader, stuck on the lock, stopped draining the reports, so the child
+# blocked writing its next report and never read the request. All three waited on each other.
+
+STEP_S = 0.3
+REPORT_BYTES = 256 * 1024
+STEPS_PER_REQUEST = 2
+IMAGE_BYTES = 1024 * 1024
+
+
+class _SlowCore:
+    def __init__(self, config) -> None:
+        self.steps: dict[str, int] = {}
+
+    def add_request(self, request: EngineRequest) -> None:
+        self.steps[request.request_id] = 0
+
+    def abort(self, request_id: str) -> None:
+        self.steps.pop(request_id, None)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.steps)
+
+    def step(self) -> list[CompletionDelta]:
+        time.sleep(STEP_S)
+        text = "x" * (REPORT_BYTES // max(1, len(self.steps)))
+        deltas = []
+        for rid in list(self.steps):
+            self.steps[rid] += 1
+            done = self.steps[rid] >= STEPS_PER_REQUEST
+            deltas.append(CompletionDelta(rid, 0, text, [1], None, "length" if done else None))
+            if done:
+                del self.steps[rid]
+        return deltas
+
+    def fail_scheduled(self, reason: str) -> list[CompletionDelta]:
+        return []
+
+    def fail_all(self, reason: str) -> list[CompletionDelta]:
+        return []
+
+    def stats(self) -> dict[str, float]:
+        return {"num_requests_running": float(len(self.steps))}
+
+
+def _slow_core(config) -> _SlowCore:
+    return _SlowCore(config)
+
+
+def _big_request(i: int) -> EngineRequest:
+    pixels = np.random.default_rng(i).integers(0, 255, IMAGE_BYTES, dtype=np.uint8)
+    image = ImageFeature(mm_hash=f"h{i}", offset=0, length=1, data=pixels)
+    params = SamplingParams(temperature=0, max_tokens=STEPS_PER_REQUEST, ignore_eos=True)
+    return EngineRequest(f"r{i}", [1, 2], params, images=[image])
+
+
+def test_large_requests_and_reports_never_block_the_event_loop(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The parent's reader is slow to hand out a report (as when the front's Python holds the GIL): with the
+    # old lock-across-write, a request arriving in that window deadlocked all three parties.
+    apply = EngineProcess._apply
+
+    def slow_apply(self: EngineProcess, report) -> None:
+        time.sleep(STEP_S / 3)
+        apply(self, report)
+
+    monkeypatch.setattr(EngineProcess, "_apply", slow_apply)
+    config = build_engine_config(EngineArgs(model=str(tiny_checkpoint), device="cpu", **ENGINE))
+    engine = EngineProcess(config, core_factory=_slow_core)
+    n = 12
+    outcome: dict[str, object] = {}
+
+    async def scenario() -> None:
+        gaps: list[float] = []
+
+        async def heartbeat() -> None:
+            last = time.monotonic()
+            while True:
+                await asyncio.sleep(0.01)
+                now = time.monotonic()
+                gaps.append(now - last)
+                last = now
+
+        beat = asyncio.create_task(heartbeat())
+        tasks = []
+        for i in range(n):  # arrivals independent of completions, as on a server
+            tasks.append(asyncio.create_task(_collect(engine, _big_request(i))))
+            await asyncio.sleep(STEP_S / 6)
+        results = await asyncio.gather(*tasks)
+        beat.cancel()
+        outcome["finished"] = sum(r[0][-1].finish_reason == "length" for r in results)
+        outcome["max_gap"] = max(gaps)
+
+    thread = threading.Thread(target=lambda: asyncio.run(scenario()), daemon=True)
+    thread.start()
+    thread.join(60)
+    try:
+        if thread.is_alive():
+            os.kill(engine.pid, signal.SIGKILL)  # unblocks a writer stuck on the pipe, so the thread ends
+            thread.join(30)
+            pytest.fail("the event loop and the engine process deadlocked on their pipes")
+        assert outcome["finished"] == n
+        # The loop never waited for a step: 10 ms ticks stay far under one step (STEP_S).
+        assert outcome["max_gap"] < STEP_S / 2, outcome
+    finally:
+        engine.shutdown()
+
+
+class _HangingCore(_SlowCore):
+    """Its first step hangs until a file appears (a stand-in for a step that never returns)."""
+
+    def step(self) -> list[CompletionDelta]:
+        release = Path(os.environ["VLMSERVE_TEST_RELEASE"])
+        while not release.exists():
+            time.sleep(0.05)
+        return super().step()
+
+
+def _hanging_core(config) -> _HangingCore:
+    return _HangingCore(config)
+
+
+def test_a_step_that_makes_no_progress_is_reported_stalled_then_clears(
+    tiny_checkpoint: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    release = tmp_path / "release"
+    monkeypatch.setenv("VLMSERVE_TEST_RELEASE", str(release))  # the spawned child inherits it
+    config = build_engine_config(EngineArgs(model=str(tiny_checkpoint), device="cpu", **ENGINE))
+    engine = EngineProcess(config, core_factory=_hanging_core, stall_timeout_s=0.5)
+    try:
+        assert engine.health().status == "ok"  # idle is not stalled, however long
+
+        async def scenario() -> str | None:
+            task = asyncio.create_task(_collect(engine, _big_request(0)))
+            deadline = time.monotonic() + 20
+            while engine.health().status != "stalled" and time.monotonic() < deadline:  # noqa: ASYNC110
+                await asyncio.sleep(0.05)
+            health = engine.health()
+            assert health.status == "stalled", health
+            assert health.num_open_requests == 1
+            assert "command writer idle" in (health.reason or "")
+            release.touch()
+            result = await asyncio.wait_for(task, 20)
+            return result[0][-1].finish_reason
+
+        with caplog.at_level(logging.ERROR, logger="vlmserve.engine.client"):
+            assert asyncio.run(scenario()) == "length"
+        assert engine.health().status == "ok"
+        stall_logs = [r for r in caplog.records if "stalled" in r.getMessage()]
+        assert stall_logs, "the stall was not logged"
+        # The log names what the parent's threads wait on (their stacks), not just that time passed.
+        assert "vlmserve-engine-reader" in stall_logs[0].getMessage()
+    finally:
+        engine.shutdown()

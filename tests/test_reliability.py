@@ -393,6 +393,56 @@ def test_an_engine_that_keeps_failing_is_declared_dead(
         asyncio.run(server.aclose())
 
 
+def _metric(text: str, name: str) -> float:
+    """The value of the first sample of `name` in a Prometheus text exposition."""
+    for line in text.splitlines():
+        if line.startswith(name):
+            return float(line.rsplit(" ", 1)[1])
+    raise AssertionError(f"{name} not in /metrics")
+
+
+def test_a_stalled_engine_shows_in_health_and_metrics_while_the_server_keeps_answering(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = make_server(tiny_checkpoint, engine_process=False, engine_stall_timeout_s=0.5)
+    release = threading.Event()
+    runner = server.engine.core.runner
+    prepare = runner.prepare
+
+    def hang_then_prepare(*args: Any, **kwargs: Any) -> Any:
+        release.wait(30)  # a step that does not return (a hung kernel, a lost wake-up)
+        return prepare(*args, **kwargs)
+
+    monkeypatch.setattr(runner, "prepare", hang_then_prepare)
+    try:
+        with (
+            LiveServer(build_app(server, shutdown_servers=False)) as live,
+            httpx.Client(base_url=live.base_url, timeout=30) as http,
+        ):
+            assert http.get("/health").status_code == 200
+            result: dict[str, Any] = {}
+            worker = threading.Thread(
+                target=lambda: result.update(r=http.post("/v1/chat/completions", json=chat(max_tokens=3)))
+            )
+            worker.start()
+            assert wait_until(lambda: http.get("/health").status_code == 503, 10)
+            health = http.get("/health").json()["error"]
+            assert health["code"] == "engine_stalled"
+            assert (
+                "1 request(s) in flight" in health["message"] and "engine thread running" in health["message"]
+            )
+            metrics = http.get("/metrics").text
+            assert _metric(metrics, 'vlmserve:engine_seconds_since_progress{model_name="tiny"}') > 0.5
+            assert _metric(metrics, "vlmserve:event_loop_lag_seconds_count") > 0
+            release.set()
+            worker.join(30)
+            assert result["r"].status_code == 200
+            assert http.get("/health").status_code == 200
+    finally:
+        release.set()
+        asyncio.run(server.aclose())
+
+
 # ------------------------------------------------------------------------------------------ API keys
 
 

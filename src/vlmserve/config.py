@@ -59,6 +59,12 @@ class EngineArgs(BaseModel):
         description="serve with the engine's step loop in its own process (no GIL shared with the HTTP "
         "front); off: a thread of the server process",
     )
+    engine_stall_timeout_s: float = Field(
+        60.0,
+        gt=0.0,
+        description="seconds without a completed engine step, with requests in flight, after which /health "
+        "reports the engine stalled (503) and the log names what it waits on",
+    )
     trust_remote_code: bool = Field(False, description="accepted for vLLM compatibility; never needed")
 
     @field_validator("limit_mm_per_prompt", "mm_processor_kwargs", mode="before")
@@ -126,3 +132,4 @@ class EngineConfig:
     enforce_eager: bool = False
     async_scheduling: bool = False
     engine_process: bool = False  # how a server runs it (ModelServer.from_config); LLM always runs in-process
+    engine_stall_timeout_s: float = 60.0

@@ -37,6 +37,7 @@ E2E_BUCKETS = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0, 480.0,
     960.0, 1920.0, 7680.0,
 )  # fmt: skip
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 TOKEN_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000, 20000, 50000, 100000)
 
 StatsSource = Callable[[], Mapping[str, float]]
@@ -59,6 +60,11 @@ class _EngineStatsCollector(Collector):
             "kv": GaugeMetricFamily(
                 "vllm:kv_cache_usage_perc",
                 "Fraction of KV-cache blocks in use (0..1).",
+                labels=["model_name"],
+            ),
+            "stall": GaugeMetricFamily(
+                "vlmserve:engine_seconds_since_progress",
+                "Seconds since the engine last completed a step, while requests are in flight (0 when idle).",
                 labels=["model_name"],
             ),
             # The older name, still read by many dashboards.
@@ -99,6 +105,7 @@ class _EngineStatsCollector(Collector):
             usage = float(stats.get("kv_cache_usage", 0.0))
             gauges["kv"].add_metric(labels, usage)
             gauges["gpu_kv"].add_metric(labels, usage)
+            gauges["stall"].add_metric(labels, float(stats.get("seconds_since_progress", 0.0)))
             for key, family in counters.items():
                 family.add_metric(labels, float(stats.get(key, 0)))
         yield from gauges.values()
@@ -113,6 +120,12 @@ class ServerMetrics:
         self._engines = _EngineStatsCollector()
         self.registry.register(self._engines)
         r = self.registry
+        self.event_loop_lag = Histogram(
+            "vlmserve:event_loop_lag_seconds",
+            "How late the HTTP front's event-loop timers fire: time the loop spent on other work (or blocked).",
+            buckets=LOOP_LAG_BUCKETS,
+            registry=r,
+        )
         self.ttft = Histogram(
             "vllm:time_to_first_token_seconds",
             "Time from request arrival to its first output token.",

@@ -24,6 +24,7 @@ from vlmserve import __version__
 from vlmserve.api.chat import create_chat_completion
 from vlmserve.api.completions import create_completion
 from vlmserve.api.errors import NotFoundError, error_response, install_error_handlers
+from vlmserve.api.loop_monitor import EventLoopMonitor
 from vlmserve.api.metrics import CONTENT_TYPE, ServerMetrics
 from vlmserve.api.middleware import (
     DEFAULT_BODY_READ_TIMEOUT_S,
@@ -68,7 +69,11 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        loop_monitor = EventLoopMonitor(metrics.event_loop_lag)
+        loop_monitor.start()
+        app.state.loop_monitor = loop_monitor
         yield
+        await loop_monitor.stop()
         if shutdown_servers:
             for server in server_list:
                 logger.info("shutting down the engine of %s", server.model_id)
@@ -118,11 +123,16 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        dead = [s.model_id for s in server_list if not s.is_alive]
+        states = {s.model_id: s.health() for s in server_list}
+        dead = [m for m, h in states.items() if h.status == "dead"]
         if dead:
             return error_response(
                 503, f"The engine of {', '.join(dead)} is not running.", "server_error", None, "engine_dead"
             )
+        stalled = {m: h for m, h in states.items() if h.status == "stalled"}
+        if stalled:
+            message = "; ".join(f"The engine of {m} is stalled: {h.reason}" for m, h in stalled.items())
+            return error_response(503, message, "server_error", None, "engine_stalled")
         return Response(status_code=200)
 
     @app.get("/version")

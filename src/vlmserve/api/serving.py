@@ -38,6 +38,7 @@ from vlmserve.api.protocol import (
 )
 from vlmserve.config import EngineArgs, EngineConfig
 from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from vlmserve.engine.client import EngineClient, EngineHealth
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.engine_process import EngineProcess
 from vlmserve.engine.inputs import EngineRequest
@@ -74,7 +75,7 @@ class ModelServer:
 
     def __init__(
         self,
-        engine: AsyncEngine | EngineProcess,
+        engine: EngineClient,
         processor: Qwen2_5_VLProcessor,
         config: EngineConfig,
         media: MediaLoader,
@@ -109,13 +110,13 @@ class ModelServer:
     @classmethod
     def from_config(cls, config: EngineConfig, media_config: MediaConfig | None = None) -> ModelServer:
         processor = Qwen2_5_VLProcessor.from_pretrained(config.model_path)
-        engine: AsyncEngine | EngineProcess
+        engine: EngineClient
         if config.engine_process:
-            engine = EngineProcess(config)
+            engine = EngineProcess(config, stall_timeout_s=config.engine_stall_timeout_s)
             # Images cross to the engine as resized uint8 pixels; its runner patchifies them.
             processor.patchify_on_device = True
         else:
-            engine = AsyncEngine(EngineCore(config, processor))
+            engine = AsyncEngine(EngineCore(config, processor), stall_timeout_s=config.engine_stall_timeout_s)
         return cls(engine, processor, config, MediaLoader(media_config or MediaConfig()))
 
     # --- lifecycle ---------------------------------------------------------------------------------------
@@ -124,8 +125,11 @@ class ModelServer:
     def is_alive(self) -> bool:
         return self.engine.is_alive
 
+    def health(self) -> EngineHealth:
+        return self.engine.health()
+
     def stats(self) -> dict[str, float]:
-        return self.engine.stats()
+        return self.engine.stats() | {"seconds_since_progress": self.engine.health().seconds_since_progress}
 
     def model_card(self) -> ModelCard:
         return ModelCard(

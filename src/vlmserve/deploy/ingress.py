@@ -42,6 +42,7 @@ from vlmserve.api.logprobs import TokenTexts
 from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
 from vlmserve.api.server import build_app
 from vlmserve.deploy.server import ModelInfo, RemoteAPIError, ReplicaState
+from vlmserve.engine.client import EngineHealth
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
 
@@ -56,6 +57,8 @@ RETRY_BACKOFF_S = 0.5
 
 # Engine stats that are fractions: averaged over replicas; every other stat is a count and is summed.
 _MEAN_STATS = frozenset({"kv_cache_usage", "encoder_cache_usage"})
+# Engine stats where the worst replica is what matters: their maximum.
+_MAX_STATS = frozenset({"seconds_since_progress"})
 
 
 @dataclass(frozen=True)
@@ -86,11 +89,20 @@ class RemoteModelServer:
         # No replica (scaled to zero, or all being replaced) is not death: Ray Serve starts one on demand.
         return not self._replicas or any(r.alive for r in self._replicas)
 
+    def health(self) -> EngineHealth:
+        # A stalled replica fails Ray Serve's health check and is replaced there (deploy/server.py).
+        if self.is_alive:
+            return EngineHealth("ok")
+        return EngineHealth("dead", "no replica of this model has a running engine")
+
     def stats(self) -> dict[str, float]:
         total: dict[str, float] = {}
         for replica in self._replicas:
             for key, value in replica.stats.items():
-                total[key] = total.get(key, 0.0) + float(value)
+                if key in _MAX_STATS:
+                    total[key] = max(total.get(key, 0.0), float(value))
+                else:
+                    total[key] = total.get(key, 0.0) + float(value)
         for key in _MEAN_STATS & total.keys():
             total[key] /= len(self._replicas)
         return total

@@ -114,10 +114,10 @@ class LLMServer:
 
     def check_health(self) -> None:
         """Called by Ray Serve every health_check_period_s; raising makes Ray replace this replica."""
-        if not self.server.is_alive:
-            raise RuntimeError(
-                f"the engine of {self.server.model_id} is not running: {self.server.engine.dead_reason}"
-            )
+        health = self.server.health()
+        if not health.ok:
+            state = "not running" if health.status == "dead" else health.status
+            raise RuntimeError(f"the engine of {self.server.model_id} is {state}: {health.reason}")
 
     async def __del__(self) -> None:
         # Ray Serve awaits this on graceful shutdown, after in-flight requests drained (or timed out).

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from vlmserve.engine.client import DEFAULT_STALL_TIMEOUT_S, EngineHealth, ProgressWatch
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
@@ -89,13 +90,18 @@ class _Abort:
 
 
 class AsyncEngine:
-    def __init__(self, core: EngineCore) -> None:
+    """An `EngineClient` whose EngineCore steps on a thread of this process."""
+
+    def __init__(self, core: EngineCore, *, stall_timeout_s: float = DEFAULT_STALL_TIMEOUT_S) -> None:
         self.core = core
         self._commands: queue.Queue[Any] = queue.Queue()
         self._stop = threading.Event()
         self._sinks: dict[str, tuple[asyncio.AbstractEventLoop, _Sink]] = {}
         self.dead_reason: str | None = None
-        self.last_step_time = time.monotonic()
+        self._last_command = time.monotonic()
+        self._in_flight = 0
+        self._in_flight_lock = threading.Lock()
+        self.watch = ProgressWatch("engine", self._describe_wait, stall_timeout_s=stall_timeout_s)
         self._thread = threading.Thread(target=self._run, name="vlmserve-engine", daemon=True)
         self._thread.start()
 
@@ -113,11 +119,20 @@ class AsyncEngine:
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue[list[CompletionDelta]] = asyncio.Queue()
         accepted: asyncio.Future = loop.create_future()
-        self._commands.put(_Add(request, inbox.put_nowait, accepted, loop))
-        async for delta in stream_deltas(
-            accepted, inbox, request.sampling_params.n, request.request_id, self.abort
-        ):
-            yield delta
+        self._count_in_flight(+1)
+        try:
+            self._commands.put(_Add(request, inbox.put_nowait, accepted, loop))
+            async for delta in stream_deltas(
+                accepted, inbox, request.sampling_params.n, request.request_id, self.abort
+            ):
+                yield delta
+        finally:
+            self._count_in_flight(-1)
+
+    def _count_in_flight(self, change: int) -> None:
+        with self._in_flight_lock:
+            self._in_flight += change
+            self.watch.set_open(self._in_flight)
 
     def abort(self, request_id: str) -> None:
         self._commands.put(_Abort(request_id))
@@ -125,7 +140,21 @@ class AsyncEngine:
     def stats(self) -> dict[str, float]:
         return self.core.stats()
 
+    def health(self) -> EngineHealth:
+        dead = self.dead_reason
+        if dead is None and not self._thread.is_alive() and not self._stop.is_set():
+            dead = "the engine thread exited"
+        return self.watch.health(dead)
+
+    def _describe_wait(self) -> str:
+        state = "running" if self._thread.is_alive() else "exited"
+        return (
+            f"engine thread {state}, {self._commands.qsize()} command(s) queued for it, last command taken "
+            f"{time.monotonic() - self._last_command:.1f} s ago (its stack is in the dump below)"
+        )
+
     def shutdown(self, timeout: float = 10.0) -> None:
+        self.watch.stop()
         self._stop.set()
         self._commands.put(None)
         self._thread.join(timeout)
@@ -174,6 +203,7 @@ class AsyncEngine:
             except queue.Empty:
                 cmd = None
             while cmd is not None:
+                self._last_command = time.monotonic()
                 self._handle(cmd)
                 try:
                     cmd = self._commands.get_nowait()
@@ -186,7 +216,7 @@ class AsyncEngine:
                 self.dead_reason = dead_reason
                 self._dispatch(deltas)
                 return
-            self.last_step_time = time.monotonic()
+            self.watch.progress()
             self._dispatch(deltas)
 
 
