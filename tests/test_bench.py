@@ -311,3 +311,42 @@ def test_json_report_never_holds_the_api_key() -> None:
     text = json.dumps(report.to_json())
     assert "sk-very-secret" not in text
     assert report.to_json()["config"]["api_key"] == "<set>"
+
+
+def test_load_spread_over_client_processes(server: str, tmp_path: Path) -> None:
+    # 3 processes sharing a concurrency of 5 (2 + 2 + 1): every request is sent once, by one of them, and at
+    # no moment are more than 5 in flight; the merged report counts them all.
+    n, concurrency = 9, 5
+    flags = ["--model", MODEL, "--num-requests", str(n), "--concurrency", str(concurrency)]
+    flags += ["--num-clients", "3", "--output-len", "4", "--ignore-eos", "--image-size", "32x32"]
+    code, report, done = run_bench(server, tmp_path / "out.json", *flags, "--warmup", "3")
+    assert code == 0
+    metrics = report["metrics"]
+    assert (metrics["completed"], metrics["failed"], metrics["num_clients"]) == (n, 0, 3)
+    assert metrics["total_output_tokens"] == n * 4
+    assert 0 < metrics["client_cpu_max"] < 2
+    assert_consistent(report, output_len=4)
+    # Distinct images: each request had its own prompt (no two served from one another's prefix).
+    assert metrics["total_cached_tokens"] < metrics["total_input_tokens"]
+    spans = [(r["start_s"], r["start_s"] + r["latency_ms"] / 1e3) for r in report["requests"]]
+    peak = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert 1 < peak <= concurrency
+    assert re.search(r"client processes \(busiest's CPU\) +3 \(\d+% of a core\)", done.stdout)
+
+
+def test_more_client_processes_than_concurrency_is_refused() -> None:
+    cmd = [
+        sys.executable,
+        "-m",
+        "vlmserve",
+        "bench",
+        "--model",
+        "m",
+        "--concurrency",
+        "2",
+        "--num-clients",
+        "3",
+    ]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "--num-clients (3) exceeds --concurrency (2)" in done.stderr

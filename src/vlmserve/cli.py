@@ -469,6 +469,13 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         help="open loop: Poisson arrivals at this mean rate, however many are in flight",
     )
     load.add_argument(
+        "--num-clients",
+        type=_positive_int,
+        default=1,
+        help="client processes to spread the load over, when one client cannot keep up with the server "
+        "(the report says when a client process was busy most of the run) (default: %(default)s)",
+    )
+    load.add_argument(
         "--warmup",
         type=_non_negative_int,
         default=4,
@@ -562,6 +569,7 @@ def bench(args: argparse.Namespace) -> int:
             duration_limit_s=args.duration_limit,
             request_timeout_s=args.request_timeout,
             seed=args.seed,
+            num_clients=args.num_clients,
         )
     except ValueError as e:
         # BenchConfig names its fields; the user typed flags.
@@ -580,6 +588,7 @@ _BENCH_FLAGS = {
     "prompt_words": "--prompt-words",
     "output_len": "--output-len",
     "warmup": "--warmup",
+    "num_clients": "--num-clients",
 }
 
 

@@ -17,6 +17,12 @@ opening role chunk, which vlmserve sends before any token); ITL is the gap betwe
 latency ending at `[DONE]`. Token counts come from the `usage` of the final chunk
 (stream_options.include_usage); a server that sends none is counted by its token chunks instead.
 
+Clients: one process can be the limit (JSON parsing of every chunk of many streams is Python work), so
+`num_clients` spreads the load over that many client processes: the bodies dealt out in turn, the
+concurrency (or the Poisson rate) split between them, every process starting together; their results are
+merged into one report. Each process measures its own CPU time; one that was busy for most of the run is
+reported ("client_cpu_max"), with a note that the client, not the server, may have set the figures.
+
 Does not know: vlmserve's engine or server. It speaks HTTP and OpenAI's streaming wire format, plus vLLM's
 `ignore_eos` / `min_tokens` extensions when asked to ignore EOS.
 """
@@ -62,6 +68,8 @@ WORDS: tuple[str, ...] = tuple(_WORD_LIST.split())
 ERROR_KEY_CHARS = 160
 MAX_ERRORS_SHOWN = 10  # distinct error messages in the table (the JSON has them all)
 PERCENTILES = (50, 90, 99)
+# A client process busier than this share of one core may itself have set the pace.
+CLIENT_BOUND_CPU = 0.8
 
 
 @dataclass(frozen=True)
@@ -86,6 +94,7 @@ class BenchConfig:
     duration_limit_s: float = 120.0
     request_timeout_s: float = 600.0
     seed: int = 0
+    num_clients: int = 1  # client processes the load is spread over
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.request_rate is None):
@@ -106,7 +115,12 @@ class BenchConfig:
             raise ValueError(
                 "a request needs an image or a prompt: images_per_request and prompt_words are 0"
             )
-        for name in ("num_requests", "output_len"):
+        if self.concurrency is not None and self.num_clients > self.concurrency:
+            raise ValueError(
+                f"num_clients ({self.num_clients}) exceeds concurrency ({self.concurrency}): every client "
+                "process needs at least one request in flight"
+            )
+        for name in ("num_requests", "output_len", "num_clients"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("images_per_request", "prompt_words", "warmup"):
@@ -359,6 +373,8 @@ class BenchReport:
     started_at: str
     # Counted apart: a failing warm-up usually means every request will fail the same way, and says so first.
     warmup_failed: int = 0
+    # The busiest client process's CPU time over the run's wall time (1.0 = one core all the time).
+    client_cpu_max: float = 0.0
 
     @property
     def not_issued(self) -> int:
@@ -369,6 +385,8 @@ class BenchReport:
         return summarize(self.results, self.duration_s) | {
             "not_issued": self.not_issued,
             "warmup_failed": self.warmup_failed,
+            "num_clients": self.config.num_clients,
+            "client_cpu_max": self.client_cpu_max,
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -400,44 +418,170 @@ class BenchReport:
         }
 
 
-async def run_benchmark(config: BenchConfig, *, progress: bool = True) -> BenchReport:
-    """Warm up, then send `num_requests` requests under the configured load; returns every result."""
-    warmup = build_bodies(config, config.warmup, seed=config.seed + 10_000)
-    bodies = build_bodies(config, config.num_requests, seed=config.seed)
+@dataclass
+class ClientRun:
+    """What one client process measured: its results, the run's start and end, its CPU seconds."""
+
+    results: list[RequestResult]
+    start: float
+    end: float
+    cpu_s: float
+    warmup_failed: int
+
+
+async def run_client(
+    config: BenchConfig,
+    bodies: Sequence[bytes],
+    warmup: Sequence[bytes],
+    *,
+    concurrency: int | None,
+    rate: float | None,
+    seed: int,
+    progress: Callable[[], None] = lambda: None,
+    ready: Callable[[], None] = lambda: None,
+) -> ClientRun:
+    """One client's load: warm up, call `ready` (where several clients wait for each other), then send
+    `bodies` closed loop at `concurrency` or Poisson at `rate`."""
     headers = {"Content-Type": "application/json", "Accept": "text/event-stream"}
     if config.api_key:
         headers["Authorization"] = f"Bearer {config.api_key}"
-    limits = httpx.Limits(
-        max_connections=config.max_in_flight, max_keepalive_connections=config.max_in_flight
-    )
+    in_flight = concurrency if concurrency is not None else max(1, len(bodies))
+    limits = httpx.Limits(max_connections=in_flight, max_keepalive_connections=in_flight)
     # No pool / read timeouts of httpx's own: the per-request deadline (asyncio.timeout) bounds each request.
     async with httpx.AsyncClient(limits=limits, timeout=httpx.Timeout(None, connect=30.0)) as client:
         # Warm-up at the run's own concurrency (all at once for Poisson), so that first-call costs (connections,
         # allocator growth, compilation) are paid at the batch sizes the run will see.
         warmup_results = await closed_loop(
-            warmup,
-            config.max_in_flight,  # closed_loop starts no more workers than there are bodies
-            math.inf,
-            lambda body: send_request(client, config, body, headers),
+            warmup, in_flight, math.inf, lambda body: send_request(client, config, body, headers)
         )
+        ready()
+
+        async def send(body: bytes) -> RequestResult:
+            result = await send_request(client, config, body, headers)
+            progress()
+            return result
+
+        cpu0 = time.process_time()
+        start = time.perf_counter()
+        deadline = start + config.duration_limit_s
+        if rate is not None:
+            results = await poisson_loop(bodies, rate, deadline, send, np.random.default_rng(seed))
+        else:
+            results = await closed_loop(bodies, in_flight, deadline, send)
+        end = time.perf_counter()
+        cpu = time.process_time() - cpu0
+    return ClientRun(results, start, end, cpu, sum(not r.ok for r in warmup_results))
+
+
+def _client_process(
+    config: BenchConfig,
+    k: int,
+    bodies: list[bytes],
+    warmup: list[bytes],
+    barrier: Any,
+    done: Any,
+    out: Any,
+) -> None:
+    n = config.num_clients
+    # The concurrency split as evenly as it goes (the first clients take the remainder); Poisson processes of
+    # rate r/n add up to one of rate r.
+    concurrency = (
+        None if config.concurrency is None else config.concurrency // n + (k < config.concurrency % n)
+    )
+    rate = None if config.request_rate is None else config.request_rate / n
+
+    def count() -> None:
+        with done.get_lock():
+            done.value += 1
+
+    try:
+        run = asyncio.run(
+            run_client(
+                config,
+                bodies,
+                warmup,
+                concurrency=concurrency,
+                rate=rate,
+                seed=config.seed + 7919 * k,
+                progress=count,
+                ready=barrier.wait,
+            )
+        )
+        out.put((k, run))
+    except BaseException as e:
+        barrier.abort()  # the others must not wait for a client that will never be ready
+        out.put((k, RuntimeError(f"client process {k} failed: {type(e).__name__}: {e}")))
+
+
+def _run_processes(
+    config: BenchConfig, bodies: list[bytes], warmup: list[bytes], progress: bool
+) -> list[ClientRun]:
+    import multiprocessing as mp
+    import queue
+
+    n = config.num_clients
+    ctx = mp.get_context("spawn")
+    barrier, done, out = ctx.Barrier(n), ctx.Value("i", 0), ctx.Queue()
+    procs = [
+        ctx.Process(
+            target=_client_process,
+            args=(config, k, bodies[k::n], warmup[k::n], barrier, done, out),
+            name=f"bench-client-{k}",
+            daemon=True,
+        )
+        for k in range(n)
+    ]
+    for proc in procs:
+        proc.start()
+    runs: dict[int, ClientRun] = {}
+    with tqdm(total=len(bodies), disable=not progress, unit="req", desc="bench") as bar:
+        while len(runs) < n:
+            try:
+                k, run = out.get(timeout=0.5)
+            except queue.Empty:
+                bar.update(done.value - bar.n)
+                dead = [p.name for p in procs if not p.is_alive() and p.exitcode not in (0, None)]
+                if dead and len(runs) < n and out.empty():
+                    raise RuntimeError(f"benchmark client process(es) {', '.join(dead)} died") from None
+                continue
+            if isinstance(run, BaseException):
+                for proc in procs:
+                    proc.kill()
+                raise run
+            runs[k] = run
+        bar.update(done.value - bar.n)
+    for proc in procs:
+        proc.join(10)
+    return [runs[k] for k in range(n)]
+
+
+async def run_benchmark(config: BenchConfig, *, progress: bool = True) -> BenchReport:
+    """Warm up, then send `num_requests` requests under the configured load; returns every result."""
+    warmup = build_bodies(config, config.warmup, seed=config.seed + 10_000)
+    bodies = build_bodies(config, config.num_requests, seed=config.seed)
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    if config.num_clients > 1:
+        runs = await asyncio.to_thread(_run_processes, config, bodies, warmup, progress)
+    else:
         with tqdm(total=len(bodies), disable=not progress, unit="req", desc="bench") as bar:
-
-            async def send(body: bytes) -> RequestResult:
-                result = await send_request(client, config, body, headers)
-                bar.update()
-                return result
-
-            started_at = datetime.now(UTC).isoformat(timespec="seconds")
-            start = time.perf_counter()
-            deadline = start + config.duration_limit_s
-            if config.request_rate is not None:
-                rng = np.random.default_rng(config.seed)
-                results = await poisson_loop(bodies, config.request_rate, deadline, send, rng)
-            else:
-                results = await closed_loop(bodies, config.max_in_flight, deadline, send)
-            duration = time.perf_counter() - start
-    warmup_failed = sum(not r.ok for r in warmup_results)
-    return BenchReport(config, results, duration, started_at, warmup_failed)
+            runs = [
+                await run_client(
+                    config,
+                    bodies,
+                    warmup,
+                    concurrency=config.concurrency,
+                    rate=config.request_rate,
+                    seed=config.seed,
+                    progress=bar.update,
+                )
+            ]
+    # perf_counter is the system's monotonic clock: the processes' times compare directly.
+    start = min(r.start for r in runs)
+    duration = max(r.end for r in runs) - start
+    results = [x for r in runs for x in r.results]
+    cpu_max = max((r.cpu_s / max(r.end - r.start, 1e-9) for r in runs), default=0.0)
+    warmup_failed = sum(r.warmup_failed for r in runs)
+    return BenchReport(config, results, duration, started_at, warmup_failed, cpu_max)
 
 
 # ------------------------------------------------------------------------------------------ statistics
@@ -490,6 +634,7 @@ def format_report(report: BenchReport) -> str:
     )
     rows = [
         ("endpoint", f"{c.url} (model {c.model})"),
+        ("client processes (busiest's CPU)", f"{c.num_clients} ({100 * m['client_cpu_max']:.0f}% of a core)"),
         (
             "load",
             f"{load}, {c.num_requests} requests, {c.warmup} warm-up"
@@ -527,6 +672,12 @@ def format_report(report: BenchReport) -> str:
             "",
             "note: the server answered most prompt tokens from its prefix cache; if it already served a run "
             "with this --seed, restart it or use another --seed",
+        ]
+    if m["client_cpu_max"] > CLIENT_BOUND_CPU:
+        lines += [
+            "",
+            f"note: a client process was busy {100 * m['client_cpu_max']:.0f}% of the run: the client may have "
+            f"been the limit, not the server; run again with more --num-clients (now {c.num_clients})",
         ]
     if m["errors"]:
         shown = list(m["errors"].items())[:MAX_ERRORS_SHOWN]
