@@ -101,6 +101,76 @@ def run_batch(
     }
 
 
+def run_steady(
+    core: EngineCore, proc: Qwen2_5_VLProcessor, prompts: list[Prompt], out_len: int, concurrency: int
+) -> dict[str, Any]:
+    """Closed loop inside the engine: `concurrency` requests in flight, the next one added as soon as one
+    finishes, so that new requests' prefill and vision work share steps with running decodes, as on a
+    server under steady load. Preprocessing is done before the clock starts: this is the engine's ceiling
+    for the same load that `vlmserve bench --concurrency N` puts on a server."""
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    processed = [proc.process(p.text, [p.image]) for p in prompts]
+    pending = iter(enumerate(processed))
+    added: dict[str, float] = {}
+    first: dict[str, float] = {}
+    last: dict[str, float] = {}
+    itls: list[float] = []
+    step_times: list[float] = []
+
+    def add_next() -> None:
+        item = next(pending, None)
+        if item is None:
+            return
+        i, pp = item
+        rid = f"s{i}-{time.monotonic_ns()}"
+        core.add_request(
+            EngineRequest(rid, pp.token_ids, params, pp.images, pp.mrope_positions, pp.mrope_delta)
+        )
+        added[rid] = time.perf_counter()
+
+    t0 = time.perf_counter()
+    for _ in range(concurrency):
+        add_next()
+    n_tokens = 0
+    while core.has_unfinished_requests():
+        before = time.perf_counter()
+        deltas = core.step()
+        now = time.perf_counter()
+        step_times.append(now - before)
+        for d in deltas:
+            if not d.token_ids and not d.finished:
+                continue
+            n_tokens += len(d.token_ids)
+            if d.request_id in last:
+                itls.append(now - last[d.request_id])
+            first.setdefault(d.request_id, now)
+            last[d.request_id] = now
+            if d.finished:
+                add_next()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    total = time.perf_counter() - t0
+    ttfts = sorted(first[r] - added[r] for r in first)
+    itls.sort()
+
+    def pct(xs: list[float], q: float) -> float:
+        return 1e3 * xs[min(len(xs) - 1, int(q * len(xs)))] if xs else float("nan")
+
+    return {
+        "requests": len(prompts),
+        "concurrency": concurrency,
+        "seconds": total,
+        "requests_per_s": len(prompts) / total,
+        "output_tokens_per_s": n_tokens / total,
+        "ttft_p50_ms": pct(ttfts, 0.5),
+        "ttft_p99_ms": pct(ttfts, 0.99),
+        "itl_p50_ms": pct(itls, 0.5),
+        "itl_p99_ms": pct(itls, 0.99),
+        "step_p50_ms": pct(sorted(step_times), 0.5),
+        "steps": len(step_times),
+    }
+
+
 def profile_w1(core: EngineCore, proc: Qwen2_5_VLProcessor, prompt: Prompt) -> None:
     """Kernel time by op for the prefill step and for 16 decode steps of one W1 request, plus host time."""
     from torch.profiler import ProfilerActivity, profile
@@ -182,6 +252,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--json", type=Path)
     ap.add_argument("--profile", action="store_true", help="print where one W1 request's time goes")
     ap.add_argument("--engine-kwargs", default="{}", help="JSON of extra EngineArgs")
+    ap.add_argument(
+        "--steady",
+        action="append",
+        default=[],
+        metavar="W:CONCURRENCY:REQUESTS",
+        help="closed-loop arrivals inside the engine, e.g. W2:128:384 (repeatable)",
+    )
+    ap.add_argument("--profile-steady", action="store_true", help="cProfile the last --steady run's loop")
     args = ap.parse_args(argv)
 
     from vlmserve.testing.checkpoint import write_checkpoint
@@ -240,6 +318,27 @@ def main(argv: list[str] | None = None) -> None:
             r["tpot_ms_all_runs"] = [x["tpot_mean_ms"] for x in runs]
         results[f"w1_batch{b}"] = r
         print(f"W1 batch {b}:", r, flush=True)
+    for spec in args.steady:
+        name, conc, count = spec.split(":")
+        size, target, out_len = WORKLOADS[name]
+        prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
+        seed += int(count)
+        r = run_steady(core, proc, prompts, out_len, int(conc))
+        results[f"steady_{name}_c{conc}"] = r
+        print(f"steady {name} concurrency {conc}:", r, flush=True)
+    if args.profile_steady and args.steady:
+        import cProfile
+        import pstats
+
+        name, conc, count = args.steady[-1].split(":")
+        size, target, out_len = WORKLOADS[name]
+        prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
+        seed += int(count)
+        profiler = cProfile.Profile()
+        profiler.enable()
+        run_steady(core, proc, prompts, out_len, int(conc))
+        profiler.disable()
+        pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
     if args.w2_concurrency:
         w2_size, _, w2_out = WORKLOADS["W2"]
         prompts = [make_prompt(proc, w2_size, None, seed=seed + i) for i in range(args.w2_concurrency)]
