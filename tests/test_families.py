@@ -1,0 +1,188 @@
+"""Every model family in the registry against HF transformers' own class for it, on CPU in float32, plus the
+registry itself and one run of each family through the engine.
+
+For each family a tiny random checkpoint is written in the family's released layout (config.json, tensor
+names, preprocessor_config.json, chat template) and loaded by vlmserve and by HF: logits within the tolerance
+of tests/test_model_parity.py for text-only, one-image, several-image and multi-turn prompts, 32 greedy tokens
+equal to HF's `generate`, pixel values equal to HF's image processor and M-RoPE positions equal to HF's
+`get_rope_index`; the engine's batched, chunked, prefix-cached path gives the tokens of a one-request loop.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+import transformers
+
+from tests.conftest import random_image
+from tests.hf_reference import hf_image_text_processor_class
+from tests.test_model_parity import PROMPTS
+from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.llm import LLM
+from vlmserve.models import registry
+from vlmserve.models.generate import greedy_generate, prompt_embeddings
+from vlmserve.models.layers.attention import ContiguousKVCache
+from vlmserve.models.loader import CheckpointError, load_model
+from vlmserve.models.processor import Qwen2_5_VLProcessor
+from vlmserve.testing.checkpoint import write_checkpoint
+
+# family (the generator's name) -> HF transformers class of the same architecture.
+HF_CLASSES = {
+    "qwen2_vl": "Qwen2VLForConditionalGeneration",
+    "qwen3_vl": "Qwen3VLForConditionalGeneration",
+    "qwen3_vl_moe": "Qwen3VLMoeForConditionalGeneration",
+}
+
+
+@pytest.fixture(scope="module", params=list(HF_CLASSES))
+def family(request: pytest.FixtureRequest) -> str:
+    return request.param
+
+
+@pytest.fixture(scope="module")
+def checkpoint(family: str, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_checkpoint(tmp_path_factory.mktemp(family), seed=1, family=family)
+
+
+@pytest.fixture(scope="module")
+def models(family: str, checkpoint: Path):
+    ours = load_model(checkpoint, dtype="float32", progress=False)
+    ref = getattr(transformers, HF_CLASSES[family]).from_pretrained(checkpoint, dtype=torch.float32).eval()
+    proc = Qwen2_5_VLProcessor.from_pretrained(checkpoint)
+    hf_proc = hf_image_text_processor_class(family).from_pretrained(checkpoint)
+    return ours, ref, proc, hf_proc
+
+
+def _inputs(models, name: str):
+    _, _, proc, hf_proc = models
+    messages, sizes = PROMPTS[name]
+    images = [random_image(w, h, seed=i) for i, (w, h) in enumerate(sizes)]
+    text = proc.apply_chat_template(messages)
+    assert text == hf_proc.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+    ours_in = proc.process(text, images)
+    hf_in = hf_proc(text=[text], images=images or None, return_tensors="pt")
+    assert ours_in.token_ids == hf_in["input_ids"][0].tolist()
+    return ours_in, hf_in
+
+
+# ----------------------------------------------------------------------------------------------- registry
+
+
+def test_registry_maps_every_architecture_to_its_family(family: str, checkpoint: Path) -> None:
+    config = json.loads((checkpoint / "config.json").read_text())
+    fam = registry.family_for_config(config)
+    assert config["architectures"][0] in fam.architectures
+    # Without "architectures", model_type decides.
+    assert registry.family_for_config({"model_type": config["model_type"]}) is fam
+
+
+def test_each_supported_architecture_loads(tmp_path: Path) -> None:
+    generated = {
+        json.loads((write_checkpoint(tmp_path / f, family=f, weights=False) / "config.json").read_text())[
+            "architectures"
+        ][0]: f
+        for f in ("qwen2_5_vl", *HF_CLASSES)
+    }
+    assert sorted(generated) == sorted(registry.supported_architectures())
+    for arch, fam in generated.items():
+        model = load_model(write_checkpoint(tmp_path / f"w-{fam}", family=fam), "float32", progress=False)
+        assert type(model).__name__ == arch
+
+
+def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path, weights=False)
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["architectures"] = ["MllamaForConditionalGeneration"]
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError) as err:
+        load_model(path, progress=False)
+    for arch in ["MllamaForConditionalGeneration", *registry.supported_architectures()]:
+        assert arch in str(err.value)
+
+
+# ----------------------------------------------------------------------------------------- against HF
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_logits_match_reference(models, prompt: str) -> None:
+    ours, ref, _, _ = models
+    ours_in, hf_in = _inputs(models, prompt)
+    with torch.inference_mode():
+        expected = ref(**hf_in).logits[0]  # (L, V)
+        x = prompt_embeddings(ours, ours_in.token_ids, ours_in.images)
+        cache = ContiguousKVCache(len(ours.model.layers), ours.model.layers[0].self_attn.head_dim ** -0.5)
+        got = ours.compute_logits(ours(x, ours_in.mrope_positions, cache))
+    err = (got - expected).abs().max().item()
+    scale = expected.abs().max().item()
+    print(f"{prompt}: max |logit diff| = {err:.2e} (max |logit| = {scale:.1f})")
+    assert err <= 1e-4 * max(1.0, scale)
+
+
+@pytest.mark.parametrize("prompt", ["one-image", "three-images"])
+def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
+    ours, ref, _, _ = models
+    ours_in, hf_in = _inputs(models, prompt)
+    with torch.inference_mode():
+        # No EOS on either side (see tests/test_model_parity.py for why not min_new_tokens).
+        out = ref.generate(**hf_in, max_new_tokens=32, do_sample=False, eos_token_id=None)
+    expected = out[0, len(ours_in.token_ids) :].tolist()
+    assert len(expected) == 32
+    got = greedy_generate(
+        ours, ours_in.token_ids, ours_in.images, ours_in.mrope_positions, ours_in.mrope_delta, 32
+    )
+    assert got == expected
+
+
+@pytest.mark.parametrize("prompt", ["one-image", "three-images", "multi-turn-early-image"])
+def test_pixel_values_and_positions_match_hf(models, prompt: str) -> None:
+    _, ref, _, _ = models
+    ours_in, hf_in = _inputs(models, prompt)
+    pixels = torch.cat([img.data[0] for img in ours_in.images])
+    assert pixels.shape == hf_in["pixel_values"].shape
+    assert torch.allclose(pixels, hf_in["pixel_values"], atol=1e-5, rtol=0)
+    assert [tuple(img.data[1]) for img in ours_in.images] == [
+        tuple(g) for g in hf_in["image_grid_thw"].tolist()
+    ]
+    positions, delta = ref.model.get_rope_index(
+        hf_in["input_ids"], hf_in["mm_token_type_ids"], image_grid_thw=hf_in["image_grid_thw"]
+    )
+    assert torch.equal(ours_in.mrope_positions, positions[:, 0])
+    assert ours_in.mrope_delta == int(delta[0])
+
+
+# ----------------------------------------------------------------------------------------- the engine
+
+
+def test_engine_batched_equals_one_at_a_time(checkpoint: Path) -> None:
+    """Chunked prefill, prefix cache and encoder cache on: each request's greedy tokens equal the plain loop."""
+    llm = LLM(
+        str(checkpoint),
+        max_model_len=512,
+        max_num_batched_tokens=48,
+        max_num_seqs=6,
+        block_size=16,
+        device="cpu",
+        dtype="float32",
+    )
+    rng = random.Random(0)
+    shared = random_image(64, 64, seed=100)  # repeated: prefix-cache and encoder-cache hits
+    prompts = []
+    for i in range(6):
+        images = (
+            [shared] if i % 3 == 0 else [random_image(rng.randint(30, 90), rng.randint(30, 90), i)] * (i % 3)
+        )
+        parts = [{"type": "image"} for _ in images] + [{"type": "text", "text": f"Describe it, {i}."}]
+        prompts.append((llm.processor.apply_chat_template([{"role": "user", "content": parts}]), images))
+    params = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    requests = [llm.make_request(text, images, params) for text, images in prompts]
+    outputs = llm.run(requests)
+    assert llm.engine.stats()["prefix_cache_hits"] > 0
+    for req, out in zip(requests, outputs, strict=True):
+        expected = greedy_generate(
+            llm.engine.model, req.prompt_token_ids, req.images, req.mrope_positions, req.mrope_delta, 8
+        )
+        assert out.outputs[0].token_ids == expected, req.request_id
