@@ -30,6 +30,8 @@ from vlmserve.models.loader import CheckpointError, load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.testing.checkpoint import write_checkpoint
 
+IMG_PART = {"type": "image"}
+
 # family (the generator's name) -> HF transformers class of the same architecture.
 HF_CLASSES = {
     "qwen2_vl": "Qwen2VLForConditionalGeneration",
@@ -154,6 +156,55 @@ def test_pixel_values_and_positions_match_hf(models, prompt: str) -> None:
     assert ours_in.mrope_delta == int(delta[0])
 
 
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "count_shapes",
+            "description": "Count the shapes of one colour.",
+            "parameters": {"type": "object", "properties": {"colour": {"type": "string"}}},
+        },
+    }
+]
+CONVERSATIONS = {
+    "system-and-images": (
+        [
+            {"role": "system", "content": "Answer in one word."},
+            {"role": "user", "content": [IMG_PART, {"type": "text", "text": "Colour?"}, IMG_PART]},
+        ],
+        None,
+    ),
+    "tool-call-round-trip": (
+        [
+            {"role": "user", "content": [IMG_PART, {"type": "text", "text": "How many red shapes?"}]},
+            {
+                "role": "assistant",
+                "content": "",
+                "tool_calls": [{"function": {"name": "count_shapes", "arguments": {"colour": "red"}}}],
+            },
+            {"role": "tool", "content": "3"},
+        ],
+        TOOLS,
+    ),
+    "multi-turn-text": (
+        [
+            {"role": "user", "content": "Hello"},
+            {"role": "assistant", "content": "Hi there."},
+            {"role": "user", "content": "Describe a red circle."},
+        ],
+        None,
+    ),
+}
+
+
+@pytest.mark.parametrize("name", list(CONVERSATIONS))
+def test_chat_template_renders_like_hf(models, name: str) -> None:
+    _, _, proc, hf_proc = models
+    messages, tools = CONVERSATIONS[name]
+    expected = hf_proc.apply_chat_template(messages, tools=tools, add_generation_prompt=True, tokenize=False)
+    assert proc.apply_chat_template(messages, tools=tools) == expected
+
+
 # ----------------------------------------------------------------------------------------- the engine
 
 
@@ -184,5 +235,34 @@ def test_engine_batched_equals_one_at_a_time(checkpoint: Path) -> None:
     for req, out in zip(requests, outputs, strict=True):
         expected = greedy_generate(
             llm.engine.model, req.prompt_token_ids, req.images, req.mrope_positions, req.mrope_delta, 8
+        )
+        assert out.outputs[0].token_ids == expected, req.request_id
+
+
+# ----------------------------------------------------------------------------------------------- GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_engine_on_gpu_with_cuda_graphs_matches_the_plain_loop(checkpoint: Path) -> None:
+    """On a GPU the engine decodes through CUDA graphs (and Qwen3-VL-MoE through the Triton expert kernel,
+    captured in them); float32, its greedy tokens equal the one-request loop on the same GPU model."""
+    llm = LLM(str(checkpoint), max_model_len=512, max_num_seqs=4, device="cuda", dtype="float32")
+    assert llm.engine.runner.graphs is not None
+    images = [random_image(70, 50, seed=7), random_image(40, 90, seed=8)]
+    parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What are these?"}]
+    text = llm.processor.apply_chat_template([{"role": "user", "content": parts}])
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    requests = [llm.make_request(text, images, params), llm.make_request("Tell me a story.", [], params)]
+    outputs = llm.run(requests)
+    for req, out in zip(requests, outputs, strict=True):
+        expected = greedy_generate(
+            llm.engine.model,
+            req.prompt_token_ids,
+            req.images,
+            req.mrope_positions,
+            req.mrope_delta,
+            16,
+            patchify=llm.processor.patchify,
         )
         assert out.outputs[0].token_ids == expected, req.request_id
