@@ -106,6 +106,25 @@ def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> No
         assert arch in str(err.value)
 
 
+def test_a_checkpoint_saved_by_transformers_loads_the_same(models, checkpoint: Path, tmp_path: Path) -> None:
+    """A local copy re-saved by transformers 5 (its config.json layout and tensor names, MoE experts in its
+    (experts, out, in) layout) gives the same model."""
+    ours, ref, _, _ = models
+    ref.save_pretrained(tmp_path)
+    for name in (
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "preprocessor_config.json",
+        "generation_config.json",
+    ):
+        (tmp_path / name).write_bytes((checkpoint / name).read_bytes())
+    again = load_model(tmp_path, "float32", progress=False)
+    assert again.config.text == ours.config.text and again.config.vision == ours.config.vision
+    expected = ours.state_dict()
+    for name, tensor in again.state_dict().items():
+        torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
 # ----------------------------------------------------------------------------------------- against HF
 
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
@@ -195,7 +196,7 @@ class VisionTransformer(nn.Module):
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """patches (N, C*T*P*P) for all images, grids [(t, h, w)] -> (N / merge**2, out_hidden)."""
         x = self.patch_embed(patches)  # (N, embed_dim), processor order throughout
-        pos_hw = patch_positions(grids, self.cfg.spatial_merge_size).to(x.device)  # (N, 2)
+        pos_hw = to_device(patch_positions(grids, self.cfg.spatial_merge_size), x.device)  # (N, 2)
         cos, sin = vision_rotary(pos_hw, self.cfg.embed_dim // self.cfg.num_heads, self.cfg.rope_theta)
         frames = VarlenGroups([h * w for t, h, w in grids for _ in range(t)], x.device)
         for block in self.blocks:

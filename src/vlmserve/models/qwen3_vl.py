@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.moe import SparseMoE
@@ -107,6 +108,8 @@ class Qwen3VLConfig:
         """Parse config.json as released: text fields under "text_config" (RoPE under rope_scaling or
         rope_parameters), vision fields under "vision_config", token ids at the top level."""
         text = dict(cfg.get("text_config") or {})
+        if "num_local_experts" in text and "num_experts" not in text:  # how transformers 5 saves it
+            text["num_experts"] = text["num_local_experts"]
         rope = text.get("rope_scaling") or text.get("rope_parameters") or {}
         text_fields: dict[str, Any] = {k: text[k] for k in TextConfig.__dataclass_fields__ if k in text}
         text_fields["tie_word_embeddings"] = bool(
@@ -203,8 +206,13 @@ def interpolation_taps(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Bilinear (align_corners) resampling of a side x side position table to each image's grid, as 4 taps
     per patch in the processor's patch order: indices (N, 4) into the flattened table, weights (N, 4)."""
-    pos = patch_positions(grids, merge).to(device)  # (N, 2)
-    sizes = torch.tensor([(h, w) for t, h, w in grids for _ in range(t * h * w)], device=device)  # (N, 2)
+    pos = to_device(patch_positions(grids, merge), device)  # (N, 2)
+    sizes = to_device(
+        torch.tensor([(h, w) for _, h, w in grids]).repeat_interleave(
+            torch.tensor([t * h * w for t, h, w in grids]), 0
+        ),
+        device,
+    )  # (N, 2) each patch's image grid (h, w)
     src = pos.float() * (side - 1) / torch.clamp(sizes - 1, min=1)  # (N, 2) source coordinates
     floor = torch.floor(src)
     offsets = torch.arange(2, device=device)
@@ -235,7 +243,7 @@ class VisionTransformer(nn.Module):
         x = self.patch_embed(patches)  # (N, hidden), processor order throughout
         idx, w = interpolation_taps(grids, self.cfg.spatial_merge_size, self.side, x.device)
         x = x + (self.pos_embed(idx) * w[..., None]).sum(1).to(x.dtype)
-        pos_hw = patch_positions(grids, self.cfg.spatial_merge_size).to(x.device)
+        pos_hw = to_device(patch_positions(grids, self.cfg.spatial_merge_size), x.device)
         cos, sin = vision_rotary(pos_hw, self.cfg.hidden_size // self.cfg.num_heads, self.cfg.rope_theta)
         frames = VarlenGroups([h * w for t, h, w in grids for _ in range(t)], x.device)
         deepstack = []
