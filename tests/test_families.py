@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import random
+import re
 from pathlib import Path
 
 import pytest
@@ -123,6 +124,27 @@ def test_a_checkpoint_saved_by_transformers_loads_the_same(models, checkpoint: P
     expected = ours.state_dict()
     for name, tensor in again.state_dict().items():
         torch.testing.assert_close(tensor, expected[name], rtol=0, atol=0, msg=name)
+
+
+def test_missing_unexpected_and_misshapen_tensors_are_named(checkpoint: Path, tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(checkpoint / "model.safetensors"))
+    fused = next(k for k in tensors if k.endswith("self_attn.k_proj.weight"))  # a shard of qkv_proj
+    cases = {
+        "missing": ({k: v for k, v in tensors.items() if k != fused}, "lacks 1 tensor"),
+        "unexpected": ({**tensors, "model.extra.weight": torch.zeros(1)}, "'model.extra.weight'"),
+        "misshapen": ({**tensors, fused: tensors[fused][:-1]}, "shape mismatch for " + repr(fused)),
+    }
+    for name, (weights, message) in cases.items():
+        path = tmp_path / name
+        path.mkdir()
+        for f in checkpoint.iterdir():
+            if f.name != "model.safetensors":
+                (path / f.name).write_bytes(f.read_bytes())
+        save_file(weights, str(path / "model.safetensors"))
+        with pytest.raises(CheckpointError if name == "missing" else ValueError, match=re.escape(message)):
+            load_model(path, progress=False)
 
 
 # ----------------------------------------------------------------------------------------- against HF

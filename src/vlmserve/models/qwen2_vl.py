@@ -26,7 +26,7 @@ from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
-from vlmserve.models.layers.weights import CheckpointLoadable, MergedLinear
+from vlmserve.models.layers.weights import CheckpointLoadable, merged_linear
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
 
@@ -216,7 +216,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
+        self.qkv_proj = merged_linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(
@@ -278,6 +278,7 @@ class Qwen2VLForConditionalGeneration(CheckpointLoadable):
         self.model = Qwen2Model(cfg.text)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.remember_fused_shards()
 
     def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """All images' patches packed (N, C*T*P*P) -> one (tokens_i, hidden) embedding per image."""

@@ -34,7 +34,7 @@ from vlmserve.models.layers.moe import SparseMoE
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
-from vlmserve.models.layers.weights import CheckpointLoadable, MergedLinear
+from vlmserve.models.layers.weights import CheckpointLoadable, merged_linear
 
 ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
 MOE_ARCHITECTURES = ("Qwen3VLMoeForConditionalGeneration",)
@@ -267,7 +267,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = MergedLinear(
+        self.qkv_proj = merged_linear(
             cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias
         )
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
@@ -353,6 +353,7 @@ class Qwen3VLForConditionalGeneration(CheckpointLoadable):
         self.model = Qwen3Model(cfg.text)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.remember_fused_shards()
 
     def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """All images' patches packed (N, C*T*P*P) -> one (tokens_i, (1 + n_deepstack) * hidden) per image."""

@@ -1,7 +1,7 @@
 """Checkpoint tensors -> model parameters, shared by the model families.
 
 Owns the rules every family's `load_weights` follows: checkpoint names as released or as transformers 5 saves
-them, separately stored projections copied into one fused parameter (`MergedLinear`), dtype casts, and the
+them, separately stored projections copied into one fused parameter (`merged_linear`), dtype casts, and the
 errors for an unexpected tensor or a shape mismatch. A family says only what differs: which names fuse
 (`FUSED`), how its names map to ours (`canonical_name`) and how a tensor stored in another layout is brought
 into ours (`convert_tensor`). Does not know about files (models/loader.py reads them).
@@ -15,20 +15,21 @@ import torch
 from torch import nn
 
 
-class MergedLinear(nn.Linear):
-    """A linear layer whose output rows are several checkpoint projections stacked (q, k, v or gate, up);
-    `shard_sizes` says how many rows each one owns, in order."""
+def merged_linear(in_features: int, shard_sizes: list[int], bias: bool) -> nn.Linear:
+    """A plain linear layer whose output rows are several checkpoint projections stacked (q, k, v or gate,
+    up), `shard_sizes` rows each, in order. It stays an nn.Linear (whatever swaps linear layers, e.g. for
+    quantization, sees one); the model records the sizes once built (`remember_fused_shards`)."""
+    layer = nn.Linear(in_features, sum(shard_sizes), bias=bias)
+    layer.shard_sizes = list(shard_sizes)  # type: ignore[assignment]
+    return layer
 
-    def __init__(self, in_features: int, shard_sizes: list[int], bias: bool) -> None:
-        super().__init__(in_features, sum(shard_sizes), bias=bias)
-        self.shard_sizes = list(shard_sizes)
 
-    def shard_slices(self) -> list[slice]:
-        out, start = [], 0
-        for n in self.shard_sizes:
-            out.append(slice(start, start + n))
-            start += n
-        return out
+def _slices(sizes: list[int]) -> list[slice]:
+    out, start = [], 0
+    for n in sizes:
+        out.append(slice(start, start + n))
+        start += n
+    return out
 
 
 class CheckpointLoadable(nn.Module):
@@ -59,11 +60,17 @@ class CheckpointLoadable(nn.Module):
         a tensor differently from how it computes with it."""
         return tensor
 
+    def remember_fused_shards(self) -> None:
+        """Record every merged_linear's shard rows by module name; the model calls it at the end of its
+        __init__, before anything may replace its layers."""
+        self.fused_shards = {
+            name: _slices(module.shard_sizes)
+            for name, module in self.named_modules()
+            if isinstance(getattr(module, "shard_sizes", None), list)
+        }
+
     def _shard_slices(self, fused_name: str) -> list[slice]:
-        module = self.get_submodule(fused_name.rsplit(".", 1)[0])
-        if not isinstance(module, MergedLinear):
-            raise TypeError(f"{fused_name} is not a MergedLinear parameter")
-        return module.shard_slices()
+        return self.fused_shards[fused_name.rsplit(".", 1)[0]]
 
     def _tied(self) -> bool:
         return bool(self.config.text.tie_word_embeddings)  # type: ignore[attr-defined]
@@ -79,7 +86,10 @@ class CheckpointLoadable(nn.Module):
                 continue  # tied: the embedding table is the head
             target, rows = name, slice(None)
             for ckpt_part, fused_part, shard in self.FUSED:
-                if ckpt_part in name and name.replace(ckpt_part, fused_part) in params:
+                if (
+                    ckpt_part in name
+                    and name.replace(ckpt_part, fused_part).rsplit(".", 1)[0] in self.fused_shards
+                ):
                     target = name.replace(ckpt_part, fused_part)
                     rows = self._shard_slices(target)[shard]
                     break
@@ -104,9 +114,9 @@ class CheckpointLoadable(nn.Module):
         """The `written` keys a complete checkpoint produces (fused parameters count once per shard)."""
         keys: set[str] = set()
         for name, _ in self.named_parameters():
-            owner = self.get_submodule(name.rsplit(".", 1)[0]) if "." in name else self
-            if isinstance(owner, MergedLinear):
-                keys |= {f"{name}#{s.start}" for s in owner.shard_slices()}
+            owner = name.rsplit(".", 1)[0]
+            if owner in self.fused_shards:
+                keys |= {f"{name}#{s.start}" for s in self.fused_shards[owner]}
             else:
                 keys.add(name)
         return keys
