@@ -130,15 +130,15 @@ def profile_w1(core: EngineCore, proc: Qwen2_5_VLProcessor, prompt: Prompt) -> N
 
 
 def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: str) -> dict[str, Any]:
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
     from vlmserve.models.processor import Qwen2_5_VLProcessor as P
 
     cfg = AutoConfig.from_pretrained(ckpt)
+    hf_class = getattr(transformers, cfg.architectures[0])  # the registry's names are HF's class names
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
+        model = hf_class._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.eval()
     proc = P.from_pretrained(ckpt)
     pp = proc.process(prompt.text, [prompt.image])

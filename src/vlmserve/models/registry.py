@@ -1,9 +1,13 @@
 """The model registry: which families vlmserve serves and how config.json picks one.
 
 Owns the table from config.json's `architectures` (and, when that is missing, `model_type`) to a
-`ModelFamily`: its config parser, its model class, its image processor defaults (used where
-preprocessor_config.json leaves a field out) and its M-RoPE variant. An unknown architecture is an error
-that lists the supported ones. Adding a family is one model file and one entry in FAMILIES.
+`ModelFamily`: its config parser, its model class and its image processor defaults (used where
+preprocessor_config.json leaves a field out). An unknown architecture is an error that lists the supported
+ones. Adding a family is one model file and one entry in FAMILIES.
+
+What needs no entry: the M-RoPE variant is the model class's (Qwen3-VL's rotary interleaves the axes, as its
+config.json's rope_scaling.mrope_interleaved says; the positions of a prompt with still images are the same
+for every family), and the chat template is the checkpoint's own, rendered by the shared processor.
 
 Does not read files (models/loader.py and models/processor.py do) and does not build anything itself.
 """
@@ -54,7 +58,6 @@ class ModelFamily:
     model_class: Callable[[Any], torch.nn.Module]
     # Image processor defaults where preprocessor_config.json leaves a field out (HF's for the family).
     image_defaults: Mapping[str, Any] = field(default_factory=dict)
-    mrope: str = "sectioned"  # "sectioned" (Qwen2-VL, Qwen2.5-VL) or "interleaved" (Qwen3-VL)
 
 
 FAMILIES: tuple[ModelFamily, ...] = (
@@ -81,7 +84,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
         parse_config=qwen3_vl.Qwen3VLConfig.from_dict,
         model_class=qwen3_vl.Qwen3VLForConditionalGeneration,
         image_defaults={"patch_size": 16, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
-        mrope="interleaved",
     ),
     ModelFamily(
         name="Qwen3-VL-MoE",
@@ -90,7 +92,6 @@ FAMILIES: tuple[ModelFamily, ...] = (
         parse_config=qwen3_vl.Qwen3VLConfig.from_dict,
         model_class=qwen3_vl.Qwen3VLMoeForConditionalGeneration,
         image_defaults={"patch_size": 16, "image_mean": (0.5, 0.5, 0.5), "image_std": (0.5, 0.5, 0.5)},
-        mrope="interleaved",
     ),
 )
 
