@@ -94,6 +94,14 @@ def test_each_supported_architecture_loads(tmp_path: Path) -> None:
     for arch, fam in generated.items():
         model = load_model(write_checkpoint(tmp_path / f"w-{fam}", family=fam), "float32", progress=False)
         assert type(model).__name__ == arch
+        # --load-format dummy (benchmarks of the released sizes) builds the same class from config.json alone.
+        dummy = load_model(tmp_path / fam, "float32", progress=False, load_format="dummy")
+        assert type(dummy).__name__ == arch
+        ids = torch.arange(8)
+        cache = ContiguousKVCache(len(dummy.model.layers), dummy.model.layers[0].self_attn.head_dim ** -0.5)
+        with torch.inference_mode():
+            logits = dummy.compute_logits(dummy(dummy.embed(ids), ids.expand(3, -1), cache))
+        assert logits.shape == (8, dummy.config.text.vocab_size) and logits.isfinite().all()
 
 
 def test_unsupported_architecture_lists_the_supported_ones(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any
 
 import torch
 
@@ -24,29 +24,6 @@ from vlmserve.models import qwen2_5_vl, qwen2_vl, qwen3_vl
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-
-
-class VisionLanguageModel(Protocol):
-    """What the runner, the loader and the reference generation loop use of a model."""
-
-    config: Any
-
-    def encode_images(
-        self, patches: torch.Tensor, grids: list[tuple[int, int, int]]
-    ) -> list[torch.Tensor]: ...
-
-    def embed(
-        self,
-        token_ids: torch.Tensor,
-        image_embeds: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor: ...
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor: ...
-
-    def load_weights(self, weights: Any) -> set[str]: ...
-
-    def expected_weight_keys(self) -> set[str]: ...
 
 
 @dataclass(frozen=True)
