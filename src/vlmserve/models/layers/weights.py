@@ -69,7 +69,8 @@ class CheckpointLoadable(nn.Module):
             if isinstance(getattr(module, "shard_sizes", None), list)
         }
 
-    def _shard_slices(self, fused_name: str) -> list[slice]:
+    def shard_slices(self, fused_name: str) -> list[slice]:
+        """Row ranges of each shard inside a fused parameter."""
         return self.fused_shards[fused_name.rsplit(".", 1)[0]]
 
     def _tied(self) -> bool:
@@ -91,7 +92,7 @@ class CheckpointLoadable(nn.Module):
                     and name.replace(ckpt_part, fused_part).rsplit(".", 1)[0] in self.fused_shards
                 ):
                     target = name.replace(ckpt_part, fused_part)
-                    rows = self._shard_slices(target)[shard]
+                    rows = self.shard_slices(target)[shard]
                     break
             param = params.get(target)
             if param is None:
