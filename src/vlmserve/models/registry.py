@@ -33,7 +33,8 @@ class ModelFamily:
     model_types: tuple[str, ...]  # config.json "model_type" values
     parse_config: Callable[[dict[str, Any]], Any]
     model_class: Callable[[Any], torch.nn.Module]
-    # Image processor defaults where preprocessor_config.json leaves a field out (HF's for the family).
+    # Image processor values where preprocessor_config.json leaves a field out: the family's own (its vision
+    # tower's patch size, the mean / std it was trained with).
     image_defaults: Mapping[str, Any] = field(default_factory=dict)
 
 
