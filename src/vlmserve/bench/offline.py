@@ -174,7 +174,8 @@ def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: st
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint dir; default: a generated one of --preset")
-    ap.add_argument("--preset", default="7b")
+    ap.add_argument("--preset", default="7b", help="of --family: 7b; 8b (qwen3_vl); 30b-a3b (qwen3_vl_moe)")
+    ap.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl, qwen2_vl, qwen3_vl or qwen3_vl_moe")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--hf-baseline", action="store_true")
     ap.add_argument("--batches", default="1,8,32,64", help="W1 concurrency levels")
@@ -190,7 +191,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.model)
         if args.model
         else write_checkpoint(
-            Path(tempfile.mkdtemp()) / args.preset, preset=args.preset, weights=args.load_format != "dummy"
+            Path(tempfile.mkdtemp()) / args.preset,
+            preset=args.preset,
+            weights=args.load_format != "dummy",
+            family=args.family,
         )
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"

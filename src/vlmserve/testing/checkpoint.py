@@ -675,6 +675,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default="float32")
     ap.add_argument("--shards", type=int, default=1)
+    ap.add_argument(
+        "--no-weights", action="store_true", help="config and tokenizer only, for --load-format dummy"
+    )
     args = ap.parse_args(argv)
     path = write_checkpoint(
         args.out_dir,
@@ -683,6 +686,7 @@ def main(argv: list[str] | None = None) -> None:
         getattr(torch, args.dtype),
         shards=args.shards,
         family=args.family,
+        weights=not args.no_weights,
     )
     print(path)
 
