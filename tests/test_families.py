@@ -262,7 +262,7 @@ def test_engine_batched_equals_one_at_a_time(checkpoint: Path) -> None:
     llm = LLM(
         str(checkpoint),
         max_model_len=512,
-        max_num_batched_tokens=48,
+        max_num_batched_tokens=16,  # chunks of 16 tokens: images are split across steps
         max_num_seqs=6,
         block_size=16,
         device="cpu",
