@@ -5,9 +5,9 @@ paths sort those rows by expert so that every expert multiplies one contiguous s
 - `moe_reference` (CPU, and anything with autograd on): a torch loop over the experts that received rows.
 - `fused_moe_triton` (CUDA, inference): the rows are laid out in blocks of BLOCK_M rows that each belong to
   one expert (`align_rows`, torch ops on the device, no host sync, so CUDA graphs can capture it), then one
-  grouped-GEMM launch per projection computes every block against its expert's weights: gate_up for all
-  experts in one launch, SiLU-and-mul, down (times the routing weight) in a second launch, and a sum over
-  the k rows of each token. No Python loop over experts.
+  grouped-GEMM launch per projection computes every block against its expert's weights: gate and up with
+  SiLU-and-mul in its epilogue for all experts in one launch, down (times the routing weight) in a second,
+  then a sum over the k rows of each token. No Python loop over experts.
 
 Expert weights live stacked as (experts, out, in), the layout of a linear layer's weight: gate_up_proj
 (E, 2 * I, H) holding [gate | up], down_proj (E, H, I). Does not know checkpoint layouts (the model file
@@ -147,6 +147,7 @@ if TRITON:
         stride_wn,
         stride_cm,
         A_BY_TOKEN: tl.constexpr,
+        GATED: tl.constexpr,
         SCALE: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
@@ -154,7 +155,9 @@ if TRITON:
     ):
         """C[row] = A[row's input] @ W[expert].T (times the row's routing weight when SCALE), for the
         BLOCK_M sorted rows of this program's block and BLOCK_N output columns. A's row is the token
-        (row // top_k) when A_BY_TOKEN, else the row itself."""
+        (row // top_k) when A_BY_TOKEN, else the row itself. GATED: W holds [gate | up] (2 * n_out rows) and
+        C = silu(A @ gate.T) * (A @ up.T), both products from the same A tiles (no (rows, 2 * n_out)
+        intermediate, no separate activation launch)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
@@ -171,14 +174,21 @@ if TRITON:
         offs_k = tl.arange(0, BLOCK_K)
         a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
         w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        n_mask = offs_n[None, :] < n_out
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, k_in, BLOCK_K):
             k_mask = offs_k + k0 < k_in
             a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
-            w = tl.load(w_ptrs, mask=k_mask[:, None] & (offs_n[None, :] < n_out), other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask, other=0.0)
             acc += tl.dot(a, w)
+            if GATED:
+                w_up = tl.load(w_ptrs + n_out * stride_wn, mask=k_mask[:, None] & n_mask, other=0.0)
+                up += tl.dot(a, w_up)
             a_ptrs += BLOCK_K
             w_ptrs += BLOCK_K
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * up
         if SCALE:
             scale = tl.load(scale_ptr + rows, mask=valid, other=0.0).to(tl.float32)
             acc = acc * scale[:, None]
@@ -194,6 +204,7 @@ if TRITON:
         scale: torch.Tensor | None,
         top_k: int,
         a_by_token: bool,
+        gated: bool,
         block_m: int,
     ) -> None:
         num_rows, n_out = out.shape
@@ -216,6 +227,7 @@ if TRITON:
             w.stride(1),
             out.stride(0),
             A_BY_TOKEN=a_by_token,
+            GATED=gated,
             SCALE=scale is not None,
             BLOCK_M=block_m,
             BLOCK_N=block_n,
@@ -238,10 +250,9 @@ def fused_moe_triton(
     sorted_rows, block_expert = align_rows(topk_ids, num_experts, block_m)
     x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
-    gate_up = torch.empty(t * k, two_i, dtype=x.dtype, device=x.device)  # (T*k, 2I) in flat row order
-    _grouped_gemm(x, w13, gate_up, sorted_rows, block_expert, None, k, True, block_m)
-    act = silu_and_mul(gate_up)  # (T*k, I)
+    act = torch.empty(t * k, two_i // 2, dtype=x.dtype, device=x.device)  # (T*k, I) in flat row order
+    _grouped_gemm(x, w13, act, sorted_rows, block_expert, None, k, True, True, block_m)  # silu(gate) * up
     down = torch.empty(t * k, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.flatten().contiguous()
-    _grouped_gemm(act, w2, down, sorted_rows, block_expert, weights, k, False, block_m)
+    _grouped_gemm(act, w2, down, sorted_rows, block_expert, weights, k, False, False, block_m)
     return down.view(t, k, hidden).sum(dim=1)
