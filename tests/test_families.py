@@ -315,3 +315,13 @@ def test_engine_on_gpu_with_cuda_graphs_matches_the_plain_loop(checkpoint: Path)
             patchify=llm.processor.patchify,
         )
         assert out.outputs[0].token_ids == expected, req.request_id
+
+
+def test_processor_fills_missing_preprocessor_fields_with_the_family_values(tmp_path: Path) -> None:
+    path = write_checkpoint(tmp_path, family="qwen3_vl", weights=False)
+    pre = json.loads((path / "preprocessor_config.json").read_text())
+    for name in ("patch_size", "image_mean", "image_std"):
+        del pre[name]
+    (path / "preprocessor_config.json").write_text(json.dumps(pre))
+    config = Qwen2_5_VLProcessor.from_pretrained(path).image_config
+    assert (config.patch_size, config.image_mean, config.image_std) == (16, (0.5,) * 3, (0.5,) * 3)
