@@ -186,10 +186,15 @@ def tensor_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
             b + "mlp.down_proj.weight": (vh, vi),
             b + "mlp.down_proj.bias": (vh,),
         }
+    return shapes | qwen2_lm_shapes(config)
+
+
+def qwen2_lm_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The Qwen2 language model's tensors (Qwen2-VL and Qwen2.5-VL), text fields flat in `config`."""
     h, inter, vocab = config["hidden_size"], config["intermediate_size"], config["vocab_size"]
     hd = h // config["num_attention_heads"]
     kv = config["num_key_value_heads"] * hd
-    shapes["model.embed_tokens.weight"] = (vocab, h)
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h)}
     for i in range(config["num_hidden_layers"]):
         b = f"model.layers.{i}."
         shapes |= {
@@ -413,24 +418,7 @@ def tensor_shapes_qwen2_vl(config: dict[str, Any]) -> dict[str, tuple[int, ...]]
             b + "mlp.fc2.weight": (ve, vi),
             b + "mlp.fc2.bias": (ve,),
         }
-    # The language model is Qwen2's, named as in Qwen2.5-VL.
-    lm = {
-        k: s for k, s in tensor_shapes({**config, "vision_config": _NO_VISION}).items() if k[:7] != "visual."
-    }
-    return shapes | lm
-
-
-# tensor_shapes() of Qwen2.5-VL with a vision tower of no blocks: only its language model is used.
-_NO_VISION = {
-    "hidden_size": 1,
-    "intermediate_size": 1,
-    "spatial_merge_size": 1,
-    "in_chans": 1,
-    "temporal_patch_size": 1,
-    "patch_size": 1,
-    "out_hidden_size": 1,
-    "depth": 0,
-}
+    return shapes | qwen2_lm_shapes(config)
 
 
 def make_config_qwen3_vl(
