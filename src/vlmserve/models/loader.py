@@ -191,9 +191,8 @@ def dummy_tensor(
         return 1.0 + 0.1 * randn
     if "embed_tokens" in name:
         return randn
-    if (
-        len(shape) == 3
-    ):  # stacked expert weights (experts, out, in): each expert a linear layer of fan-in `in`
+    if len(shape) == 3:
+        # Stacked expert weights (experts, out, in): each expert is a linear layer of fan-in `in`.
         return randn / math.sqrt(shape[-1])
     return randn / math.sqrt(math.prod(shape[1:]))
 

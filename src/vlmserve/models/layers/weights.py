@@ -33,7 +33,7 @@ def _slices(sizes: list[int]) -> list[slice]:
 
 
 class CheckpointLoadable(nn.Module):
-    """Mixin of the model classes: `load_weights` and `expected_weight_keys` for the loader."""
+    """Base class of the model classes: `load_weights` and `expected_weight_keys` for the loader."""
 
     FAMILY = "this model"
     # (checkpoint name fragment, fused parameter fragment, shard index) for separately stored projections.
