@@ -34,3 +34,30 @@ class HFImageTextProcessor(_HFQwen2_5_VLProcessor):
         processor = super().from_pretrained(path, **kwargs)
         processor.image_processor = HFPilImageProcessor.from_pretrained(path)
         return processor
+
+
+def hf_image_text_processor_class(family: str) -> type:
+    """HF's processor class of a model family (see models/registry.py), restricted like HFImageTextProcessor
+    to its tokenizer and HF's PIL image processor."""
+    import transformers
+
+    base = {
+        "qwen2_5_vl": _HFQwen2_5_VLProcessor,
+        "qwen2_vl": transformers.Qwen2VLProcessor,
+        "qwen3_vl": transformers.Qwen3VLProcessor,
+        "qwen3_vl_moe": transformers.Qwen3VLProcessor,
+    }[family]
+
+    class Restricted(base):  # type: ignore[misc, valid-type]
+        @classmethod
+        def get_attributes(cls) -> list[str]:
+            return ["image_processor", "tokenizer"]
+
+        @classmethod
+        def from_pretrained(cls, path: str | Path, **kwargs: Any) -> Any:
+            processor = super().from_pretrained(path, **kwargs)
+            processor.image_processor = HFPilImageProcessor.from_pretrained(path)
+            return processor
+
+    Restricted.__name__ = f"HFImageText{base.__name__}"
+    return Restricted

@@ -200,15 +200,15 @@ def profile_w1(core: EngineCore, proc: Qwen2_5_VLProcessor, prompt: Prompt) -> N
 
 
 def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: str) -> dict[str, Any]:
-    from transformers import AutoConfig, Qwen2_5_VLForConditionalGeneration
+    import transformers
+    from transformers import AutoConfig
 
     from vlmserve.models.processor import Qwen2_5_VLProcessor as P
 
     cfg = AutoConfig.from_pretrained(ckpt)
+    hf_class = getattr(transformers, cfg.architectures[0])  # the registry's names are HF's class names
     with torch.device(device):
-        model = Qwen2_5_VLForConditionalGeneration._from_config(
-            cfg, dtype=torch.bfloat16, attn_implementation="sdpa"
-        )
+        model = hf_class._from_config(cfg, dtype=torch.bfloat16, attn_implementation="sdpa")
     model.eval()
     proc = P.from_pretrained(ckpt)
     pp = proc.process(prompt.text, [prompt.image])
@@ -244,7 +244,8 @@ def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: st
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint dir; default: a generated one of --preset")
-    ap.add_argument("--preset", default="7b")
+    ap.add_argument("--preset", default="7b", help="of --family: 7b; 8b (qwen3_vl); 30b-a3b (qwen3_vl_moe)")
+    ap.add_argument("--family", default="qwen2_5_vl", help="qwen2_5_vl, qwen2_vl, qwen3_vl or qwen3_vl_moe")
     ap.add_argument("--load-format", default="dummy")
     ap.add_argument("--hf-baseline", action="store_true")
     ap.add_argument("--batches", default="1,8,32,64", help="W1 concurrency levels")
@@ -268,7 +269,10 @@ def main(argv: list[str] | None = None) -> None:
         Path(args.model)
         if args.model
         else write_checkpoint(
-            Path(tempfile.mkdtemp()) / args.preset, preset=args.preset, weights=args.load_format != "dummy"
+            Path(tempfile.mkdtemp()) / args.preset,
+            preset=args.preset,
+            weights=args.load_format != "dummy",
+            family=args.family,
         )
     )
     device = "cuda" if torch.cuda.is_available() else "cpu"

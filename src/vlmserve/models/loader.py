@@ -13,12 +13,13 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from vlmserve.models.registry import family_for_config
 
 logger = logging.getLogger(__name__)
 
@@ -104,7 +105,8 @@ def resolve_model_path(source: str | Path, revision: str | None = None, token: s
         ) from e
 
 
-def read_config(path: Path) -> Qwen2_5_VLConfig:
+def read_config(path: Path) -> Any:
+    """The parsed config.json of the checkpoint's family (see models/registry.py)."""
     cfg_file = path / "config.json"
     if not cfg_file.is_file():
         raise CheckpointError(f"missing config.json in {path}")
@@ -118,7 +120,7 @@ def read_config(path: Path) -> Qwen2_5_VLConfig:
         if eos is not None:
             raw = {**raw, "eos_token_id": eos}
     try:
-        return Qwen2_5_VLConfig.from_dict(raw)
+        return family_for_config(raw).parse_config(raw)
     except (TypeError, ValueError) as e:
         raise CheckpointError(f"{cfg_file}: {e}") from e
 
@@ -160,7 +162,7 @@ def cpu_has_native_bf16() -> bool:
     )
 
 
-def resolve_dtype(dtype: str | torch.dtype, config: Qwen2_5_VLConfig, device: torch.device) -> torch.dtype:
+def resolve_dtype(dtype: str | torch.dtype, config: Any, device: torch.device) -> torch.dtype:
     """'auto' is the checkpoint's dtype (as in HF transformers and vLLM), except on a CPU without native bf16,
     where it is float32; a float16 checkpoint runs in bfloat16 on a CPU (vLLM's CPU backend does the same)."""
     if isinstance(dtype, torch.dtype):
@@ -183,12 +185,15 @@ def dummy_tensor(
     """A random weight for `name`, scaled so activations stay O(1) through the stack and logits are decisive
     (top-2 gaps far above float32 rounding, so greedy parity tests are not decided by noise)."""
     randn = torch.randn(shape, generator=gen, device=device)
+    if name.endswith(".bias"):  # also LayerNorm biases: centred at 0 like any bias
+        return 0.1 * randn
     if "norm" in name or name.endswith("ln_q.weight"):
         return 1.0 + 0.1 * randn
-    if name.endswith(".bias"):
-        return 0.1 * randn
     if "embed_tokens" in name:
         return randn
+    if len(shape) == 3:
+        # Stacked expert weights (experts, out, in): each expert is a linear layer of fan-in `in`.
+        return randn / math.sqrt(shape[-1])
     return randn / math.sqrt(math.prod(shape[1:]))
 
 
@@ -198,8 +203,9 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     load_format: str = "auto",
-) -> Qwen2_5_VLForConditionalGeneration:
-    """Build the model from `path`/config.json and fill it from the safetensors in `path`.
+) -> Any:
+    """Build the model of the checkpoint's family (models/registry.py) from `path`/config.json and fill it
+    from the safetensors in `path`.
 
     load_format="dummy" fills random weights on the device instead (benchmarks of an architecture whose
     weights are not at hand; what vLLM calls --load-format dummy)."""
@@ -207,8 +213,9 @@ def load_model(
     device = torch.device(device)
     config = read_config(path)
     torch_dtype = resolve_dtype(dtype, config, device)
+    family = family_for_config(config.raw)
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
+        model = family.model_class(config)
     model = model.to_empty(device=device).to(torch_dtype)
     model.model.rotary.rebuild(device)
     if load_format == "dummy":

@@ -1,5 +1,10 @@
 """The Qwen2.5-VL processor: chat template, image preprocessing, prompt tokenization and M-RoPE positions.
 
+It serves every family in models/registry.py (Qwen2-VL, Qwen2.5-VL, Qwen3-VL dense and MoE): they share the
+image processor (HF's Qwen2VLImageProcessor, with the family's patch size, mean and std read from
+preprocessor_config.json or the registry's defaults), the placeholder expansion and, for still images, the
+M-RoPE positions; the chat template is the checkpoint's own.
+
 Owns everything between "messages and decoded PIL images" and "token ids, encoder inputs and positions the
 engine can run": rendering the checkpoint's chat template, resizing and patchifying images exactly like HF's
 Qwen2-VL image processor (its PIL backend, which is our reference), expanding each <|image_pad|> into as many
@@ -86,9 +91,13 @@ class ImageProcessorConfig:
     resample: int = Image.Resampling.BICUBIC
 
     @classmethod
-    def from_dict(cls, cfg: Mapping[str, Any]) -> ImageProcessorConfig:
+    def from_dict(
+        cls, cfg: Mapping[str, Any], defaults: Mapping[str, Any] | None = None
+    ) -> ImageProcessorConfig:
         """Read both layouts: flat min_pixels / max_pixels (released checkpoints) and the "size" dict
-        (transformers 5.x). Like HF's Qwen2VLImageProcessor, the flat fields win when both are present."""
+        (transformers 5.x). Like HF's Qwen2VLImageProcessor, the flat fields win when both are present.
+        `defaults` (the model family's, from models/registry.py) fill fields the file leaves out."""
+        cfg = {**(defaults or {}), **cfg}
         size = cfg.get("size") or {}
         min_pixels = size.get("shortest_edge", size.get("min_pixels", DEFAULT_MIN_PIXELS))
         max_pixels = size.get("longest_edge", size.get("max_pixels", DEFAULT_MAX_PIXELS))
@@ -365,6 +374,17 @@ def _load_chat_template(directory: Path, tokenizer_config: Mapping[str, Any]) ->
     )
 
 
+def _family_image_defaults(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The model family's image processor defaults (patch size, mean, std), or none for a config.json the
+    registry does not know (the model loader reports that one)."""
+    from vlmserve.models.registry import family_for_config
+
+    try:
+        return family_for_config(config).image_defaults
+    except ValueError:
+        return {}
+
+
 def _config_field(config: Mapping[str, Any], name: str) -> Any:
     # Text-side fields sit at the top level in released checkpoints and under "text_config" in newer saves.
     if name in config:
@@ -437,13 +457,13 @@ class Qwen2_5_VLProcessor:
         tokenizer_config = _read_json(directory, "tokenizer_config.json", required=False) or {}
         special_tokens_map = _read_json(directory, "special_tokens_map.json", required=False) or {}
         chat_template = _load_chat_template(directory, tokenizer_config)
+        config = _read_json(directory, "config.json", required=True, why="it holds the vision token ids")
+        assert config is not None  # required=True
         preprocessor = _read_json(
             directory, "preprocessor_config.json", required=True, why="it holds the image resize parameters"
         )
         assert preprocessor is not None  # required=True
-        image_config = ImageProcessorConfig.from_dict(preprocessor)
-        config = _read_json(directory, "config.json", required=True, why="it holds the vision token ids")
-        assert config is not None  # required=True
+        image_config = ImageProcessorConfig.from_dict(preprocessor, _family_image_defaults(config))
 
         vision = config.get("vision_config") or {}
         for field, ours in (

@@ -6,13 +6,13 @@
 The model computes; it does not schedule, sample or own a KV cache. Tokens of many sequences arrive packed
 as one (T, hidden) batch; causal attention with whatever KV cache the caller uses goes through the
 `AttentionBackend` passed to `forward`. Parameter names follow the released checkpoints (`visual.*`,
-`model.*`, `lm_head.*`), except that q/k/v and gate/up projections are fused; `load_weights` maps the
-checkpoint's separate tensors into the fused ones.
+`model.*`, `lm_head.*`), except that q/k/v and gate/up projections are fused; `load_weights`
+(models/layers/weights.py, shared with the other families) maps the checkpoint's separate tensors into the
+fused ones.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,10 +21,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.devices import to_device
-from vlmserve.models.layers.activation import silu_and_mul
-from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups, varlen_attention
+from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups
+from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
-from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary, inverse_frequencies
+from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
+from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, vision_rotary
+from vlmserve.models.layers.weights import CheckpointLoadable, merged_linear
 
 ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 
@@ -129,60 +131,13 @@ class Qwen2_5_VLConfig:
 # --------------------------------------------------------------------------------------- vision tower
 
 
-class PatchEmbed(nn.Module):
-    """(N, C*T*P*P) flattened patches -> (N, hidden). A Conv3d whose kernel equals its stride is a matmul."""
-
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.kernel = (cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.patch_size)
-        self.proj = nn.Conv3d(
-            cfg.in_channels,
-            cfg.hidden_size,
-            kernel_size=self.kernel[1:],
-            stride=self.kernel[1:],
-            bias=False,
-        )
-
-    def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        w = self.proj.weight  # (hidden, C, T, P, P)
-        return patches.to(w.dtype) @ w.view(w.shape[0], -1).t()  # (N, hidden)
-
-
-class VisionAttention(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.num_heads = cfg.num_heads
-        self.head_dim = cfg.hidden_size // cfg.num_heads
-        self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size, bias=True)
-        self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size, bias=True)
-
-    def forward(
-        self, x: torch.Tensor, seqs: VarlenGroups, cos: torch.Tensor, sin: torch.Tensor
-    ) -> torch.Tensor:
-        n = x.shape[0]
-        q, k, v = self.qkv(x).view(n, 3, self.num_heads, self.head_dim).unbind(1)  # 3 x (N, H, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = varlen_attention(q, k, v, seqs, scale=self.head_dim**-0.5)  # (N, H, D)
-        return self.proj(out.reshape(n, -1))
-
-
-class VisionMLP(nn.Module):
-    def __init__(self, cfg: VisionConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=True)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=True)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class VisionBlock(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.norm1 = RMSNorm(cfg.hidden_size, eps=1e-6)
         self.norm2 = RMSNorm(cfg.hidden_size, eps=1e-6)
-        self.attn = VisionAttention(cfg)
-        self.mlp = VisionMLP(cfg)
+        self.attn = VisionAttention(cfg.hidden_size, cfg.num_heads)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
     def forward(
         self, x: torch.Tensor, seqs: VarlenGroups, cos: torch.Tensor, sin: torch.Tensor
@@ -263,7 +218,9 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg: VisionConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.patch_embed = PatchEmbed(cfg)
+        self.patch_embed = PatchEmbed(
+            cfg.in_channels, cfg.temporal_patch_size, cfg.patch_size, cfg.hidden_size, bias=False
+        )
         self.blocks = nn.ModuleList([VisionBlock(cfg) for _ in range(cfg.depth)])
         self.merger = PatchMerger(cfg)
         self.head_dim = cfg.hidden_size // cfg.num_heads
@@ -271,10 +228,7 @@ class VisionTransformer(nn.Module):
     def rotary(self, pos_hw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 2) patch (row, col) -> cos, sin (N, head_dim): the first half of the rotary slots follow the
         row, the second half the column."""
-        inv_freq = inverse_frequencies(self.head_dim // 2, self.cfg.rope_theta, pos_hw.device)  # (D/4,)
-        freqs = (pos_hw[..., None].float() * inv_freq).flatten(1)  # (N, D/2): [row freqs | col freqs]
-        emb = torch.cat([freqs, freqs], dim=-1)  # (N, D)
-        return emb.cos(), emb.sin()
+        return vision_rotary(pos_hw, self.head_dim, self.cfg.rope_theta)
 
     def forward(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> torch.Tensor:
         """patches (N, C*T*P*P) for all images, grids [(t, h, w)] -> (N / merge**2, out_hidden)."""
@@ -304,7 +258,7 @@ class Attention(nn.Module):
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = nn.Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=True)
+        self.qkv_proj = merged_linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
         self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
 
     def forward(
@@ -319,23 +273,13 @@ class Attention(nn.Module):
         return self.o_proj(out.reshape(t, self.q_size))
 
 
-class MLP(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(silu_and_mul(self.gate_up_proj(x)))
-
-
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.self_attn = Attention(cfg, layer_idx)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
@@ -366,7 +310,9 @@ class Qwen2Model(nn.Module):
 # ------------------------------------------------------------------------------------------ the model
 
 
-class Qwen2_5_VLForConditionalGeneration(nn.Module):
+class Qwen2_5_VLForConditionalGeneration(CheckpointLoadable):
+    FAMILY = "Qwen2.5-VL"
+
     def __init__(self, cfg: Qwen2_5_VLConfig) -> None:
         super().__init__()
         self.config = cfg
@@ -374,6 +320,7 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
         self.model = Qwen2Model(cfg.text)
         if not cfg.text.tie_word_embeddings:
             self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
+        self.remember_fused_shards()
 
     def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
         """All images' patches packed (N, C*T*P*P) -> one (tokens_i, hidden) embedding per image."""
@@ -401,77 +348,3 @@ class Qwen2_5_VLForConditionalGeneration(nn.Module):
             self.model.embed_tokens.weight if self.config.text.tie_word_embeddings else self.lm_head.weight
         )
         return hidden @ weight.t()
-
-    # --- weights -------------------------------------------------------------------------------------
-
-    # (checkpoint name fragment, fused parameter fragment, shard index) for separately stored projections.
-    FUSED: tuple[tuple[str, str, int], ...] = (
-        (".self_attn.q_proj.", ".self_attn.qkv_proj.", 0),
-        (".self_attn.k_proj.", ".self_attn.qkv_proj.", 1),
-        (".self_attn.v_proj.", ".self_attn.qkv_proj.", 2),
-        (".mlp.gate_proj.", ".mlp.gate_up_proj.", 0),
-        (".mlp.up_proj.", ".mlp.gate_up_proj.", 1),
-    )
-
-    def shard_slices(self, fused_name: str) -> list[slice]:
-        """Row ranges of each shard inside a fused parameter."""
-        if ".self_attn.qkv_proj." in fused_name:
-            layer = self.model.layers[0].self_attn
-            q, kv = layer.q_size, layer.kv_size
-            return [slice(0, q), slice(q, q + kv), slice(q + kv, q + 2 * kv)]
-        if fused_name.startswith("visual."):
-            inter = self.config.vision.intermediate_size
-        else:
-            inter = self.model.layers[0].mlp.down_proj.in_features
-        return [slice(0, inter), slice(inter, 2 * inter)]
-
-    @staticmethod
-    def canonical_name(name: str) -> str:
-        """Checkpoint names as released (`visual.`, `model.`) or as transformers 5 saves them
-        (`model.visual.`, `model.language_model.`) -> our names."""
-        if name.startswith("model.visual."):
-            return name[len("model.") :]
-        if name.startswith("model.language_model."):
-            return "model." + name[len("model.language_model.") :]
-        return name
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        """Copy checkpoint tensors into parameters (casting dtype). Returns the parameter names written;
-        raises on an unexpected tensor or a shape mismatch."""
-        params = dict(self.named_parameters())
-        written: set[str] = set()
-        for raw_name, tensor in weights:
-            name = self.canonical_name(raw_name)
-            if self.config.text.tie_word_embeddings and name == "lm_head.weight":
-                continue  # tied: the embedding table is the head
-            target, rows = name, slice(None)
-            for ckpt_part, fused_part, shard in self.FUSED:
-                if ckpt_part in name:
-                    target = name.replace(ckpt_part, fused_part)
-                    rows = self.shard_slices(target)[shard]
-                    break
-            param = params.get(target)
-            if param is None:
-                raise ValueError(
-                    f"unexpected tensor {raw_name!r} in the checkpoint: Qwen2.5-VL has no such parameter "
-                    "(is the config.json from the same model as the weights?)"
-                )
-            dest = param.data[rows]
-            if dest.shape != tensor.shape:
-                raise ValueError(
-                    f"shape mismatch for {raw_name!r}: checkpoint has {tuple(tensor.shape)}, the model built "
-                    f"from config.json expects {tuple(dest.shape)}"
-                )
-            dest.copy_(tensor)
-            written.add(target if rows == slice(None) else f"{target}#{rows.start}")
-        return written
-
-    def expected_weight_keys(self) -> set[str]:
-        """The `written` keys a complete checkpoint produces (fused parameters count once per shard)."""
-        keys: set[str] = set()
-        for name, _ in self.named_parameters():
-            if any(fused in name for _, fused, _ in self.FUSED):
-                keys |= {f"{name}#{s.start}" for s in self.shard_slices(name)}
-            else:
-                keys.add(name)
-        return keys

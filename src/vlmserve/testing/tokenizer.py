@@ -40,6 +40,92 @@ QWEN2_5_VL_CHAT_TEMPLATE = (
     "{% endif %}{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 
+# The Qwen3-VL Instruct chat template: no default system prompt, content rendered by one macro, tool calls and
+# tool responses, and a plain "<|im_start|>assistant\n" generation prompt.
+QWEN3_VL_CHAT_TEMPLATE = """{%- set image_count = namespace(value=0) %}
+{%- set video_count = namespace(value=0) %}
+{%- macro render_content(content, do_vision_count) %}
+    {%- if content is string %}
+        {{- content }}
+    {%- else %}
+        {%- for item in content %}
+            {%- if 'image' in item or 'image_url' in item or item.type == 'image' %}
+                {%- if do_vision_count %}
+                    {%- set image_count.value = image_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}Picture {{ image_count.value }}: {% endif -%}
+                <|vision_start|><|image_pad|><|vision_end|>
+            {%- elif 'video' in item or item.type == 'video' %}
+                {%- if do_vision_count %}
+                    {%- set video_count.value = video_count.value + 1 %}
+                {%- endif %}
+                {%- if add_vision_id %}Video {{ video_count.value }}: {% endif -%}
+                <|vision_start|><|video_pad|><|vision_end|>
+            {%- elif 'text' in item %}
+                {{- item.text }}
+            {%- endif %}
+        {%- endfor %}
+    {%- endif %}
+{%- endmacro %}
+{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0].role == 'system' %}
+        {{- render_content(messages[0].content, false) + '\\n\\n' }}
+    {%- endif %}
+    {{- "# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\nYou are provided with function signatures within <tools></tools> XML tags:\\n<tools>" }}
+    {%- for tool in tools %}
+        {{- "\\n" }}
+        {{- tool | tojson }}
+    {%- endfor %}
+    {{- "\\n</tools>\\n\\nFor each function call, return a json object with function name and arguments within <tool_call></tool_call> XML tags:\\n<tool_call>\\n{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}\\n</tool_call><|im_end|>\\n" }}
+{%- else %}
+    {%- if messages[0].role == 'system' %}
+        {{- '<|im_start|>system\\n' + render_content(messages[0].content, false) + '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endif %}
+{%- for message in messages %}
+    {%- set content = render_content(message.content, True) %}
+    {%- if (message.role == "user") or (message.role == "system" and not loop.first) %}
+        {{- '<|im_start|>' + message.role + '\\n' + content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role + '\\n' + content }}
+        {%- if message.tool_calls %}
+            {%- for tool_call in message.tool_calls %}
+                {%- if (loop.first and content) or (not loop.first) %}
+                    {{- '\\n' }}
+                {%- endif %}
+                {%- if tool_call.function %}
+                    {%- set tool_call = tool_call.function %}
+                {%- endif %}
+                {{- '<tool_call>\\n{"name": "' }}
+                {{- tool_call.name }}
+                {{- '", "arguments": ' }}
+                {%- if tool_call.arguments is string %}
+                    {{- tool_call.arguments }}
+                {%- else %}
+                    {{- tool_call.arguments | tojson }}
+                {%- endif %}
+                {{- '}\\n</tool_call>' }}
+            {%- endfor %}
+        {%- endif %}
+        {{- '<|im_end|>\\n' }}
+    {%- elif message.role == "tool" %}
+        {%- if loop.first or (messages[loop.index0 - 1].role != "tool") %}
+            {{- '<|im_start|>user' }}
+        {%- endif %}
+        {{- '\\n<tool_response>\\n' }}
+        {{- content }}
+        {{- '\\n</tool_response>' }}
+        {%- if loop.last or (messages[loop.index0 + 1].role != "tool") %}
+            {{- '<|im_end|>\\n' }}
+        {%- endif %}
+    {%- endif %}
+{%- endfor %}
+{%- if add_generation_prompt %}
+    {{- '<|im_start|>assistant\\n' }}
+{%- endif %}
+"""
+
 # Appended after the ordinary vocabulary in this order, as in Qwen2.5-VL (151643 ... 151656).
 SPECIAL_TOKENS: tuple[str, ...] = (
     "<|endoftext|>",
@@ -155,7 +241,11 @@ def _training_text(seed: int, extra_corpus: Sequence[str] = ()) -> list[str]:
 
 
 def build_tokenizer_files(
-    out_dir: Path, vocab_size: int = 1024, seed: int = 0, extra_corpus: Sequence[str] = ()
+    out_dir: Path,
+    vocab_size: int = 1024,
+    seed: int = 0,
+    extra_corpus: Sequence[str] = (),
+    chat_template: str = QWEN2_5_VL_CHAT_TEMPLATE,
 ) -> dict[str, int]:
     """Train a byte-level BPE tokenizer; write tokenizer.json, tokenizer_config.json, chat_template.json and
     generation_config.json.
@@ -238,7 +328,7 @@ def build_tokenizer_files(
         "added_tokens_decoder": added_tokens_decoder,
         "additional_special_tokens": [t for t in SPECIAL_TOKENS if t != "<|endoftext|>"],
         "bos_token": None,
-        "chat_template": QWEN2_5_VL_CHAT_TEMPLATE,
+        "chat_template": chat_template,
         "clean_up_tokenization_spaces": False,
         "eos_token": "<|im_end|>",
         "errors": "replace",
@@ -251,7 +341,7 @@ def build_tokenizer_files(
     (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, ensure_ascii=False))
     # Released checkpoints also ship the template as chat_template.json, which is where HF's *processor* (as
     # opposed to its tokenizer) reads it from.
-    (out / "chat_template.json").write_text(json.dumps({"chat_template": QWEN2_5_VL_CHAT_TEMPLATE}, indent=2))
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": chat_template}, indent=2))
 
     generation_config = {
         "bos_token_id": ids["endoftext"],
@@ -269,11 +359,16 @@ def write_preprocessor_config(
     patch_size: int = 14,
     temporal_patch_size: int = 2,
     merge_size: int = 2,
+    image_mean: Sequence[float] = OPENAI_CLIP_MEAN,
+    image_std: Sequence[float] = OPENAI_CLIP_STD,
+    processor_class: str = "Qwen2_5_VLProcessor",
+    flat_pixel_fields: bool = True,
 ) -> Path:
     """Write preprocessor_config.json as Qwen2.5-VL checkpoints do, and return its path.
 
     Both the flat min_pixels / max_pixels (released checkpoints) and the "size" dict (what transformers 5.x
-    saves) are written, with the same values, so either reader finds them.
+    saves) are written, with the same values, so either reader finds them. flat_pixel_fields=False writes
+    only the "size" dict, as released Qwen3-VL checkpoints do.
     """
     factor = patch_size * merge_size
     if min_pixels > max_pixels:
@@ -288,19 +383,21 @@ def write_preprocessor_config(
         "do_normalize": True,
         "do_rescale": True,
         "do_resize": True,
-        "image_mean": list(OPENAI_CLIP_MEAN),
+        "image_mean": list(image_mean),
         "image_processor_type": "Qwen2VLImageProcessor",
-        "image_std": list(OPENAI_CLIP_STD),
+        "image_std": list(image_std),
         "max_pixels": max_pixels,
         "merge_size": merge_size,
         "min_pixels": min_pixels,
         "patch_size": patch_size,
-        "processor_class": "Qwen2_5_VLProcessor",
+        "processor_class": processor_class,
         "resample": 3,  # PIL.Image.BICUBIC
         "rescale_factor": 1 / 255,
         "size": {"longest_edge": max_pixels, "shortest_edge": min_pixels},
         "temporal_patch_size": temporal_patch_size,
     }
+    if not flat_pixel_fields:
+        del config["min_pixels"], config["max_pixels"]
     path = Path(out_dir) / "preprocessor_config.json"
     path.write_text(json.dumps(config, indent=2))
     return path

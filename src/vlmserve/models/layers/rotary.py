@@ -48,9 +48,19 @@ class MRotaryEmbedding(torch.nn.Module):
     The head dim's frequency slots are split into `mrope_section` = [t, h, w] groups; slot group i takes its
     angle from axis i. Text tokens have the same position on all three axes, which reduces to plain RoPE.
     cos / sin tables are precomputed up to `max_position` and gathered per step (no trig in the hot path).
+
+    `interleaved` (Qwen3-VL) assigns the slots round-robin instead of in blocks: slot j follows the height
+    axis when j % 3 == 1 and j < 3 * h, the width axis when j % 3 == 2 and j < 3 * w, else the temporal axis.
     """
 
-    def __init__(self, head_dim: int, theta: float, mrope_section: list[int], max_position: int) -> None:
+    def __init__(
+        self,
+        head_dim: int,
+        theta: float,
+        mrope_section: list[int],
+        max_position: int,
+        interleaved: bool = False,
+    ) -> None:
         super().__init__()
         if sum(mrope_section) != head_dim // 2:
             raise ValueError(
@@ -61,10 +71,19 @@ class MRotaryEmbedding(torch.nn.Module):
         self.theta = theta
         self.mrope_section = list(mrope_section)
         self.max_position = max_position
+        self.interleaved = interleaved
         self.register_buffer("cos_sin_cache", self._table(torch.device("cpu")), persistent=False)
         # slot -> axis: which position axis drives each of the head_dim // 2 frequency slots.
-        axis = torch.cat([torch.full((n,), i) for i, n in enumerate(self.mrope_section)])
-        self.register_buffer("slot_axis", axis, persistent=False)
+        self.register_buffer("slot_axis", self._slot_axis(torch.device("cpu")), persistent=False)
+
+    def _slot_axis(self, device: torch.device) -> torch.Tensor:
+        if not self.interleaved:
+            return torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(self.mrope_section)])
+        j = torch.arange(self.head_dim // 2, device=device)
+        axis = torch.zeros_like(j)
+        axis[(j % 3 == 1) & (j < 3 * self.mrope_section[1])] = 1
+        axis[(j % 3 == 2) & (j < 3 * self.mrope_section[2])] = 2
+        return axis
 
     def _table(self, device: torch.device) -> torch.Tensor:
         inv_freq = inverse_frequencies(self.head_dim, self.theta, device)
@@ -75,8 +94,7 @@ class MRotaryEmbedding(torch.nn.Module):
     def rebuild(self, device: torch.device) -> None:
         """Recompute the tables on `device` (after the module was created on the meta device)."""
         self.cos_sin_cache = self._table(device)
-        axis = torch.cat([torch.full((n,), i, device=device) for i, n in enumerate(self.mrope_section)])
-        self.slot_axis = axis
+        self.slot_axis = self._slot_axis(device)
 
     def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """positions (3, T) or (T,) int64 -> cos, sin (T, D) float32."""

@@ -1,0 +1,258 @@
+"""Sparse mixture-of-experts MLP (Qwen3-VL-MoE): a top-k router with normalised weights and SwiGLU experts.
+
+Tokens are routed to `top_k` of `num_experts` experts; each (token, expert) pair is one row of work. Both
+paths sort those rows by expert so that every expert multiplies one contiguous slice of rows:
+- `moe_reference` (CPU, and anything with autograd on): a torch loop over the experts that received rows.
+- `fused_moe_triton` (CUDA, inference): the rows are laid out in blocks of BLOCK_M rows that each belong to
+  one expert (`align_rows`, torch ops on the device, no host sync, so CUDA graphs can capture it), then one
+  grouped-GEMM launch per projection computes every block against its expert's weights: gate and up with
+  SiLU-and-mul in its epilogue for all experts in one launch, down (times the routing weight) in a second,
+  then a sum over the k rows of each token. No Python loop over experts.
+
+Expert weights live stacked as (experts, out, in), the layout of a linear layer's weight: gate_up_proj
+(E, 2 * I, H) holding [gate | up], down_proj (E, H, I). Does not know checkpoint layouts (the model file
+converts) or which layers are sparse (the model's config says).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vlmserve.models.layers.activation import silu_and_mul
+
+try:
+    import triton
+    import triton.language as tl
+
+    TRITON = True
+except ImportError:  # CPU-only installs: the torch reference is used
+    TRITON = False
+
+
+class Experts(nn.Module):
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
+        self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+
+
+class SparseMoE(nn.Module):
+    """x (T, H) -> (T, H): route each token to its top-k experts, weights renormalised to sum to 1."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
+        super().__init__()
+        self.top_k = top_k
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
+        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+
+    def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(T, H) -> routing weights (T, k) in x's dtype and expert ids (T, k) int64."""
+        logits = self.gate(x)  # (T, E)
+        probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+        weights, ids = torch.topk(probs, self.top_k, dim=-1)
+        weights = weights / weights.sum(dim=-1, keepdim=True)
+        return weights.to(logits.dtype), ids
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weights, ids = self.route(x)
+        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+
+
+def fused_moe(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """x (T, H); w13 (E, 2I, H); w2 (E, H, I); topk_weights, topk_ids (T, k) -> (T, H)."""
+    if TRITON and x.is_cuda and not torch.is_grad_enabled():
+        return fused_moe_triton(x, w13, w2, topk_weights, topk_ids)
+    return moe_reference(x, w13, w2, topk_weights, topk_ids)
+
+
+def moe_reference(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The torch path: rows sorted by expert, one pair of matmuls per expert that received rows."""
+    k = topk_ids.shape[1]
+    flat = topk_ids.flatten()  # (T*k,) expert of each (token, slot) row
+    order = torch.argsort(flat, stable=True)
+    tokens = order // k  # (T*k,) token of each sorted row
+    counts = torch.bincount(flat, minlength=w13.shape[0]).tolist()
+    rows = x[tokens]  # (T*k, H), grouped by expert
+    out = torch.empty_like(rows)
+    start = 0
+    for e, n in enumerate(counts):
+        if n:
+            seg = rows[start : start + n]
+            out[start : start + n] = silu_and_mul(seg @ w13[e].t()) @ w2[e].t()
+            start += n
+    out = out * topk_weights.flatten()[order, None]
+    return torch.zeros_like(x).index_add_(0, tokens, out)
+
+
+# ------------------------------------------------------------------------------------------ GPU kernel
+
+
+def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Lay out the T*k (token, slot) rows in blocks of `block_m` rows of one expert each.
+
+    Returns sorted_rows (R,) int32: the flat row index (token * k + slot) at each position, padding set to
+    T*k; and block_expert (R / block_m,) int32: each block's expert, -1 for blocks past the last expert's.
+    R = T*k + E*(block_m - 1) rounded up to block_m is an upper bound that depends only on T, so the shapes
+    (and a CUDA graph) do not depend on the routing."""
+    m = topk_ids.numel()
+    dev = topk_ids.device
+    flat = topk_ids.flatten()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount without a host sync
+    padded = (counts + block_m - 1) // block_m * block_m
+    padded_end = torch.cumsum(padded, 0)
+    padded_start = padded_end - padded
+    order = torch.argsort(flat, stable=True)
+    sorted_experts = flat[order]
+    count_start = torch.cumsum(counts, 0) - counts
+    rank = torch.arange(m, device=dev) - count_start[sorted_experts]
+    total = -(-(m + num_experts * (block_m - 1)) // block_m) * block_m
+    sorted_rows = torch.full((total,), m, dtype=torch.int32, device=dev)
+    sorted_rows[padded_start[sorted_experts] + rank] = order.to(torch.int32)
+    block_start = torch.arange(0, total, block_m, device=dev)
+    block_expert = torch.searchsorted(padded_end, block_start, right=True)
+    block_expert = torch.where(block_expert < num_experts, block_expert, -1).to(torch.int32)
+    return sorted_rows, block_expert
+
+
+if TRITON:
+
+    @triton.jit
+    def _grouped_gemm_kernel(
+        a_ptr,
+        w_ptr,
+        c_ptr,
+        sorted_rows_ptr,
+        block_expert_ptr,
+        scale_ptr,
+        num_rows,
+        n_out,
+        k_in,
+        top_k,
+        stride_am,
+        stride_we,
+        stride_wn,
+        stride_cm,
+        A_BY_TOKEN: tl.constexpr,
+        GATED: tl.constexpr,
+        SCALE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
+        """C[row] = A[row's input] @ W[expert].T (times the row's routing weight when SCALE), for the
+        BLOCK_M sorted rows of this program's block and BLOCK_N output columns. A's row is the token
+        (row // top_k) when A_BY_TOKEN, else the row itself. GATED: W holds [gate | up] (2 * n_out rows) and
+        C = silu(A @ gate.T) * (A @ up.T), both products from the same A tiles (no (rows, 2 * n_out)
+        intermediate, no separate activation launch)."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        expert = tl.load(block_expert_ptr + pid_m)
+        if expert < 0:
+            return
+        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        rows = tl.load(sorted_rows_ptr + offs_m)
+        valid = rows < num_rows
+        if A_BY_TOKEN:
+            a_rows = rows // top_k
+        else:
+            a_rows = rows
+        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_ptrs = a_ptr + a_rows[:, None].to(tl.int64) * stride_am + offs_k[None, :]
+        w_ptrs = w_ptr + expert.to(tl.int64) * stride_we + offs_n[None, :] * stride_wn + offs_k[:, None]
+        n_mask = offs_n[None, :] < n_out
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        up = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(0, k_in, BLOCK_K):
+            k_mask = offs_k + k0 < k_in
+            a = tl.load(a_ptrs, mask=valid[:, None] & k_mask[None, :], other=0.0)
+            w = tl.load(w_ptrs, mask=k_mask[:, None] & n_mask, other=0.0)
+            acc += tl.dot(a, w)
+            if GATED:
+                w_up = tl.load(w_ptrs + n_out * stride_wn, mask=k_mask[:, None] & n_mask, other=0.0)
+                up += tl.dot(a, w_up)
+            a_ptrs += BLOCK_K
+            w_ptrs += BLOCK_K
+        if GATED:
+            acc = acc / (1.0 + tl.exp(-acc)) * up
+        if SCALE:
+            scale = tl.load(scale_ptr + rows, mask=valid, other=0.0).to(tl.float32)
+            acc = acc * scale[:, None]
+        c_ptrs = c_ptr + rows[:, None].to(tl.int64) * stride_cm + offs_n[None, :]
+        tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=valid[:, None] & (offs_n[None, :] < n_out))
+
+    def _grouped_gemm(
+        a: torch.Tensor,
+        w: torch.Tensor,
+        out: torch.Tensor,
+        sorted_rows: torch.Tensor,
+        block_expert: torch.Tensor,
+        scale: torch.Tensor | None,
+        top_k: int,
+        a_by_token: bool,
+        gated: bool,
+        block_m: int,
+    ) -> None:
+        num_rows, n_out = out.shape
+        k_in = w.shape[2]
+        block_n, block_k = 64, 64
+        grid = (block_expert.numel(), triton.cdiv(n_out, block_n))
+        _grouped_gemm_kernel[grid](
+            a,
+            w,
+            out,
+            sorted_rows,
+            block_expert,
+            scale if scale is not None else out,
+            num_rows,
+            n_out,
+            k_in,
+            top_k,
+            a.stride(0),
+            w.stride(0),
+            w.stride(1),
+            out.stride(0),
+            A_BY_TOKEN=a_by_token,
+            GATED=gated,
+            SCALE=scale is not None,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+        )
+
+
+def fused_moe_triton(
+    x: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
+    """The GPU path: rows aligned to per-expert blocks, one grouped-GEMM launch per projection."""
+    t, k = topk_ids.shape
+    num_experts, two_i, hidden = w13.shape
+    # Small batches (decode) put few rows on each expert: small blocks waste less padding.
+    block_m = 16 if t * k <= 32 * num_experts else 64
+    sorted_rows, block_expert = align_rows(topk_ids, num_experts, block_m)
+    x = x.contiguous()
+    w13, w2 = w13.contiguous(), w2.contiguous()
+    act = torch.empty(t * k, two_i // 2, dtype=x.dtype, device=x.device)  # (T*k, I) in flat row order
+    _grouped_gemm(x, w13, act, sorted_rows, block_expert, None, k, True, True, block_m)  # silu(gate) * up
+    down = torch.empty(t * k, hidden, dtype=x.dtype, device=x.device)
+    weights = topk_weights.flatten().contiguous()
+    _grouped_gemm(act, w2, down, sorted_rows, block_expert, weights, k, False, False, block_m)
+    return down.view(t, k, hidden).sum(dim=1)
