@@ -76,6 +76,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
         engine_process=args.engine_process,
+        quantization=args.quantization,
     )
 
 

@@ -62,7 +62,13 @@ class EngineCore:
         device = torch.device(config.device)
         self.processor = processor or Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model_path, config.dtype, device, load_format=config.load_format)
+        self.model = load_model(
+            config.model_path,
+            config.dtype,
+            device,
+            load_format=config.load_format,
+            quantization=config.quantization,
+        )
         self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
         dtype = next(self.model.parameters()).dtype
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)

@@ -18,6 +18,14 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from vlmserve.models.quantization import (
+    QuantizationError,
+    QuantizationMethod,
+    QuantizedLinear,
+    checkpoint_module_resolver,
+    replace_linears,
+    resolve_quantization,
+)
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 logger = logging.getLogger(__name__)
@@ -198,29 +206,38 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     load_format: str = "auto",
+    quantization: str | None = None,
 ) -> Qwen2_5_VLForConditionalGeneration:
     """Build the model from `path`/config.json and fill it from the safetensors in `path`.
 
     load_format="dummy" fills random weights on the device instead (benchmarks of an architecture whose
-    weights are not at hand; what vLLM calls --load-format dummy)."""
+    weights are not at hand; what vLLM calls --load-format dummy). `quantization` names the method (vLLM's
+    names); None uses the checkpoint's quantization_config, if it has one."""
     path = Path(path)
     device = torch.device(device)
     config = read_config(path)
+    method = quantization_method(path, config, quantization, device)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config)
     model = model.to_empty(device=device).to(torch_dtype)
     model.model.rotary.rebuild(device)
+    if method is not None:
+        swapped = replace_linears(model, method)
+        logger.info("quantization %s: %d linear layers", method.describe(), len(swapped))
     if load_format == "dummy":
-        gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(dummy_tensor(name, tuple(param.shape), gen, device))
+        fill_dummy(model, device)
         return model.eval()
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not supported; use auto or dummy")
     files = safetensors_files(path)
-    written = model.load_weights(iter_weights(files, progress))
+    weights = iter_weights(files, progress)
+    if method is not None:
+        weights = method.convert(weights, checkpoint_module_resolver(model))
+    try:
+        written = model.load_weights(weights)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     missing = sorted(model.expected_weight_keys() - written)
     if missing:
         shown = ", ".join(m.split("#")[0] for m in missing[:5])
@@ -229,3 +246,30 @@ def load_model(
             "(incomplete download, or weights of another model?)"
         )
     return model.eval()
+
+
+def quantization_method(
+    path: Path, config: Qwen2_5_VLConfig, quantization: str | None, device: torch.device
+) -> QuantizationMethod | None:
+    """The checkpoint's quantization method, checked against the device before any weight is read."""
+    try:
+        method = resolve_quantization(config.raw, quantization)
+        if method is not None:
+            method.check_device(device)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    return method
+
+
+def fill_dummy(model: torch.nn.Module, device: torch.device) -> None:
+    """Random weights; a quantized linear gets a random float weight quantized by its method."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    with torch.no_grad():
+        for name, module in quantized.items():
+            shape = (module.out_features, module.in_features)
+            module.init_random(dummy_tensor(f"{name}.weight", shape, gen, device))
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[0] in quantized and not name.endswith(".bias"):
+                continue
+            param.copy_(dummy_tensor(name, tuple(param.shape), gen, device))
