@@ -37,14 +37,16 @@ from vlmserve.testing.quantized_checkpoint import (
 # of [128, 128] cover q / o exactly and k / v (64 rows each) partly.
 TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 TEXT["mrope_section"] = [4, 6, 6]
-FORMATS = ["fp8-block", "fp8-channel", "awq", "online-fp8"]
+# "+vision": the checkpoint quantizes the vision tower too (compressed-tensors targets every Linear); vlmserve
+# runs it in float, dequantized while loading.
+FORMATS = ["fp8-block", "fp8-channel", "fp8-tensor", "awq", "online-fp8", "fp8-channel+vision"]
 
 
 @pytest.fixture(scope="module", params=FORMATS)
 def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory):
     """(quantized model, float reference model, processor, float model before quantization)."""
-    root = tmp_path_factory.mktemp(request.param)
-    fmt = request.param
+    root = tmp_path_factory.mktemp(request.param.replace("+", "-"))
+    fmt, _, vision = request.param.partition("+")
     if fmt == "online-fp8":
         ckpt = write_checkpoint(root / "float", text=TEXT, seed=4)
         ref = write_fp8_channel_twin(ckpt, root / "ref")
@@ -53,7 +55,9 @@ def pair(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     else:
         # One LM layer left unquantized in the checkpoint and named in its skip list: mixed models load.
         ignore = ["model.layers.1.mlp.down_proj"]
-        ckpt = write_quantized_checkpoint(root / "q", fmt, ignore=ignore, text=TEXT, seed=4)
+        ckpt = write_quantized_checkpoint(
+            root / "q", fmt, ignore=ignore, quantize_vision=bool(vision), text=TEXT, seed=4
+        )
         ref = write_dequantized_twin(ckpt, root / "ref")
         quantized = load_model(ckpt, "float32", progress=False)
         original = write_checkpoint(root / "float", text=TEXT, seed=4)
@@ -220,3 +224,38 @@ def test_engine_args_and_flags() -> None:
     add_engine_args(parser)
     assert engine_args_from(parser.parse_args(["-q", "fp8"]), parser).quantization == "fp8"
     assert engine_args_from(parser.parse_args([]), parser).quantization is None
+
+
+def test_transformers5_names_and_vision_stored_in_fp8(tmp_path: Path) -> None:
+    """A checkpoint saved by transformers 5 (`model.language_model.*`, `model.visual.*`) whose vision tower is
+    FP8 too: the same model as under the released names, the vision tower dequantized while loading."""
+    ckpt = write_quantized_checkpoint(tmp_path / "q", "fp8-block", quantize_vision=True, text=TEXT, seed=6)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    assert tensors["visual.blocks.0.attn.qkv.weight"].dtype == torch.float8_e4m3fn
+    expected = {k: v.clone() for k, v in load_model(ckpt, "float32", progress=False).state_dict().items()}
+
+    def hf5(name: str) -> str:
+        if name.startswith("model."):
+            return "model.language_model." + name[len("model.") :]
+        return "model." + name if name.startswith("visual.") else name
+
+    save_file({hf5(k): v for k, v in tensors.items()}, str(ckpt / "model.safetensors"))
+    got = load_model(ckpt, "float32", progress=False).state_dict()
+    assert got.keys() == expected.keys()
+    for k in got:
+        assert torch.equal(got[k].float(), expected[k].float()), k
+
+
+def test_compressed_tensors_block_and_skip_list_matching() -> None:
+    from vlmserve.models.quantization import resolve_quantization
+    from vlmserve.models.quantization.base import _matches
+
+    group = {"targets": ["Linear"], "weights": {"type": "float", "num_bits": 8, "strategy": "block"}}
+    group["weights"]["block_structure"] = [128, 128]
+    qcfg = {"quant_method": "compressed-tensors", "format": "float-quantized", "config_groups": {"g": group}}
+    method = resolve_quantization({"quantization_config": qcfg})
+    assert method.block == (128, 128) and method.scale_leaf == "weight_scale"
+    assert _matches("visual", "visual.blocks.0.attn.qkv")
+    assert _matches("mlp.down_proj", "model.layers.3.mlp.down_proj")
+    assert _matches("re:.*lm_head", "lm_head")
+    assert not _matches("model.layers.1", "model.layers.11.mlp.down_proj")

@@ -7,6 +7,8 @@ the `quantization_config` those checkpoints carry in config.json:
     fp8-block    FP8 e4m3 weights in [128, 128] blocks, `weight_scale_inv` (Qwen3-VL-*-FP8, DeepSeek-V3)
     fp8-channel  compressed-tensors "float-quantized": FP8 weights per output channel, `weight_scale` (N, 1)
                  (llm-compressor's FP8_DYNAMIC scheme)
+    fp8-tensor   FP8 weights with one `weight_scale` per tensor and a static `input_scale` (quant_method
+                 "fp8", activation_scheme "static": the older per-tensor FP8 checkpoints vLLM reads)
     awq          AutoAWQ GEMM: `qweight` (K, N/8) int32, `qzeros` (K/g, N/8) int32 packed in AutoAWQ's nibble
                  order, `scales` (K/g, N) float16; group size 128 (Qwen2.5-VL-*-AWQ)
 
@@ -31,11 +33,15 @@ from safetensors.torch import load_file, save_file
 
 from vlmserve.testing.checkpoint import write_checkpoint
 
-FORMATS = ("fp8-block", "fp8-channel", "awq")
+FORMATS = ("fp8-block", "fp8-channel", "fp8-tensor", "awq")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # The language-model linears the released tools quantize.
 QUANTIZED = re.compile(r"^model\.layers\.\d+\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$")
+# The vision tower's linears, for checkpoints that quantize them too (compressed-tensors targets "Linear").
+VISION_LINEARS = re.compile(
+    r"^visual\.(blocks\.\d+\.(attn\.(qkv|proj)|mlp\.(gate|up|down)_proj)|merger\.mlp\.\d)\.weight$"
+)
 # AutoAWQ packs output column order[i] of each group of eight into bits 4i..4i+3 of an int32.
 AWQ_PACK_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -71,6 +77,12 @@ def fp8_channel_quantize(w: torch.Tensor, scale_dtype: torch.dtype) -> tuple[tor
 
 def fp8_channel_dequantize(q: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     return q.float() * scale.float()
+
+
+def fp8_tensor_quantize(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) fp8 and a () float32 `weight_scale` for the whole tensor."""
+    scale = (w.float().abs().amax() / FP8_MAX).clamp(min=1e-12)
+    return (w.float() / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
 # --- AWQ -------------------------------------------------------------------------------------------------
@@ -156,6 +168,8 @@ def quantization_config(fmt: str, group: int, block: tuple[int, int], ignore: li
             "sparsity_config": {},
             "global_compression_ratio": None,
         }
+    if fmt == "fp8-tensor":
+        return {"quant_method": "fp8", "activation_scheme": "static", "ignored_layers": ["lm_head", *ignore]}
     if fmt == "awq":
         return {
             "quant_method": "awq",
@@ -174,22 +188,28 @@ def write_quantized_checkpoint(
     group: int = 128,
     block: tuple[int, int] = (128, 128),
     ignore: list[str] | None = None,
+    quantize_vision: bool = False,
     **checkpoint_kwargs: Any,
 ) -> Path:
     """A float checkpoint (checkpoint.write_checkpoint with `checkpoint_kwargs`) whose language-model
-    linears are quantized into `fmt`, except the modules named in `ignore` (listed in the skip list)."""
+    linears are quantized into `fmt`, except the modules named in `ignore` (listed in the skip list).
+    quantize_vision: the vision tower's linears too (FP8 formats; not listed in the skip list then)."""
     ignore = list(ignore or [])
     out = write_checkpoint(out_dir, **checkpoint_kwargs)
     tensors = load_file(str(out / "model.safetensors"))
     quantized: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         prefix = name.removesuffix(".weight")
-        if not QUANTIZED.match(name) or any(prefix.endswith(i) for i in ignore):
+        chosen = QUANTIZED.match(name) or (quantize_vision and VISION_LINEARS.match(name))
+        if not chosen or any(prefix.endswith(i) for i in ignore):
             quantized[name] = t
         elif fmt == "fp8-block":
             quantized[name], quantized[prefix + ".weight_scale_inv"] = fp8_block_quantize(t, block)
         elif fmt == "fp8-channel":
             quantized[name], quantized[prefix + ".weight_scale"] = fp8_channel_quantize(t, torch.bfloat16)
+        elif fmt == "fp8-tensor":
+            quantized[name], quantized[prefix + ".weight_scale"] = fp8_tensor_quantize(t)
+            quantized[prefix + ".input_scale"] = torch.tensor(0.05)  # static activation scale (unused)
         elif fmt == "awq":
             qw, qz, s = awq_quantize(t, group)
             quantized |= {prefix + ".qweight": qw, prefix + ".qzeros": qz, prefix + ".scales": s}
@@ -197,7 +217,12 @@ def write_quantized_checkpoint(
             raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
     config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = quantization_config(fmt, group, block, ignore)
+    qcfg = quantization_config(fmt, group, block, ignore)
+    if quantize_vision:
+        for key in ("modules_to_not_convert", "ignore"):
+            if key in qcfg:
+                qcfg[key] = [m for m in qcfg[key] if m not in ("visual", "re:visual.*")]
+    config["quantization_config"] = qcfg
     (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
@@ -210,7 +235,7 @@ def dequantized_tensors(path: Path) -> dict[str, torch.Tensor]:
     out: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         prefix, _, leaf = name.rpartition(".")
-        if leaf in ("weight_scale_inv", "weight_scale", "qzeros", "scales"):
+        if leaf in ("weight_scale_inv", "weight_scale", "input_scale", "qzeros", "scales"):
             continue
         if leaf == "qweight":
             out[prefix + ".weight"] = awq_dequantize(
