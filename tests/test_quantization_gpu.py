@@ -149,3 +149,63 @@ def test_quantized_model_on_gpu_matches_cpu_reference_with_and_without_cuda_grap
         del llm
         torch.cuda.empty_cache()
     assert runs[0] == runs[1] and all(len(t) == 16 for t in runs[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_paged_decode_reads_an_fp8_kv_cache(dtype: torch.dtype) -> None:
+    from vlmserve.models.layers.attention import causal_attention
+    from vlmserve.runner.kv_quant import FP8_KV, from_cache, to_cache
+    from vlmserve.runner.triton_attention import PARTITION, paged_decode_attention
+
+    torch.manual_seed(0)
+    hq, hkv, dim, page, num_blocks = 28, 4, 128, 16, 400
+    seq_lens = [1, 15, 17, 300, 1300]
+    k_cache = to_cache(torch.randn(num_blocks, page, hkv, dim, device="cuda"), FP8_KV)
+    v_cache = to_cache(torch.randn(num_blocks, page, hkv, dim, device="cuda"), FP8_KV)
+    perm = torch.randperm(num_blocks - 1, device="cuda") + 1
+    tables, used = [], 0
+    for n in seq_lens:
+        nb = -(-n // page)
+        tables.append(perm[used : used + nb])
+        used += nb
+    bt = torch.zeros(len(seq_lens), max(len(t) for t in tables), dtype=torch.int32, device="cuda")
+    for i, t in enumerate(tables):
+        bt[i, : len(t)] = t.int()
+    q = torch.randn(len(seq_lens), hq, dim, device="cuda", dtype=dtype)
+    lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
+    got = paged_decode_attention(q, k_cache, v_cache, bt, lens, dim**-0.5, -(-max(seq_lens) // PARTITION))
+    for i, n in enumerate(seq_lens):
+        ks = from_cache(k_cache[tables[i]].reshape(-1, hkv, dim)[:n], torch.float64)
+        vs = from_cache(v_cache[tables[i]].reshape(-1, hkv, dim)[:n], torch.float64)
+        ref = causal_attention(q[i : i + 1].double(), ks, vs, dim**-0.5)[0]
+        assert _rel(got[i], ref) < 2e-2, n
+
+
+def test_fp8_kv_cache_engine_cuda_graphs_match_eager(tmp_path: Path) -> None:
+    from tests.test_quantization import TEXT
+    from vlmserve.engine.sampling_params import SamplingParams
+    from vlmserve.llm import LLM
+    from vlmserve.testing.checkpoint import write_checkpoint
+
+    ckpt = write_checkpoint(tmp_path / "f", text=TEXT, seed=3)
+    params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)
+    runs = []
+    for eager in (True, False):
+        llm = LLM(
+            str(ckpt),
+            device="cuda",
+            dtype="bfloat16",
+            kv_cache_dtype="fp8",
+            max_model_len=512,
+            num_kv_blocks=128,
+            enforce_eager=eager,
+        )
+        assert llm.engine.runner.kv_caches[0][0].dtype == torch.float8_e4m3fn
+        prompts = [
+            llm.processor.apply_chat_template([{"role": "user", "content": f"Count to {i}."}])
+            for i in range(6)
+        ]
+        runs.append([o.outputs[0].token_ids for o in llm.generate(prompts, params)])
+        del llm
+        torch.cuda.empty_cache()
+    assert runs[0] == runs[1]

@@ -32,6 +32,9 @@ class EngineArgs(BaseModel):
         description="weight quantization; default: the checkpoint's quantization_config. fp8 on a float "
         "checkpoint quantizes it while loading",
     )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="KV cache storage; fp8: e4m3 (half the bytes of bf16, twice the blocks)"
+    )
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     max_num_seqs: int = Field(64, ge=1, description="most requests in one batch")
     max_num_batched_tokens: int | None = Field(
@@ -125,6 +128,7 @@ class EngineConfig:
     enable_prefix_caching: bool
     encoder_cache_tokens: int
     quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     mm_processor_kwargs: dict[str, int] = field(default_factory=dict)
     max_queued_requests: int | None = None

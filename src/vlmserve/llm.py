@@ -77,6 +77,7 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
         engine_process=args.engine_process,
         quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
     )
 
 

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import causal_attention
+from vlmserve.runner.kv_quant import from_cache, write_slots
 
 
 @dataclass
@@ -82,7 +83,7 @@ class TorchPagedAttention:
         tables = self.decode_tables.flatten()
         kd = k_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
         vd = v_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-        kd, vd = (t.transpose(1, 2).to(q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
+        kd, vd = (from_cache(t.transpose(1, 2), q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
         if self._decode_mask is None:  # once per forward, not per layer
             # (Bd, 1, 1, S) key mask: positions past each sequence's length are padding.
             pos = torch.arange(self.decode_max_len, device=q.device)
@@ -92,9 +93,8 @@ class TorchPagedAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]  # (N, bs, Hkv, D)
-        _, _, hkv, dim = k_cache.shape
-        k_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, v.to(v_cache.dtype))
+        write_slots(k_cache, self.meta.slot_mapping, k)
+        write_slots(v_cache, self.meta.slot_mapping, v)
         out = torch.empty_like(q)  # (T, Hq, D)
         if self.meta.prefill_rows:
             self._prefill(q, k_cache, v_cache, out)
@@ -113,4 +113,4 @@ class TorchPagedAttention:
             table = m.block_tables[r, : -(-seq_len // block_size)]
             ks = k_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
             vs = v_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
-            out[s:e] = causal_attention(q[s:e], ks.to(q.dtype), vs.to(q.dtype), self.scale)
+            out[s:e] = causal_attention(q[s:e], from_cache(ks, q.dtype), from_cache(vs, q.dtype), self.scale)
