@@ -137,8 +137,8 @@ def test_engine_serves_a_quantized_checkpoint(tmp_path: Path) -> None:
 @pytest.mark.parametrize("fmt", ["fp8-block", "awq"])
 def test_dummy_weights_with_quantization(tmp_path: Path, fmt: str) -> None:
     """load_format=dummy on a quantized architecture: random weights quantized by the method (benchmarks)."""
-    ckpt = write_quantized_checkpoint(tmp_path / fmt, fmt, text=TEXT, seed=0)
-    (ckpt / "model.safetensors").unlink()
+    ckpt = write_quantized_checkpoint(tmp_path / fmt, fmt, text=TEXT, seed=0, weights=False)
+    assert not (ckpt / "model.safetensors").exists()
     model = load_model(ckpt, "float32", progress=False, load_format="dummy")
     layer = model.model.layers[0].mlp.gate_up_proj
     assert isinstance(layer, QuantizedLinear)

@@ -219,12 +219,13 @@ def load_model(
     method = quantization_method(path, config, quantization, device)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
-        model = Qwen2_5_VLForConditionalGeneration(config)
-    model = model.to_empty(device=device).to(torch_dtype)
-    model.model.rotary.rebuild(device)
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch_dtype)
     if method is not None:
+        # On the meta device still: a float copy of the weights the method replaces is never allocated.
         swapped = replace_linears(model, method)
         logger.info("quantization %s: %d linear layers", method.describe(), len(swapped))
+    model = model.to_empty(device=device)
+    model.model.rotary.rebuild(device)
     if load_format == "dummy":
         fill_dummy(model, device)
         return model.eval()

@@ -16,7 +16,7 @@ the `quantization_config` those checkpoints carry in config.json:
 (dequantized here, with code independent of the loader's): the reference a quantized model must match.
 The vision tower and lm_head stay in float, as in the released checkpoints.
 
-    python -m vlmserve.testing.quantized_checkpoint OUT_DIR --format awq [--preset tiny] [--seed N]
+    python -m vlmserve.testing.quantized_checkpoint OUT_DIR --format awq [--preset tiny] [--seed N] [--no-weights]
 """
 
 from __future__ import annotations
@@ -196,6 +196,16 @@ def write_quantized_checkpoint(
     quantize_vision: the vision tower's linears too (FP8 formats; not listed in the skip list then)."""
     ignore = list(ignore or [])
     out = write_checkpoint(out_dir, **checkpoint_kwargs)
+    qcfg = quantization_config(fmt, group, block, ignore)
+    if quantize_vision:
+        for key in ("modules_to_not_convert", "ignore"):
+            if key in qcfg:
+                qcfg[key] = [m for m in qcfg[key] if m not in ("visual", "re:visual.*")]
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (out / "config.json").write_text(json.dumps(config, indent=2))
+    if not checkpoint_kwargs.get("weights", True):  # config only, for load_format="dummy" (benchmarks)
+        return out
     tensors = load_file(str(out / "model.safetensors"))
     quantized: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
@@ -216,14 +226,6 @@ def write_quantized_checkpoint(
         else:
             raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
-    config = json.loads((out / "config.json").read_text())
-    qcfg = quantization_config(fmt, group, block, ignore)
-    if quantize_vision:
-        for key in ("modules_to_not_convert", "ignore"):
-            if key in qcfg:
-                qcfg[key] = [m for m in qcfg[key] if m not in ("visual", "re:visual.*")]
-    config["quantization_config"] = qcfg
-    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
@@ -288,12 +290,19 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--preset", default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=128)
-    args = ap.parse_args(argv)
-    print(
-        write_quantized_checkpoint(
-            args.out_dir, args.format, args.group_size, preset=args.preset, seed=args.seed
-        )
+    ap.add_argument(
+        "--no-weights", action="store_true", help="config and tokenizer only (serve with --load-format dummy)"
     )
+    args = ap.parse_args(argv)
+    path = write_quantized_checkpoint(
+        args.out_dir,
+        args.format,
+        args.group_size,
+        preset=args.preset,
+        seed=args.seed,
+        weights=not args.no_weights,
+    )
+    print(path)
 
 
 if __name__ == "__main__":
