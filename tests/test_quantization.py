@@ -20,6 +20,7 @@ from torch import nn
 
 from tests.conftest import random_image
 from vlmserve.config import EngineArgs
+from vlmserve.llm import LLM
 from vlmserve.models import loader
 from vlmserve.models.generate import greedy_generate, prompt_embeddings
 from vlmserve.models.layers.attention import ContiguousKVCache
@@ -123,7 +124,6 @@ def test_quantized_modules_and_their_storage(pair) -> None:
 def test_engine_serves_a_quantized_checkpoint(tmp_path: Path) -> None:
     """Through LLM (EngineArgs -> EngineCore -> paged runner): greedy tokens equal the plain loop's."""
     from vlmserve.engine.sampling_params import SamplingParams
-    from vlmserve.llm import LLM
 
     ckpt = write_quantized_checkpoint(tmp_path / "awq", "awq", text=TEXT, seed=5)
     llm = LLM(str(ckpt), device="cpu", dtype="float32", max_model_len=512, num_kv_blocks=64)
@@ -259,3 +259,45 @@ def test_compressed_tensors_block_and_skip_list_matching() -> None:
     assert _matches("mlp.down_proj", "model.layers.3.mlp.down_proj")
     assert _matches("re:.*lm_head", "lm_head")
     assert not _matches("model.layers.1", "model.layers.11.mlp.down_proj")
+
+
+# --- the demo model, quantized -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def demo_baseline() -> float:
+    from vlmserve.training.evaluate import run_eval
+
+    return _key_accuracy(run_eval(LLM("demo", device="cpu"), DEMO_QUESTIONS))
+
+
+DEMO_QUESTIONS = 16  # per category
+
+
+def _key_accuracy(results) -> float:
+    from vlmserve.training.data import CATEGORIES
+    from vlmserve.training.evaluate import summarize
+
+    table = summarize(results)
+    return sum(table[k]["accuracy"] for k in CATEGORIES) / len(CATEGORIES)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["fp8-block", "fp8-channel", "awq", "online-fp8"])
+def test_quantized_demo_model_keeps_its_heldout_accuracy(
+    tmp_path: Path, demo_baseline: float, fmt: str
+) -> None:
+    """The trained demo model quantized to each format answers the held-out questions (colour, shape, count,
+    position) within 3 points of the unquantized model, through the engine."""
+    from vlmserve.demo import demo_checkpoint
+    from vlmserve.testing.quantized_checkpoint import quantize_checkpoint
+    from vlmserve.training.evaluate import run_eval
+
+    if fmt == "online-fp8":
+        llm = LLM("demo", device="cpu", quantization="fp8")
+    else:
+        llm = LLM(str(quantize_checkpoint(demo_checkpoint(), tmp_path / fmt, fmt)), device="cpu")
+    assert isinstance(llm.engine.model.model.layers[0].mlp.down_proj, QuantizedLinear)
+    accuracy = _key_accuracy(run_eval(llm, DEMO_QUESTIONS))
+    print(f"{fmt}: {accuracy:.1%} (unquantized {demo_baseline:.1%})")
+    assert accuracy >= demo_baseline - 0.03

@@ -191,22 +191,48 @@ def write_quantized_checkpoint(
     quantize_vision: bool = False,
     **checkpoint_kwargs: Any,
 ) -> Path:
-    """A float checkpoint (checkpoint.write_checkpoint with `checkpoint_kwargs`) whose language-model
-    linears are quantized into `fmt`, except the modules named in `ignore` (listed in the skip list).
-    quantize_vision: the vision tower's linears too (FP8 formats; not listed in the skip list then)."""
-    ignore = list(ignore or [])
+    """A random float checkpoint (checkpoint.write_checkpoint with `checkpoint_kwargs`) quantized into `fmt`
+    in place (see quantize_checkpoint); weights=False writes the config only (for load_format="dummy")."""
     out = write_checkpoint(out_dir, **checkpoint_kwargs)
+    if not checkpoint_kwargs.get("weights", True):
+        config = json.loads((out / "config.json").read_text())
+        config["quantization_config"] = _config_for(fmt, group, block, list(ignore or []), quantize_vision)
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+        return out
+    return quantize_checkpoint(out, out, fmt, group, block, ignore, quantize_vision)
+
+
+def _config_for(
+    fmt: str, group: int, block: tuple[int, int], ignore: list[str], quantize_vision: bool
+) -> dict[str, Any]:
     qcfg = quantization_config(fmt, group, block, ignore)
     if quantize_vision:
         for key in ("modules_to_not_convert", "ignore"):
             if key in qcfg:
                 qcfg[key] = [m for m in qcfg[key] if m not in ("visual", "re:visual.*")]
-    config = json.loads((out / "config.json").read_text())
-    config["quantization_config"] = qcfg
-    (out / "config.json").write_text(json.dumps(config, indent=2))
-    if not checkpoint_kwargs.get("weights", True):  # config only, for load_format="dummy" (benchmarks)
-        return out
-    tensors = load_file(str(out / "model.safetensors"))
+    return qcfg
+
+
+def quantize_checkpoint(
+    src: str | Path,
+    out_dir: str | Path,
+    fmt: str,
+    group: int = 128,
+    block: tuple[int, int] = (128, 128),
+    ignore: list[str] | None = None,
+    quantize_vision: bool = False,
+) -> Path:
+    """The float checkpoint in `src` (one model.safetensors) with its language-model linears quantized into
+    `fmt`, except the modules named in `ignore` (listed in the skip list), written to `out_dir` (may be
+    `src`). quantize_vision: the vision tower's linears too (FP8 formats; not in the skip list then)."""
+    src, out = Path(src), Path(out_dir)
+    ignore = list(ignore or [])
+    if out != src:
+        out.mkdir(parents=True, exist_ok=True)
+        for f in src.iterdir():
+            if f.is_file() and f.suffix != ".safetensors":
+                (out / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(str(src / "model.safetensors"))
     quantized: dict[str, torch.Tensor] = {}
     for name, t in tensors.items():
         prefix = name.removesuffix(".weight")
@@ -226,6 +252,9 @@ def write_quantized_checkpoint(
         else:
             raise ValueError(f"unknown format {fmt!r}; one of {', '.join(FORMATS)}")
     save_file(quantized, str(out / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((src / "config.json").read_text())
+    config["quantization_config"] = _config_for(fmt, group, block, ignore, quantize_vision)
+    (out / "config.json").write_text(json.dumps(config, indent=2))
     return out
 
 
