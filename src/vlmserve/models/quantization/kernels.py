@@ -1,8 +1,9 @@
 """GPU GEMMs for quantized weights: FP8 (W8A8, activations quantized per token / per token-group on the fly)
 and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy).
 
-    fp8_linear   per-channel scales: torch._scaled_mm with row-wise scales (cuBLASLt) where it applies
-                 (Hopper+, bf16 out, K and N multiples of 16), else the Triton kernel; block scales: Triton
+    fp8_linear   a Triton GEMM that quantizes activations in registers (per row and 128 columns), for
+                 block and per-channel scales; at prefill sizes with per-channel scales on Hopper+,
+                 torch._scaled_mm (cuBLASLt, row-wise scales: activations per token)
     awq_linear   Triton: a tiled GEMM for M > GEMV_MAX_ROWS, a GEMV (no tensor cores, every weight byte read
                  once per row) for decode at batch 1-4, where bandwidth is everything
 
@@ -50,12 +51,18 @@ def quantize_activations(x: torch.Tensor, group: int) -> tuple[torch.Tensor, tor
 
 
 def fp8_linear_reference(
-    x: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int, bias: torch.Tensor | None
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block_k: int,
+    bias: torch.Tensor | None,
+    act_group: int | None = None,
 ) -> torch.Tensor:
-    """What fp8_linear computes, in float32 torch: activations quantized as the kernels do, both dequantized."""
+    """What fp8_linear computes, in float32 torch: activations quantized per row and `act_group` columns
+    (None: per row, as for _scaled_mm; the Triton kernel's is triton_act_group), both operands dequantized."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
-    group = block_k if scale.shape[1] > 1 else x2.shape[1]
+    group = act_group or x2.shape[1]
     xq, xs = quantize_activations(x2, group)
     k = x2.shape[1]
     xd = xq.float() * xs.repeat_interleave(group, dim=1)[:, :k]
@@ -86,26 +93,26 @@ if TRITON:
 
     @triton.jit
     def _fp8_gemm_kernel(
-        a_ptr,  # (M, K) fp8
-        as_ptr,  # (M, G) float32
+        x_ptr,  # (M, K) activations, bf16 / fp16 / fp32
         b_ptr,  # (N, K) fp8
-        bs_ptr,  # (N, G) float32
+        bs_ptr,  # (N, G) float32 weight scales
         bias_ptr,
         c_ptr,  # (M, N)
         M,
         N,
         K,
-        GROUP_K,  # columns per scale group (K for per-channel / per-token scales)
-        stride_am,
-        stride_asm,
+        GROUP_K,  # columns per weight scale (block_k; K for per-channel scales)
+        stride_xm,
         stride_bn,
         stride_bsn,
         stride_cm,
         HAS_BIAS: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,  # divides GROUP_K, so a K tile never straddles two scale groups
+        BLOCK_K: tl.constexpr,  # divides GROUP_K; also the activation scale group (ACT_GROUP)
     ):
+        # Activations are quantized here, per row and BLOCK_K columns, in registers: no separate
+        # quantization kernels (at decode they would outnumber the GEMMs) and no FP8 copy of x in memory.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -117,18 +124,24 @@ if TRITON:
         for k0 in range(0, K, BLOCK_K):
             k = k0 + offs_k
             k_ok = k < K
-            a_mask = m_ok[:, None] & k_ok[None, :]
+            x_mask = m_ok[:, None] & k_ok[None, :]
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
+            x = x.to(tl.float32)
+            # The scale as quantize_activations computes it (448: e4m3's largest value; 1e-12: MIN_SCALE).
+            a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)  # (BLOCK_M,)
+            a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv)
             b_mask = n_ok[:, None] & k_ok[None, :]
-            a = tl.load(a_ptr + offs_m[:, None] * stride_am + k[None, :], mask=a_mask, other=0.0)
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=b_mask, other=0.0)
-            g = k0 // GROUP_K
-            a_s = tl.load(as_ptr + offs_m * stride_asm + g, mask=m_ok, other=0.0)
-            b_s = tl.load(bs_ptr + offs_n * stride_bsn + g, mask=n_ok, other=0.0)
+            b_s = tl.load(bs_ptr + offs_n * stride_bsn + k0 // GROUP_K, mask=n_ok, other=0.0)
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
         c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+
+
+# The Triton kernel's activation scale group: a K tile (128 columns, or less where a weight block is smaller).
+ACT_GROUP = 128
 
 
 def _pow2_divisor(n: int, most: int) -> int:
@@ -139,24 +152,28 @@ def _pow2_divisor(n: int, most: int) -> int:
     return d
 
 
+def triton_act_group(scale: torch.Tensor, block_k: int) -> int:
+    """The activation group (= K tile) the Triton kernel uses for these weight scales."""
+    return ACT_GROUP if scale.shape[1] == 1 else _pow2_divisor(block_k, ACT_GROUP)
+
+
 def fp8_triton(
     x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int, bias: torch.Tensor | None
 ) -> torch.Tensor:
     m, k = x2.shape
     n = weight.shape[0]
-    per_channel = scale.shape[1] == 1
-    group = k if per_channel else block_k
-    xq, xs = quantize_activations(x2, group)
+    group_k = k if scale.shape[1] == 1 else block_k
+    tile_k = triton_act_group(scale, block_k)
+    if tile_k < 32:
+        raise ValueError(f"FP8 block size {block_k} along K: the Triton kernel needs a multiple of 32")
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    block_k_tile = 128 if per_channel else _pow2_divisor(block_k, 128)
-    if block_k_tile < 32:
-        raise ValueError(f"FP8 block size {block_k} along K: the kernel needs a multiple of 32")
     block_m = 16 if m <= 16 else 32 if m <= 32 else 64
     block_n = 64 if m <= 16 else 128
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
     _fp8_gemm_kernel[grid](
-        xq,
-        xs,
+        x2,
         weight,
         scale,
         bias if bias is not None else out,
@@ -164,19 +181,23 @@ def fp8_triton(
         m,
         n,
         k,
-        group,
-        xq.stride(0),
-        xs.stride(0),
+        group_k,
+        x2.stride(0),
         weight.stride(0),
         scale.stride(0),
         out.stride(0),
         HAS_BIAS=bias is not None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
-        BLOCK_K=block_k_tile,
+        BLOCK_K=tile_k,
         num_warps=4,
     )
     return out
+
+
+# Rows up to which the fused Triton kernel runs even where _scaled_mm applies: its activation quantization
+# costs no extra launches, which at decode batch sizes weighs more than cuBLASLt's better tiles.
+SCALED_MM_MIN_ROWS = 64
 
 
 def scaled_mm_applies(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -201,7 +222,7 @@ def _capability(index: int | None) -> tuple[int, int]:
 def fp8_scaled_mm(
     x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> torch.Tensor:
-    xq, xs = quantize_activations(x2, x2.shape[1])  # (M, K), (M, 1)
+    xq, xs = quantize_activations(x2, x2.shape[1])  # (M, K), (M, 1): per token
     out = torch._scaled_mm(
         xq.contiguous(),
         weight.t(),  # (K, N) column-major, as cuBLASLt wants the second operand
@@ -210,6 +231,14 @@ def fp8_scaled_mm(
         out_dtype=x2.dtype,
     )
     return out if bias is None else out + bias
+
+
+def fp8_backend(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> str:
+    """'scaled_mm' for per-channel weights at prefill sizes on Hopper+, else 'triton' (or 'torch' without
+    Triton). NOTE: a heuristic, to be replaced by per-shape measurements on the target GPU."""
+    if x2.shape[0] >= SCALED_MM_MIN_ROWS and scaled_mm_applies(x2, weight, scale):
+        return "scaled_mm"
+    return "triton" if TRITON else "torch"
 
 
 def fp8_linear(
@@ -226,10 +255,11 @@ def fp8_linear(
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], weight.shape[0])
-    use_mm = backend == "scaled_mm" or (backend == "auto" and scaled_mm_applies(x2, weight, scale))
-    if use_mm:
+    if backend == "auto":
+        backend = fp8_backend(x2, weight, scale)
+    if backend == "scaled_mm":
         out = fp8_scaled_mm(x2, weight, scale, bias)
-    elif TRITON:
+    elif backend == "triton":
         out = fp8_triton(x2, weight, scale, block_k, bias)
     else:  # CUDA without Triton: correct, not fast
         w = (weight.float() * scale.repeat_interleave(block_k, dim=1)[:, : x2.shape[1]]).to(x.dtype)
