@@ -102,3 +102,10 @@ def test_values_beyond_e4m3_are_clamped_not_nan() -> None:
     assert back.tolist()[:2] == [448.0, -448.0] and abs(back[2].item() - 0.3) < 0.02
     with pytest.raises(ValueError, match=r"kv_cache_dtype 'int8' is not supported; use one of auto, fp8"):
         kv_storage_dtype("int8", torch.bfloat16)
+
+
+def test_fp8_kv_cache_on_a_gpu_without_fp8_is_refused(monkeypatch) -> None:
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (8, 0))
+    with pytest.raises(ValueError, match=r"kv_cache_dtype='fp8' needs a GPU with FP8.*has 8\.0"):
+        kv_storage_dtype("fp8", torch.bfloat16, torch.device("cuda", 0))
+    assert kv_storage_dtype("fp8", torch.bfloat16, torch.device("cpu")) == FP8_KV

@@ -301,3 +301,22 @@ def test_quantized_demo_model_keeps_its_heldout_accuracy(
     accuracy = _key_accuracy(run_eval(llm, DEMO_QUESTIONS))
     print(f"{fmt}: {accuracy:.1%} (unquantized {demo_baseline:.1%})")
     assert accuracy >= demo_baseline - 0.03
+
+
+def test_sharded_quantized_checkpoint_with_weight_and_scale_in_different_files(tmp_path: Path) -> None:
+    ckpt = write_quantized_checkpoint(tmp_path / "q", "fp8-block", text=TEXT, seed=8)
+    expected = {k: v.clone() for k, v in load_model(ckpt, "float32", progress=False).state_dict().items()}
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    # Every weight_scale_inv in the second shard, every other tensor in the first.
+    parts = [{k: v for k, v in tensors.items() if not k.endswith("_scale_inv")}]
+    parts.append({k: v for k, v in tensors.items() if k.endswith("_scale_inv")})
+    weight_map = {}
+    for i, part in enumerate(parts):
+        name = f"model-{i + 1:05d}-of-00002.safetensors"
+        save_file(part, str(ckpt / name))
+        weight_map |= dict.fromkeys(part, name)
+    (ckpt / "model.safetensors").unlink()
+    (ckpt / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    got = load_model(ckpt, "float32", progress=False).state_dict()
+    for k in expected:
+        assert torch.equal(got[k].float(), expected[k].float()), k

@@ -71,7 +71,7 @@ class EngineCore:
             quantization=config.quantization,
         )
         self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
-        dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype)
+        dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
         min_blocks = -(-config.max_model_len // config.block_size) + 1

@@ -18,11 +18,20 @@ FP8_KV_SCALE = 1.0
 _FP8_MAX = torch.finfo(FP8_KV).max
 
 
-def kv_storage_dtype(kv_cache_dtype: str, model_dtype: torch.dtype) -> torch.dtype:
-    """'auto': the model's dtype; 'fp8' / 'fp8_e4m3': float8 e4m3."""
+def kv_storage_dtype(
+    kv_cache_dtype: str, model_dtype: torch.dtype, device: torch.device | None = None
+) -> torch.dtype:
+    """'auto': the model's dtype; 'fp8' / 'fp8_e4m3': float8 e4m3 (on a GPU: one with FP8, 8.9+)."""
     if kv_cache_dtype == "auto":
         return model_dtype
     if kv_cache_dtype in ("fp8", "fp8_e4m3"):
+        if device is not None and device.type == "cuda":
+            cap = tuple(torch.cuda.get_device_capability(device))
+            if cap < (8, 9):
+                raise ValueError(
+                    f"kv_cache_dtype={kv_cache_dtype!r} needs a GPU with FP8 (compute capability >= 8.9: Ada, "
+                    f"Hopper or newer); this one has {cap[0]}.{cap[1]}. Use kv_cache_dtype='auto'"
+                )
         return FP8_KV
     raise ValueError(
         f"kv_cache_dtype {kv_cache_dtype!r} is not supported; use one of {', '.join(KV_CACHE_DTYPES)}"
