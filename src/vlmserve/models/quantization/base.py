@@ -51,8 +51,10 @@ class QuantizationMethod:
     """One quantization format. Subclasses set `name` and implement `make_linear` and `convert`."""
 
     name: str = ""
-    # What a GPU must have (compute capability) to run it; None: any GPU Triton runs on.
+    # What a GPU must have (compute capability, and the feature that needs it) to run it; None: any GPU
+    # Triton runs on.
     min_capability: tuple[int, int] | None = None
+    gpu_feature: str = ""
 
     def __init__(self, ignore: Iterable[str] = ()) -> None:
         # Module names (or "re:" regexes) the checkpoint leaves in float, as its quantization_config lists them.
@@ -66,9 +68,9 @@ class QuantizationMethod:
     def quantizes(self, candidates: list[str]) -> bool:
         """Whether the linear known under these names (ours, and the checkpoint's for each fused shard) is
         quantized. The vision tower and lm_head stay in float: the released checkpoints keep them so, and
-        compute_logits reads lm_head's weight directly."""
+        compute_logits reads lm_head's weight directly; so do MoE routers (`mlp.gate`), as in vLLM."""
         first = candidates[0]
-        if first.startswith("visual.") or first.endswith("lm_head"):
+        if first.startswith("visual.") or first.endswith(("lm_head", ".mlp.gate")):
             return False
         return not any(_matches(entry, c) for entry in self.ignore for c in candidates)
 
@@ -83,9 +85,9 @@ class QuantizationMethod:
         if cap < self.min_capability:
             need = ".".join(map(str, self.min_capability))
             raise QuantizationError(
-                f"quantization {self.describe()!r} needs a GPU with FP8 support (compute capability >= {need}: "
-                f"Ada, Hopper or newer); this GPU ({torch.cuda.get_device_name(index)}) has "
-                f"{cap[0]}.{cap[1]}. Use an AWQ checkpoint, or the unquantized model"
+                f"quantization {self.describe()!r} needs a GPU with {self.gpu_feature} (compute capability "
+                f">= {need}); this GPU ({torch.cuda.get_device_name(index)}) has {cap[0]}.{cap[1]}. Use an AWQ "
+                "checkpoint, or the unquantized model"
             )
 
     def make_linear(self, linear: nn.Linear) -> QuantizedLinear:

@@ -91,6 +91,7 @@ class Fp8Method(QuantizationMethod):
     checkpoint quantized per output channel while it loads (online)."""
 
     min_capability = (8, 9)
+    gpu_feature = "FP8 support (Ada, Hopper or newer)"
 
     def __init__(
         self,
