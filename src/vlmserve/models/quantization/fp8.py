@@ -137,7 +137,7 @@ class Fp8Method(QuantizationMethod):
         if s.numel() == rows:  # per channel: (N, 1) or (N,)
             return s.reshape(rows, 1).contiguous()
         raise QuantizationError(
-            f"{prefix}.weight_scale has shape {tuple(s.shape)}; per-tensor FP8 has one scale, per-channel FP8 "
+            f"{prefix}.{self.scale_leaf} has shape {tuple(s.shape)}; per-tensor FP8 has one scale, per-channel FP8 "
             f"one per output row ({rows})"
         )
 
@@ -165,11 +165,12 @@ class Fp8Method(QuantizationMethod):
                     yield name, tensor
                 continue
             part = pending.setdefault(prefix, {})
-            part[leaf if leaf == "weight" else "scale"] = tensor
+            part[leaf] = tensor
             if len(part) < 2:
                 continue
             del pending[prefix]
-            w, scale = part["weight"], self._scale_rows(part["scale"], part["weight"].shape[0], prefix)
+            w = part["weight"]
+            scale = self._scale_rows(part[scale_leaf], w.shape[0], prefix)
             block_k = self.block[1] if self.block else w.shape[1]
             if is_quantized(prefix):
                 yield f"{prefix}.weight", w
