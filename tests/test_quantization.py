@@ -320,3 +320,23 @@ def test_sharded_quantized_checkpoint_with_weight_and_scale_in_different_files(t
     got = load_model(ckpt, "float32", progress=False).state_dict()
     for k in expected:
         assert torch.equal(got[k].float(), expected[k].float()), k
+
+
+@pytest.mark.parametrize(("fmt", "most_gib"), [("awq", 48), ("fp8-block", 80)])
+def test_72b_architecture_fits_one_h200_when_quantized(tmp_path: Path, fmt: str, most_gib: int) -> None:
+    """The weights vlmserve allocates for Qwen2.5-VL-72B (built on the meta device: nothing is allocated),
+    against an H200's 141 GB: bf16 does not fit, AWQ leaves room for the KV cache, FP8 fits."""
+    from vlmserve.models.loader import read_config
+    from vlmserve.models.quantization import replace_linears, resolve_quantization
+    from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+    from vlmserve.testing.quantized_checkpoint import EXTRA_PRESETS
+
+    ckpt = write_quantized_checkpoint(tmp_path / fmt, fmt, weights=False, **EXTRA_PRESETS["72b"])
+    config = read_config(ckpt)
+    with torch.device("meta"):
+        model = Qwen2_5_VLForConditionalGeneration(config).to(torch.bfloat16)
+    gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    replace_linears(model, resolve_quantization(config.raw))
+    quantized_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
+    print(f"72B {fmt}: {quantized_gib:.1f} GiB of weights (bf16: {gib:.1f} GiB)")
+    assert gib > 130 and quantized_gib < most_gib

@@ -34,6 +34,23 @@ from safetensors.torch import load_file, save_file
 from vlmserve.testing.checkpoint import write_checkpoint
 
 FORMATS = ("fp8-block", "fp8-channel", "fp8-tensor", "awq")
+# Architectures beyond checkpoint.py's presets, as overrides of one of them (for config-only benchmark
+# checkpoints): Qwen2.5-VL-72B's language model on the 7B preset's vision tower.
+EXTRA_PRESETS: dict[str, dict[str, Any]] = {
+    "72b": {
+        "preset": "7b",
+        "text": dict(
+            hidden_size=8192,
+            intermediate_size=29568,
+            num_hidden_layers=80,
+            num_attention_heads=64,
+            num_key_value_heads=8,
+            mrope_section=[16, 24, 24],
+            vocab_size=152064,
+        ),
+        "vision": dict(out_hidden_size=8192),
+    },
+}
 FP8 = torch.float8_e4m3fn
 FP8_MAX = 448.0
 # The language-model linears the released tools quantize.
@@ -316,20 +333,16 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description="Write a random-weight quantized Qwen2.5-VL checkpoint.")
     ap.add_argument("out_dir")
     ap.add_argument("--format", choices=FORMATS, required=True)
-    ap.add_argument("--preset", default="tiny")
+    ap.add_argument("--preset", default="tiny", help="a checkpoint.py preset, or 72b")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument(
         "--no-weights", action="store_true", help="config and tokenizer only (serve with --load-format dummy)"
     )
     args = ap.parse_args(argv)
+    arch = EXTRA_PRESETS.get(args.preset, {"preset": args.preset})
     path = write_quantized_checkpoint(
-        args.out_dir,
-        args.format,
-        args.group_size,
-        preset=args.preset,
-        seed=args.seed,
-        weights=not args.no_weights,
+        args.out_dir, args.format, args.group_size, seed=args.seed, weights=not args.no_weights, **arch
     )
     print(path)
 

@@ -394,7 +394,8 @@ def awq_linear(
     bias_arg = bias if has_bias else out
     gemv = backend == "gemv" or (backend == "auto" and m <= GEMV_MAX_ROWS)
     if gemv:
-        block_n = 32
+        # Enough programs to fill a GPU's SMs on narrow layers (o_proj), each streaming whole weight rows.
+        block_n = 16 if n <= 8192 else 32
         _awq_gemv_kernel[(m, triton.cdiv(n, block_n))](
             x2,
             qweight,
