@@ -340,3 +340,39 @@ def test_72b_architecture_fits_one_h200_when_quantized(tmp_path: Path, fmt: str,
     quantized_gib = sum(p.numel() * p.element_size() for p in model.parameters()) / 2**30
     print(f"72B {fmt}: {quantized_gib:.1f} GiB of weights (bf16: {gib:.1f} GiB)")
     assert gib > 130 and quantized_gib < most_gib
+
+
+def test_serve_flags_quantized_checkpoint_and_fp8_kv_cache(tmp_path: Path) -> None:
+    """`vlmserve serve CKPT --kv-cache-dtype fp8` on an AWQ checkpoint (detected from config.json), through
+    HTTP: the answer is the in-process engine's with the same settings."""
+    import httpx
+
+    from tests.conftest import start_vlmserve, stop_process
+    from vlmserve.engine.sampling_params import SamplingParams
+
+    ckpt = write_quantized_checkpoint(tmp_path / "awq", "awq", text=TEXT, seed=9)
+    flags = [
+        "--dtype",
+        "float32",
+        "--max-model-len",
+        "512",
+        "--num-kv-blocks",
+        "64",
+        "--kv-cache-dtype",
+        "fp8",
+    ]
+    messages = [{"role": "user", "content": "Name three colours."}]
+    llm = LLM(
+        str(ckpt), device="cpu", dtype="float32", max_model_len=512, num_kv_blocks=64, kv_cache_dtype="fp8"
+    )
+    expected = llm.chat([messages], SamplingParams(max_tokens=8, temperature=0, ignore_eos=True))[0].text
+    log = tmp_path / "server.log"
+    process, base_url = start_vlmserve(ckpt, log, "--model-id", "q", "--log-level", "info", *flags)
+    try:
+        body = {"model": "q", "messages": messages, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+        reply = httpx.post(f"{base_url}/v1/chat/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["message"]["content"] == expected
+        assert reply["usage"]["completion_tokens"] == 8
+    finally:
+        stop_process(process)
+    assert "quantization awq" in log.read_text()
