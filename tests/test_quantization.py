@@ -375,3 +375,29 @@ def test_serve_flags_quantized_checkpoint_and_fp8_kv_cache(tmp_path: Path) -> No
         assert reply["usage"]["completion_tokens"] == 8
     finally:
         stop_process(process)
+
+
+def test_block_fp8_layout_reads_as_hf_transformers_reads_it(tmp_path: Path) -> None:
+    """An outside reading of the generator's block-FP8 layout: HF transformers' dequantization of each
+    (weight, weight_scale_inv) pair equals the weight vlmserve's loaded module holds."""
+    try:
+        from transformers.integrations.finegrained_fp8 import _dequantize_fp8_weight
+    except ImportError:
+        pytest.skip("this transformers has no finegrained_fp8 dequantization")
+    from vlmserve.models.quantization.fp8 import dequantize
+
+    ckpt = write_quantized_checkpoint(tmp_path / "q", "fp8-block", text=TEXT, seed=10)
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    model = load_model(ckpt, "float32", progress=False)
+    attn = model.model.layers[0].self_attn.qkv_proj
+    ours = dequantize(attn.weight, attn.weight_scale, attn.block_k)  # (q + k + v rows, K)
+    p = "model.layers.0.self_attn."
+    hf = torch.cat(
+        [
+            _dequantize_fp8_weight(
+                tensors[f"{p}{n}.weight"], tensors[f"{p}{n}.weight_scale_inv"], [128, 128], torch.float32
+            )
+            for n in ("q_proj", "k_proj", "v_proj")
+        ]
+    )
+    assert torch.equal(ours, hf)
