@@ -157,7 +157,7 @@ def test_quantized_model_on_gpu_matches_cpu_reference_with_and_without_cuda_grap
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_paged_decode_reads_an_fp8_kv_cache(dtype: torch.dtype) -> None:
     from vlmserve.models.layers.attention import causal_attention
-    from vlmserve.runner.kv_quant import FP8_KV, from_cache, to_cache
+    from vlmserve.runner.kv_quant import FP8_KV, from_cache, gather, to_cache
     from vlmserve.runner.triton_attention import PARTITION, paged_decode_attention
 
     torch.manual_seed(0)
@@ -178,8 +178,8 @@ def test_paged_decode_reads_an_fp8_kv_cache(dtype: torch.dtype) -> None:
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
     got = paged_decode_attention(q, k_cache, v_cache, bt, lens, dim**-0.5, -(-max(seq_lens) // PARTITION))
     for i, n in enumerate(seq_lens):
-        ks = from_cache(k_cache[tables[i]].reshape(-1, hkv, dim)[:n], torch.float64)
-        vs = from_cache(v_cache[tables[i]].reshape(-1, hkv, dim)[:n], torch.float64)
+        ks = from_cache(gather(k_cache, tables[i]).reshape(-1, hkv, dim)[:n], torch.float64)
+        vs = from_cache(gather(v_cache, tables[i]).reshape(-1, hkv, dim)[:n], torch.float64)
         ref = causal_attention(q[i : i + 1].double(), ks, vs, dim**-0.5)[0]
         assert _rel(got[i], ref) < 2e-2, n
 

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import causal_attention
-from vlmserve.runner.kv_quant import from_cache, write_slots
+from vlmserve.runner.kv_quant import from_cache, gather, write_slots
 
 
 @dataclass
@@ -81,8 +81,8 @@ class TorchPagedAttention:
         qd = q[self.decode_q_index].view(bd, hkv, hq // hkv, dim)  # (Bd, Hkv, G, D)
         # index_select, not advanced indexing: the same gather, several times faster on CPU.
         tables = self.decode_tables.flatten()
-        kd = k_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-        vd = v_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+        kd = gather(k_cache, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+        vd = gather(v_cache, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
         kd, vd = (from_cache(t.transpose(1, 2), q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
         if self._decode_mask is None:  # once per forward, not per layer
             # (Bd, 1, 1, S) key mask: positions past each sequence's length are padding.
@@ -111,6 +111,6 @@ class TorchPagedAttention:
         for r in m.prefill_rows:
             s, e, seq_len = self.q_starts[r], self.q_starts[r + 1], m.seq_lens[r]
             table = m.block_tables[r, : -(-seq_len // block_size)]
-            ks = k_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
-            vs = v_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
+            ks = gather(k_cache, table).view(-1, hkv, dim)[:seq_len]
+            vs = gather(v_cache, table).view(-1, hkv, dim)[:seq_len]
             out[s:e] = causal_attention(q[s:e], from_cache(ks, q.dtype), from_cache(vs, q.dtype), self.scale)

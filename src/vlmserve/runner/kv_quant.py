@@ -60,3 +60,11 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> No
     if cache.dtype == FP8_KV:  # index_copy_ has no float8 kernel: copy the same bytes as uint8
         cache, new = cache.view(torch.uint8), new.view(torch.uint8)
     cache.view(-1, hkv, dim).index_copy_(0, slots, new)
+
+
+def gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """cache.index_select(0, index), for FP8 caches too (gathered as bytes: float8 index kernels are not
+    on every device)."""
+    if cache.dtype == FP8_KV:
+        return cache.view(torch.uint8).index_select(0, index).view(FP8_KV)
+    return cache.index_select(0, index)

@@ -22,7 +22,7 @@ import triton.language as tl
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import flash_varlen
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention, token_slots
-from vlmserve.runner.kv_quant import FP8_KV, FP8_KV_SCALE, from_cache, write_slots
+from vlmserve.runner.kv_quant import FP8_KV, FP8_KV_SCALE, from_cache, gather, write_slots
 
 PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)
 BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
@@ -274,13 +274,14 @@ class TritonPagedAttention(TorchPagedAttention):
     ) -> None:
         """Every prefill row in one variable-length flash call (grouped-query aware, causal from the bottom
         right), over their contexts gathered once per layer, instead of a gather + SDPA per row."""
-        if self._flash is None or (q.dtype != k_cache.dtype and k_cache.dtype != FP8_KV):
+        same = q.dtype == k_cache.dtype or (k_cache.dtype == FP8_KV and q.dtype != torch.float32)
+        if self._flash is None or not same:
             super()._prefill(q, k_cache, v_cache, out)
             return
         q_rows, slots, cu_q, cu_k, max_q, max_k = self._flash
         _, _, hkv, dim = k_cache.shape
-        ks = from_cache(k_cache.view(-1, hkv, dim).index_select(0, slots), q.dtype)
-        vs = from_cache(v_cache.view(-1, hkv, dim).index_select(0, slots), q.dtype)
+        ks = from_cache(gather(k_cache.view(-1, hkv, dim), slots), q.dtype)
+        vs = from_cache(gather(v_cache.view(-1, hkv, dim), slots), q.dtype)
         qp = q if q_rows is None else q.index_select(0, q_rows)
         res = flash_varlen(qp, ks, vs, cu_q, cu_k, max_q, max_k, self.scale, causal=True)
         if q_rows is None:
