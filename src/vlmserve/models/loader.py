@@ -13,6 +13,7 @@ import math
 import re
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors import safe_open
@@ -216,7 +217,7 @@ def load_model(
     path = Path(path)
     device = torch.device(device)
     config = read_config(path)
-    method = quantization_method(path, config, quantization, device)
+    method = quantization_method(path, config.raw, quantization, device)
     torch_dtype = resolve_dtype(dtype, config, device)
     with torch.device("meta"):
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch_dtype)
@@ -253,11 +254,12 @@ def load_model(
 
 
 def quantization_method(
-    path: Path, config: Qwen2_5_VLConfig, quantization: str | None, device: torch.device
+    path: Path, raw_config: dict[str, Any], quantization: str | None, device: torch.device
 ) -> QuantizationMethod | None:
-    """The checkpoint's quantization method, checked against the device before any weight is read."""
+    """The checkpoint's quantization method (from its config.json, `raw_config`, and the engine's
+    `quantization`), checked against the device before any weight is read."""
     try:
-        method = resolve_quantization(config.raw, quantization)
+        method = resolve_quantization(raw_config, quantization)
         if method is not None:
             method.check_device(device)
     except QuantizationError as e:
