@@ -32,7 +32,10 @@ from vlmserve.config import EngineArgs
 logger = logging.getLogger("vlmserve")
 
 # Flags that differ from the field name (vLLM has two names for the served model id).
-_FLAG_NAMES: dict[str, tuple[str, ...]] = {"served_model_name": ("--served-model-name", "--model-id")}
+_FLAG_NAMES: dict[str, tuple[str, ...]] = {
+    "served_model_name": ("--served-model-name", "--model-id"),
+    "quantization": ("--quantization", "-q"),
+}
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # MediaConfig field -> the flag that sets it, to name the flag in MediaConfig's errors.
 _MEDIA_FLAGS = {

@@ -27,6 +27,14 @@ class EngineArgs(BaseModel):
     load_format: Literal["auto", "dummy"] = Field("auto", description="dummy: random weights (benchmarks)")
     dtype: Literal["auto", "float32", "bfloat16", "float16", "fp32", "bf16", "fp16", "half", "float"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    quantization: Literal["fp8", "awq", "compressed-tensors"] | None = Field(
+        None,
+        description="weight quantization; default: the checkpoint's quantization_config. fp8 on a float "
+        "checkpoint quantizes it while loading",
+    )
+    kv_cache_dtype: Literal["auto", "fp8", "fp8_e4m3"] = Field(
+        "auto", description="KV cache storage; fp8: e4m3 (half the bytes of bf16, twice the blocks)"
+    )
     max_model_len: int | None = Field(None, ge=16, description="context length; default: the model's")
     max_num_seqs: int = Field(64, ge=1, description="most requests in one batch")
     max_num_batched_tokens: int | None = Field(
@@ -125,6 +133,8 @@ class EngineConfig:
     num_kv_blocks: int | None
     enable_prefix_caching: bool
     encoder_cache_tokens: int
+    quantization: str | None = None
+    kv_cache_dtype: str = "auto"
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     mm_processor_kwargs: dict[str, int] = field(default_factory=dict)
     max_queued_requests: int | None = None

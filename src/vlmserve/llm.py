@@ -59,6 +59,8 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         served_model_name=args.served_model_name or args.model,
         load_format=args.load_format,
         dtype=args.dtype,
+        quantization=args.quantization,
+        kv_cache_dtype=args.kv_cache_dtype,
         device=device,
         max_model_len=max_model_len,
         max_num_seqs=args.max_num_seqs,

@@ -33,6 +33,7 @@ from vlmserve.engine.request import Request, RequestStatus, requests_from_engine
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
+from vlmserve.runner.kv_quant import kv_storage_dtype
 from vlmserve.runner.model_runner import (
     ModelRunner,
     PreparedStep,
@@ -62,9 +63,15 @@ class EngineCore:
         device = torch.device(config.device)
         self.processor = processor or Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         torch.manual_seed(config.seed)
-        self.model = load_model(config.model_path, config.dtype, device, load_format=config.load_format)
+        self.model = load_model(
+            config.model_path,
+            config.dtype,
+            device,
+            load_format=config.load_format,
+            quantization=config.quantization,
+        )
         self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
-        dtype = next(self.model.parameters()).dtype
+        dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
         min_blocks = -(-config.max_model_len // config.block_size) + 1
@@ -83,6 +90,7 @@ class EngineCore:
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
             patchify=self.processor.patchify,
+            kv_cache_dtype=dtype,
         )
         # On a GPU, requests carry resized uint8 pixels and the runner patchifies them there: an eighth of the
         # bytes of float32 patches to copy, and no normalise / patchify pass on the host.

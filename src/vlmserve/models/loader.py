@@ -19,6 +19,14 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from vlmserve.models.quantization import (
+    QuantizationError,
+    QuantizationMethod,
+    QuantizedLinear,
+    checkpoint_module_resolver,
+    replace_linears,
+    resolve_quantization,
+)
 from vlmserve.models.registry import family_for_config
 
 logger = logging.getLogger(__name__)
@@ -203,31 +211,44 @@ def load_model(
     device: str | torch.device = "cpu",
     progress: bool = True,
     load_format: str = "auto",
+    quantization: str | None = None,
 ) -> Any:
     """Build the model of the checkpoint's family (models/registry.py) from `path`/config.json and fill it
     from the safetensors in `path`.
 
     load_format="dummy" fills random weights on the device instead (benchmarks of an architecture whose
-    weights are not at hand; what vLLM calls --load-format dummy)."""
+    weights are not at hand; what vLLM calls --load-format dummy). `quantization` names the method (vLLM's
+    names); None uses the checkpoint's quantization_config, if it has one."""
     path = Path(path)
     device = torch.device(device)
     config = read_config(path)
+    method = quantization_method(path, config.raw, quantization, device)
     torch_dtype = resolve_dtype(dtype, config, device)
     family = family_for_config(config.raw)
     with torch.device("meta"):
-        model = family.model_class(config)
-    model = model.to_empty(device=device).to(torch_dtype)
+        model = family.model_class(config).to(torch_dtype)
+    if method is not None:
+        # On the meta device still: a float copy of the weights the method replaces is never allocated.
+        swapped = replace_linears(model, method)
+        logger.info("quantization %s: %d linear layers", method.describe(), len(swapped))
+    model = model.to_empty(device=device)
     model.model.rotary.rebuild(device)
     if load_format == "dummy":
-        gen = torch.Generator(device=device).manual_seed(0)
-        with torch.no_grad():
-            for name, param in model.named_parameters():
-                param.copy_(dummy_tensor(name, tuple(param.shape), gen, device))
+        fill_dummy(model, device)
         return model.eval()
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not supported; use auto or dummy")
     files = safetensors_files(path)
-    written = model.load_weights(iter_weights(files, progress))
+    weights = iter_weights(files, progress)
+    if method is not None:
+        # The conversions (unpacking, transposes, online quantization) run where the weights go: on a GPU,
+        # a 72B checkpoint's are seconds instead of minutes of CPU time.
+        on_device = ((name, t.to(device)) for name, t in weights)
+        weights = method.convert(on_device, checkpoint_module_resolver(model))
+    try:
+        written = model.load_weights(weights)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path}: {e}") from e
     missing = sorted(model.expected_weight_keys() - written)
     if missing:
         shown = ", ".join(m.split("#")[0] for m in missing[:5])
@@ -236,3 +257,31 @@ def load_model(
             "(incomplete download, or weights of another model?)"
         )
     return model.eval()
+
+
+def quantization_method(
+    path: Path, raw_config: dict[str, Any], quantization: str | None, device: torch.device
+) -> QuantizationMethod | None:
+    """The checkpoint's quantization method (from its config.json, `raw_config`, and the engine's
+    `quantization`), checked against the device before any weight is read."""
+    try:
+        method = resolve_quantization(raw_config, quantization)
+        if method is not None:
+            method.check_device(device)
+    except QuantizationError as e:
+        raise CheckpointError(f"{path / 'config.json'}: {e}") from e
+    return method
+
+
+def fill_dummy(model: torch.nn.Module, device: torch.device) -> None:
+    """Random weights; a quantized linear gets a random float weight quantized by its method."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    quantized = {name: m for name, m in model.named_modules() if isinstance(m, QuantizedLinear)}
+    with torch.no_grad():
+        for name, module in quantized.items():
+            shape = (module.out_features, module.in_features)
+            module.init_random(dummy_tensor(f"{name}.weight", shape, gen, device))
+        for name, param in model.named_parameters():
+            if name.rpartition(".")[0] in quantized and not name.endswith(".bias"):
+                continue
+            param.copy_(dummy_tensor(name, tuple(param.shape), gen, device))

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import causal_attention
+from vlmserve.runner.kv_quant import from_cache, gather, write_slots
 
 
 @dataclass
@@ -80,9 +81,9 @@ class TorchPagedAttention:
         qd = q[self.decode_q_index].view(bd, hkv, hq // hkv, dim)  # (Bd, Hkv, G, D)
         # index_select, not advanced indexing: the same gather, several times faster on CPU.
         tables = self.decode_tables.flatten()
-        kd = k_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-        vd = v_cache.index_select(0, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
-        kd, vd = (t.transpose(1, 2).to(q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
+        kd = gather(k_cache, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+        vd = gather(v_cache, tables).view(bd, -1, hkv, dim)[:, : self.decode_max_len]
+        kd, vd = (from_cache(t.transpose(1, 2), q.dtype) for t in (kd, vd))  # (Bd, Hkv, S, D)
         if self._decode_mask is None:  # once per forward, not per layer
             # (Bd, 1, 1, S) key mask: positions past each sequence's length are padding.
             pos = torch.arange(self.decode_max_len, device=q.device)
@@ -92,9 +93,8 @@ class TorchPagedAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]  # (N, bs, Hkv, D)
-        _, _, hkv, dim = k_cache.shape
-        k_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, k.to(k_cache.dtype))
-        v_cache.view(-1, hkv, dim).index_copy_(0, self.meta.slot_mapping, v.to(v_cache.dtype))
+        write_slots(k_cache, self.meta.slot_mapping, k)
+        write_slots(v_cache, self.meta.slot_mapping, v)
         out = torch.empty_like(q)  # (T, Hq, D)
         if self.meta.prefill_rows:
             self._prefill(q, k_cache, v_cache, out)
@@ -111,6 +111,6 @@ class TorchPagedAttention:
         for r in m.prefill_rows:
             s, e, seq_len = self.q_starts[r], self.q_starts[r + 1], m.seq_lens[r]
             table = m.block_tables[r, : -(-seq_len // block_size)]
-            ks = k_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
-            vs = v_cache.index_select(0, table).view(-1, hkv, dim)[:seq_len]
-            out[s:e] = causal_attention(q[s:e], ks.to(q.dtype), vs.to(q.dtype), self.scale)
+            ks = gather(k_cache, table).view(-1, hkv, dim)[:seq_len]
+            vs = gather(v_cache, table).view(-1, hkv, dim)[:seq_len]
+            out[s:e] = causal_attention(q[s:e], from_cache(ks, q.dtype), from_cache(vs, q.dtype), self.scale)

@@ -125,6 +125,7 @@ class ModelRunner:
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
         patchify: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
+        kv_cache_dtype: torch.dtype | None = None,
     ) -> None:
         self.model = model
         # Resized (H, W, 3) uint8 pixels -> float32 patches, on the pixels' device (the processor's); images
@@ -139,10 +140,11 @@ class ModelRunner:
         self.eos_token_ids = list(eos_token_ids)
         t = model.config.text
         shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        kv_dtype = kv_cache_dtype or self.dtype  # FP8 (runner/kv_quant.py) or the model's dtype
         self.kv_caches = [
             (
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
-                torch.zeros(shape, dtype=self.dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=kv_dtype, device=self.device),
             )
             for _ in range(t.num_hidden_layers)
         ]

@@ -22,6 +22,7 @@ import triton.language as tl
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import flash_varlen
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention, token_slots
+from vlmserve.runner.kv_quant import FP8_KV, FP8_KV_SCALE, from_cache, gather, write_slots
 
 PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)
 BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
@@ -38,6 +39,7 @@ def _paged_decode_partial(
     max_ptr,  # (B, Hq, P) float32
     sum_ptr,  # (B, Hq, P) float32
     scale,
+    v_scale,  # the V cache's per-tensor scale (1.0 unless it is FP8 with another); K's is folded into scale
     stride_qb,
     stride_qh,
     stride_kslot,
@@ -76,17 +78,18 @@ def _paged_decode_partial(
         page = tl.load(block_tables_ptr + b * stride_bt + toks // PAGE, mask=tok_ok, other=0)
         slot = page.to(tl.int64) * PAGE + toks % PAGE
         kv_off = slot[:, None] * stride_kslot + kvh * stride_kh + dims[None, :]
-        k = tl.load(k_cache_ptr + kv_off, mask=tok_ok[:, None], other=0.0)  # (BN, D)
+        # An FP8 cache is converted in registers (its bytes are what the loop streams).
+        k = tl.load(k_cache_ptr + kv_off, mask=tok_ok[:, None], other=0.0).to(q.dtype)  # (BN, D)
         s = tl.dot(q, tl.trans(k)) * scale  # (GROUP_PAD, BN)
         s = tl.where(tok_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp(m_i - m_new)
         p = tl.exp(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off, mask=tok_ok[:, None], other=0.0)
+        v = tl.load(v_cache_ptr + kv_off, mask=tok_ok[:, None], other=0.0).to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
         m_i = m_new
-    tl.store(acc_ptr + out_off[:, None] * HEAD_DIM + dims[None, :], acc, mask=row_ok[:, None])
+    tl.store(acc_ptr + out_off[:, None] * HEAD_DIM + dims[None, :], acc * v_scale, mask=row_ok[:, None])
     tl.store(max_ptr + out_off, m_i, mask=row_ok)
     tl.store(sum_ptr + out_off, l_i, mask=row_ok)
 
@@ -142,6 +145,7 @@ def paged_decode_attention(
     acc = torch.empty(bsz, hq, num_partitions, dim, device=q.device, dtype=torch.float32)
     mx = torch.empty(bsz, hq, num_partitions, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
+    kv_scale = FP8_KV_SCALE if k_cache.dtype == FP8_KV else 1.0
     _paged_decode_partial[(bsz, hkv, num_partitions)](
         q,
         k_cache,
@@ -151,7 +155,8 @@ def paged_decode_attention(
         acc,
         mx,
         sm,
-        scale,
+        scale * kv_scale,
+        kv_scale,
         q.stride(0),
         q.stride(1),
         k_cache.stride(1),
@@ -204,9 +209,8 @@ class TritonDecodeAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]
-        _, _, hkv, dim = k_cache.shape
-        k_cache.view(-1, hkv, dim).index_copy_(0, self.slot_mapping, k)
-        v_cache.view(-1, hkv, dim).index_copy_(0, self.slot_mapping, v)
+        write_slots(k_cache, self.slot_mapping, k)
+        write_slots(v_cache, self.slot_mapping, v)
         return paged_decode_attention(
             q, k_cache, v_cache, self.block_tables, self.seq_lens, self.scale, self.num_partitions
         )
@@ -236,7 +240,7 @@ class TritonPagedAttention(TorchPagedAttention):
         self._flash: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None = (
             None
         )
-        half = kv_caches[0][0].dtype in (torch.float16, torch.bfloat16)
+        half = kv_caches[0][0].dtype in (torch.float16, torch.bfloat16, FP8_KV)
         if meta.prefill_rows and half and meta.host_block_tables is not None:
             self._flash = self._flash_inputs(meta, kv_caches[0][0].shape[1], kv_caches[0][0].device)
 
@@ -270,13 +274,14 @@ class TritonPagedAttention(TorchPagedAttention):
     ) -> None:
         """Every prefill row in one variable-length flash call (grouped-query aware, causal from the bottom
         right), over their contexts gathered once per layer, instead of a gather + SDPA per row."""
-        if self._flash is None or q.dtype != k_cache.dtype:
+        same = q.dtype == k_cache.dtype or (k_cache.dtype == FP8_KV and q.dtype != torch.float32)
+        if self._flash is None or not same:
             super()._prefill(q, k_cache, v_cache, out)
             return
         q_rows, slots, cu_q, cu_k, max_q, max_k = self._flash
         _, _, hkv, dim = k_cache.shape
-        ks = k_cache.view(-1, hkv, dim).index_select(0, slots)
-        vs = v_cache.view(-1, hkv, dim).index_select(0, slots)
+        ks = from_cache(gather(k_cache.view(-1, hkv, dim), slots), q.dtype)
+        vs = from_cache(gather(v_cache.view(-1, hkv, dim), slots), q.dtype)
         qp = q if q_rows is None else q.index_select(0, q_rows)
         res = flash_varlen(qp, ks, vs, cu_q, cu_k, max_q, max_k, self.scale, causal=True)
         if q_rows is None:
