@@ -26,6 +26,7 @@ from vlmserve.api.protocol import (
     ChatLogprobs,
     ChatResponseMessage,
     ChatStreamChoice,
+    ContentChunks,
     DeltaMessage,
     UsageInfo,
     chunk_json,
@@ -111,6 +112,17 @@ async def _stream(
         )
         return sse(chunk_json(message, include_usage=include_usage or usage is not None))
 
+    content = ContentChunks(
+        lambda index, text: ChatCompletionChunk(
+            id=request_id,
+            created=created,
+            model=server.model_id,
+            choices=[ChatStreamChoice(index=index, delta=DeltaMessage(content=text))],
+        ),
+        include_usage,
+    )
+    continuous_usage = include_usage and body.continuous_usage
+
     try:
         for index in range(body.n):
             yield chunk([ChatStreamChoice(index=index, delta=DeltaMessage(role="assistant", content=""))])
@@ -124,6 +136,9 @@ async def _stream(
             output_tokens[delta.index] = max(output_tokens[delta.index], delta.num_output_tokens)
             if delta.index == 0 and delta.num_prompt_tokens:
                 prompt_tokens, cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+            if not delta.finished and not continuous_usage and not (body.logprobs and delta.logprobs):
+                yield sse(content.json(delta.index, delta.text))  # the common case, per token
+                continue
             logprobs = None
             if body.logprobs and delta.logprobs:
                 logprobs = ChatLogprobs(

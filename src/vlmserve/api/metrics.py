@@ -187,6 +187,7 @@ class RequestTracker:
     def __init__(self, metrics: ServerMetrics, model_name: str) -> None:
         self._m = metrics
         self._model = model_name
+        self._tpot = metrics.tpot.labels(model_name)  # per token: look the labelled child up once
         self._start = time.perf_counter()
         self._first_token: float | None = None
         self._last_token: dict[int, float] = {}  # choice index -> time of its latest tokens
@@ -206,7 +207,7 @@ class RequestTracker:
                 # Tokens released together (held back until their text was complete) share the gap.
                 per_token = (now - last) / len(delta.token_ids)
                 for _ in delta.token_ids:
-                    self._m.tpot.labels(model).observe(per_token)
+                    self._tpot.observe(per_token)
             self._last_token[delta.index] = now
         if delta.finished:
             self._finish_choice(delta.index, delta.finish_reason or "stop", delta.num_output_tokens)

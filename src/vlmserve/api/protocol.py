@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -315,3 +316,28 @@ def chunk_json(chunk: ChatCompletionChunk | CompletionResponse, *, include_usage
 def _dumps(data: Any) -> str:
     # ensure_ascii=False: text stays as UTF-8 (what OpenAI sends), and JSON strings are shorter.
     return json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+
+
+# A text that JSON-encodes to itself in quotes (no escapes, ensure_ascii off): where a chunk's text goes.
+_TEXT_SLOT = "\ue000vlmserve-text\ue000"
+
+
+class ContentChunks:
+    """The JSON of a stream's plain content chunks (one choice, text only: no logprobs, finish reason or
+    usage), written from a template made once per choice index: the chunk before and after its text, built by
+    `chunk_json` itself, so the bytes are exactly those of the general path. Per token this is one
+    `json.dumps` of the text instead of building and dumping a pydantic model (most of a stream's cost in the
+    front at high concurrency)."""
+
+    def __init__(self, make: Callable[[int, str], ChatCompletionChunk], include_usage: bool) -> None:
+        self._make = make  # (choice index, text) -> the chunk
+        self._include_usage = include_usage
+        self._parts: dict[int, tuple[str, str]] = {}
+
+    def json(self, index: int, text: str) -> str:
+        parts = self._parts.get(index)
+        if parts is None:
+            template = chunk_json(self._make(index, _TEXT_SLOT), include_usage=self._include_usage)
+            before, after = template.split(f'"{_TEXT_SLOT}"')
+            parts = self._parts[index] = (before, after)
+        return parts[0] + _dumps(text) + parts[1]

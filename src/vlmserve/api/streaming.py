@@ -52,10 +52,6 @@ class ClosableStream(Protocol[T_co]):
     def aclose(self) -> Awaitable[None]: ...
 
 
-class _ClientStalled(Exception):
-    pass
-
-
 class SSEResponse(StreamingResponse):
     """text/event-stream that closes its event generator and the engine streams under it however the
     response ends (finished, client gone, server shutting down), so that the engine requests are aborted
@@ -78,16 +74,38 @@ class SSEResponse(StreamingResponse):
         self._streams = list(streams)
 
     async def stream_response(self, send: Send) -> None:
-        async def send_unless_stalled(message: Message) -> None:
-            try:
-                with anyio.fail_after(self.stalled_client_timeout_s):
-                    await send(message)
-            except TimeoutError:
-                raise _ClientStalled from None  # only a stalled send: a TimeoutError elsewhere propagates
+        # One watcher per stream, not a cancel scope per send: a scope costs more than the rest of a token's
+        # trip through the front, and a stream sends one message per token.
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        sending_since: list[float | None] = [None]
+        stalled = False
 
+        async def timed_send(message: Message) -> None:
+            sending_since[0] = loop.time()
+            await send(message)
+            sending_since[0] = None
+
+        async def watch() -> None:
+            nonlocal stalled
+            interval = min(1.0, self.stalled_client_timeout_s / 4)
+            while True:
+                await asyncio.sleep(interval)
+                since = sending_since[0]
+                if since is not None and loop.time() - since > self.stalled_client_timeout_s:
+                    stalled = True
+                    assert task is not None
+                    task.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
         try:
-            await super().stream_response(send_unless_stalled)
-        except _ClientStalled:
+            await super().stream_response(timed_send)
+        except asyncio.CancelledError:
+            if not stalled:
+                raise
+            assert task is not None
+            task.uncancel()
             # NOTE: uvicorn then closes the connection, and logs (at ERROR) that the response was left
             # incomplete: RELIABILITY.md lists it.
             logger.warning(
@@ -95,6 +113,7 @@ class SSEResponse(StreamingResponse):
                 self.stalled_client_timeout_s,
             )
         finally:
+            watcher.cancel()
             # Shielded: on disconnect this runs inside a cancelled scope, where any await would re-raise.
             with anyio.CancelScope(shield=True):
                 await self._generator.aclose()
