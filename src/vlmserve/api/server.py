@@ -32,6 +32,7 @@ from vlmserve.api.middleware import (
     BodySizeLimitMiddleware,
 )
 from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from vlmserve.api.routes import router as extra_routes
 from vlmserve.api.serving import ModelServer
 from vlmserve.api.streaming import until_disconnect
 
@@ -95,6 +96,9 @@ def build_app(
                 code="model_not_found",
             )
         return server
+
+    app.state.resolve = resolve
+    app.include_router(extra_routes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
