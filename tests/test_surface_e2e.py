@@ -10,7 +10,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -247,3 +250,22 @@ def test_responses_bad_input_is_400(client: openai.OpenAI) -> None:
 def test_playground_off_is_404(base_url: str) -> None:
     response = httpx.get(f"{base_url}/")
     assert response.status_code == 404 and response.json()["error"]["code"] == "unknown_url"
+
+
+# ------------------------------------------------------------------------------------------ run-batch --url
+
+
+def test_run_batch_against_a_running_server(base_url: str, tmp_path: Path) -> None:
+    body = {"model": MODEL, "input": "hi", "max_output_tokens": 16, **NO_EOS}
+    lines = [{"custom_id": f"r{i}", "method": "POST", "url": "/v1/responses", "body": body} for i in range(3)]
+    lines.append(
+        {"custom_id": "other-model", "method": "POST", "url": "/v1/responses", "body": {"model": "x"}}
+    )
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    cmd = [sys.executable, "-m", "vlmserve", "run-batch", "-i", str(inp), "-o", str(out), "--url", base_url]
+    done = subprocess.run([*cmd, "--no-progress"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "3 succeeded, 1 failed" in done.stderr, done.stderr
+    records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert all(records[f"r{i}"]["response"]["body"]["usage"]["output_tokens"] == 16 for i in range(3))
+    assert records["other-model"]["response"]["status_code"] in (400, 404)

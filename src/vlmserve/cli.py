@@ -310,6 +310,28 @@ def serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------ run-batch
+
+
+def _add_run_batch(subparsers: argparse._SubParsersAction) -> None:
+    from vlmserve.api import batch
+
+    p = batch.add_parser(subparsers, add_engine_args)
+    p.set_defaults(handler=run_batch, parser=p)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from vlmserve.api import batch
+
+    engine_args = None
+    if args.url is None:
+        model = args.model_source or args.model_flag
+        if model is not None:
+            args.model = model
+        engine_args = engine_args_from(args, args.parser)
+    return batch.main(args, engine_args)
+
+
 # ------------------------------------------------------------------------------------------ run / status / shutdown (Ray Serve)
 
 
@@ -587,6 +609,7 @@ _BENCH_FLAGS = {
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
+    _add_run_batch,
     _add_run,
     _add_status,
     _add_shutdown,
