@@ -53,6 +53,7 @@ def base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "--model-id", MODEL,
         "--max-model-len", "2048",
         "--num-kv-blocks", "300",
+        "--no-playground",
         "--log-level", "warning",
     )  # fmt: skip
     yield url

@@ -204,6 +204,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     http.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="(default: %(default)s)")
+    http.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        help="do not serve the playground page at / (drop or paste an image, ask, watch the answer stream)",
+    )
     media = p.add_argument_group("image inputs")
     media.add_argument(
         "--allowed-local-media-path",
@@ -298,6 +304,7 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=_api_keys(args.api_key),
         max_request_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_REQUEST_BODY_BYTES,
         body_read_timeout=args.body_read_timeout or DEFAULT_BODY_READ_TIMEOUT_S,
+        playground=args.playground,
     )
     logger.info("serving model id %r at http://%s:%d/v1", server.model_id, args.host, args.port)
     run_server(

@@ -312,7 +312,7 @@ async def _main(args: argparse.Namespace, engine_args: Any) -> BatchSummary:
     media = MediaConfig(allowed_local_media_path=args.allowed_local_media_path)
     server = await asyncio.to_thread(ModelServer.from_engine_args, engine_args, media)
     try:
-        app = build_app(server, shutdown_servers=False)
+        app = build_app(server, shutdown_servers=False, playground=False)
         transport = httpx.ASGITransport(app=app)
         async with httpx.AsyncClient(transport=transport, base_url="http://vlmserve", timeout=None) as client:
             return await run_batch(
