@@ -96,7 +96,9 @@ def assert_openai_answer(status: int, headers: Any, text: str) -> None:
         events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
         if events and events[0].startswith('{"type":"response.created"'):
             # A Responses API stream: typed events, no [DONE]; it ends completed or incomplete, never failed.
-            assert json.loads(events[-1])["type"] in ("response.completed", "response.incomplete"), text[-500:]
+            assert json.loads(events[-1])["type"] in ("response.completed", "response.incomplete"), text[
+                -500:
+            ]
             return
         assert events[-1] == "[DONE]", text[-500:]
         assert all("error" not in json.loads(e) for e in events if e != "[DONE]"), text[-500:]
