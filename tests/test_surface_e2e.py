@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -25,6 +26,7 @@ import pytest
 from tests.conftest import random_image, start_vlmserve, stop_process
 
 MODEL = "tiny"
+DASHBOARD = Path(__file__).parent.parent / "examples" / "grafana" / "vlmserve_dashboard.json"
 NO_EOS = {"ignore_eos": True}
 
 
@@ -270,3 +272,17 @@ def test_run_batch_against_a_running_server(base_url: str, tmp_path: Path) -> No
     records = {r["custom_id"]: r for r in map(json.loads, out.read_text().splitlines())}
     assert all(records[f"r{i}"]["response"]["body"]["usage"]["output_tokens"] == 16 for i in range(3))
     assert records["other-model"]["response"]["status_code"] in (400, 404)
+
+
+# ------------------------------------------------------------------------------------------ Grafana dashboard
+
+
+def test_grafana_dashboard_reads_only_exported_series(base_url: str, client: openai.OpenAI) -> None:
+    client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
+    exported = {
+        line.split("{")[0].split(" ")[0] for line in httpx.get(f"{base_url}/metrics").text.splitlines()
+    }
+    dashboard = json.loads(DASHBOARD.read_text())
+    exprs = [t["expr"] for panel in dashboard["panels"] for t in panel["targets"]]
+    used = {name for expr in exprs for name in re.findall(r"vllm:[a-z0-9_]+", expr)}
+    assert len(used) >= 10 and used <= exported, used - exported
