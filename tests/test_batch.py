@@ -5,12 +5,16 @@ stopping the job, and a rerun that skips what the output already holds (also aft
 
 from __future__ import annotations
 
+import asyncio
 import json
 import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
+import httpx
+
+from vlmserve.api import batch
 from vlmserve.api.batch import parse_line
 
 NO_EOS = {"ignore_eos": True}
@@ -81,3 +85,25 @@ def test_parse_line_names_what_is_wrong() -> None:
     assert "method" in parse_line(2, request("a", "/v1/responses", {}).replace("POST", "GET")).message  # type: ignore[union-attr]
     assert "stream" in parse_line(3, request("a", "/v1/responses", {"stream": True})).message  # type: ignore[union-attr]
     assert "body" in parse_line(4, '{"custom_id": "a", "url": "/v1/responses"}').message  # type: ignore[union-attr]
+
+
+async def test_in_flight_requests_are_bounded(tmp_path: Path) -> None:
+    """However long the file, at most max_concurrency requests wait at once (the input is read no faster
+    than answers come back), and every line is answered once."""
+    now = peak = 0
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        nonlocal now, peak
+        now += 1
+        peak = max(peak, now)
+        await asyncio.sleep(0.002)
+        now -= 1
+        return httpx.Response(200, json={"id": json.loads(request.content)["messages"][0]["content"]})
+
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    body = {"messages": [{"role": "user", "content": "x"}]}
+    inp.write_text("".join(request(f"r{i}", "/v1/chat/completions", body) + "\n" for i in range(200)))
+    async with httpx.AsyncClient(transport=httpx.MockTransport(handler), base_url="http://test") as client:
+        summary = await batch.run_batch(inp, out, client, max_concurrency=3, progress=False)
+    assert (summary.succeeded, summary.failed, peak) == (200, 0, 3)
+    assert len(out.read_text().splitlines()) == 200

@@ -103,20 +103,22 @@ def read_done(output: Path) -> tuple[set[str], set[int]]:
     if not output.exists():
         return ids, lines
     with output.open("rb+") as f:
-        data = f.read()
-        end = data.rfind(b"\n") + 1
-        if end < len(data):
-            f.truncate(end)
-    for raw in data[:end].splitlines():
-        try:
-            record = json.loads(raw)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict):
+        complete = 0  # bytes up to the end of the last complete line
+        for raw in f:  # line by line: the output of a large job need not fit in memory
+            if not raw.endswith(b"\n"):
+                break
+            complete += len(raw)
+            try:
+                record = json.loads(raw)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
             if isinstance(record.get("custom_id"), str):
                 ids.add(record["custom_id"])
             elif isinstance(record.get("error"), dict) and isinstance(record["error"].get("line"), int):
                 lines.add(record["error"]["line"])
+        f.truncate(complete)
     return ids, lines
 
 

@@ -174,7 +174,8 @@ class CompletionRequest(SamplingFields):
 
 class TokenizeRequest(RequestModel):
     """vLLM's POST /tokenize: a text `prompt`, or chat `messages` (images included) rendered as
-    /v1/chat/completions would render them. Exactly one of the two."""
+    /v1/chat/completions would render them. Exactly one of the two. `add_special_tokens` is accepted for
+    vLLM's clients; the prompt is tokenized as the engine's requests are (Qwen2.5-VL adds no BOS)."""
 
     model: str | None = None
     prompt: str | None = None
