@@ -353,7 +353,7 @@ class ModelServer:
 
     async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
         """vLLM's /tokenize: the prompt's token ids as the engine would see them, image placeholders expanded
-        to each image's token count (the images are loaded and sized, not encoded)."""
+        to each image's token count (images are loaded and preprocessed, never encoded)."""
         if body.messages is not None:
             chat = ChatCompletionRequest(
                 messages=body.messages,
