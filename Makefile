@@ -19,6 +19,8 @@ setup: $(BIN)/vlmserve
 serve: setup
 	$(BIN)/vlmserve serve --host $(HOST) --port $(PORT)
 
+# tests/test_playground.py drives the system Chromium through Playwright and skips without one; Debian:
+# `apt-get install chromium` (about 300 MB, root), not done here. It never downloads a browser of its own.
 test: setup
 	$(BIN)/ruff check src tests
 	$(BIN)/ruff format --check src tests

@@ -94,6 +94,12 @@ def assert_openai_answer(status: int, headers: Any, text: str) -> None:
         # Split on "\n" only, as SSE does: generated text may hold U+2028 or U+0085, which splitlines() takes
         # for line breaks.
         events = [line[6:] for line in text.split("\n") if line.startswith("data: ")]
+        if events and events[0].startswith('{"type":"response.created"'):
+            # A Responses API stream: typed events, no [DONE]; it ends completed or incomplete, never failed.
+            assert json.loads(events[-1])["type"] in ("response.completed", "response.incomplete"), text[
+                -500:
+            ]
+            return
         assert events[-1] == "[DONE]", text[-500:]
         assert all("error" not in json.loads(e) for e in events if e != "[DONE]"), text[-500:]
 
@@ -105,6 +111,9 @@ POSITIVE, NEGATIVE = schemathesis.GenerationMode.POSITIVE, schemathesis.Generati
 OPERATIONS = [
     ("POST", "/v1/chat/completions", 120),  # its schema is big: generating a case costs ~0.1 s
     ("POST", "/v1/completions", 200),
+    ("POST", "/v1/responses", 60),
+    ("POST", "/tokenize", 60),
+    ("POST", "/detokenize", 30),
     ("GET", "/v1/models/{model_id}", 20),
     ("GET", "/v1/models", 2),
     ("GET", "/health", 2),
@@ -117,6 +126,9 @@ OPERATIONS = [
 VALID_INPUT = {
     "/v1/chat/completions": {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]},
     "/v1/completions": {"model": MODEL, "prompt": "hi"},
+    "/v1/responses": {"model": MODEL, "input": "hi", "previous_response_id": None, "conversation": None},
+    "/tokenize": {"model": MODEL, "prompt": "hi", "messages": None},
+    "/detokenize": {"model": MODEL, "tokens": [1, 2]},
 }
 CASES = [
     pytest.param(method, path, examples, mode, id=f"{method} {path} {mode}")

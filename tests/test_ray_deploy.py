@@ -217,6 +217,56 @@ def test_errors_keep_their_status_through_ray(py_app: openai.OpenAI) -> None:
         assert e.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
 
 
+def test_responses_tokenize_playground_and_batch_through_ray(
+    ray_cluster: Cluster, py_app: openai.OpenAI, tmp_path: Path
+) -> None:
+    # The Responses API, built in the replica like chat (image fetched there), streamed and not.
+    image = {"type": "input_image", "image_url": image_data_url()}
+    content = [image, {"type": "input_text", "text": "What is this?"}]
+    response = py_app.responses.create(
+        model="a", input=[{"role": "user", "content": content}], max_output_tokens=16, extra_body=NO_EOS
+    )
+    assert response.usage is not None and response.usage.output_tokens == 16
+    events = list(
+        py_app.responses.create(model="b", input="hi", max_output_tokens=16, stream=True, extra_body=NO_EOS)
+    )
+    assert events[0].type == "response.created" and events[-1].type == "response.incomplete"
+    with pytest.raises(openai.BadRequestError):
+        py_app.responses.create(model="a", input="hi", previous_response_id="resp_1")
+    # /tokenize runs in a replica (images are sized there: 64x48 -> 56x56, 2x2 tokens); /detokenize in the
+    # ingress.
+    message = {"role": "user", "content": [{"type": "image_url", "image_url": {"url": image_data_url()}}]}
+    tokenized = httpx.post(
+        ray_cluster.url("/py/tokenize"), json={"model": "a", "messages": [message]}, timeout=60
+    )
+    assert tokenized.status_code == 200 and tokenized.json()["image_token_counts"] == [4], tokenized.text
+    tokens = httpx.post(
+        ray_cluster.url("/py/tokenize"), json={"model": "b", "prompt": "hi"}, timeout=60
+    ).json()
+    detok = httpx.post(
+        ray_cluster.url("/py/detokenize"), json={"model": "b", "tokens": tokens["tokens"]}, timeout=60
+    )
+    assert detok.json() == {"prompt": "hi"}
+    # The playground behind the route prefix.
+    page = httpx.get(ray_cluster.url("/py/"), timeout=10)
+    assert page.status_code == 200 and "vlmserve playground" in page.text
+    # A batch job spread over the app's replicas by its ingress.
+    chat = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 3, **NO_EOS}
+    lines = [
+        {"custom_id": f"r{i}", "url": "/v1/chat/completions", "body": {**chat, "model": "ab"[i % 2]}}
+        for i in range(6)
+    ]
+    inp, out = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    inp.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    done = ray_cluster.cli(
+        "run-batch", "-i", str(inp), "-o", str(out), "--url", ray_cluster.url("/py"), "--no-progress"
+    )
+    assert done.returncode == 0, done.stderr
+    records = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == [f"r{i}" for i in range(6)]
+    assert {r["response"]["body"]["model"] for r in records} == {"a", "b"}
+
+
 def engine_stats(app: str, model: str) -> dict[str, float]:
     handle = serve.get_deployment_handle(f"LLMServer:{model}", app_name=app)
     state: ReplicaState = handle.replica_state.remote().result(timeout_s=30)

@@ -77,3 +77,22 @@ def test_readme_commands_match_ci() -> None:
     assert "make test" in ci
     assert "make test" in _block("bash", "make test")
     assert "make serve" in _block("bash", "make serve")
+
+
+def test_readme_responses_example(server: str) -> None:
+    code = _block("python", "responses.create(").replace("http://127.0.0.1:8000", server)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == _shown_output("python", "responses.create(")
+
+
+def test_readme_run_batch_example(tmp_path: Path) -> None:
+    code = _block("bash", "vlmserve run-batch")
+    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
+    out = subprocess.run(
+        ["bash", "-c", code], capture_output=True, text=True, timeout=300, cwd=tmp_path, env=env
+    )
+    assert out.returncode == 0, out.stderr
+    records = [json.loads(line) for line in (tmp_path / "results.jsonl").read_text().splitlines()]
+    assert sorted(r["custom_id"] for r in records) == ["q1", "q2"]
+    assert all(r["response"]["status_code"] == 200 and r["error"] is None for r in records)

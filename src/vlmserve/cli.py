@@ -207,6 +207,12 @@ def _add_serve(subparsers: argparse._SubParsersAction) -> None:
         "(default: %(default)s)",
     )
     http.add_argument("--log-level", choices=_LOG_LEVELS, default="info", help="(default: %(default)s)")
+    http.add_argument(
+        "--no-playground",
+        dest="playground",
+        action="store_false",
+        help="do not serve the playground page at / (drop or paste an image, ask, watch the answer stream)",
+    )
     media = p.add_argument_group("image inputs")
     media.add_argument(
         "--allowed-local-media-path",
@@ -301,6 +307,7 @@ def serve(args: argparse.Namespace) -> int:
         api_keys=_api_keys(args.api_key),
         max_request_body_bytes=args.max_request_body_bytes or DEFAULT_MAX_REQUEST_BODY_BYTES,
         body_read_timeout=args.body_read_timeout or DEFAULT_BODY_READ_TIMEOUT_S,
+        playground=args.playground,
     )
     logger.info("serving model id %r at http://%s:%d/v1", server.model_id, args.host, args.port)
     run_server(
@@ -311,6 +318,28 @@ def serve(args: argparse.Namespace) -> int:
         timeout_graceful_shutdown=args.timeout_graceful_shutdown,
     )
     return 0
+
+
+# ------------------------------------------------------------------------------------------ run-batch
+
+
+def _add_run_batch(subparsers: argparse._SubParsersAction) -> None:
+    from vlmserve.api import batch
+
+    p = batch.add_parser(subparsers, add_engine_args)
+    p.set_defaults(handler=run_batch, parser=p)
+
+
+def run_batch(args: argparse.Namespace) -> int:
+    from vlmserve.api import batch
+
+    engine_args = None
+    if args.url is None:
+        model = args.model_source or args.model_flag
+        if model is not None:
+            args.model = model
+        engine_args = engine_args_from(args, args.parser)
+    return batch.main(args, engine_args)
 
 
 # ------------------------------------------------------------------------------------------ run / status / shutdown (Ray Serve)
@@ -599,6 +628,7 @@ _BENCH_FLAGS = {
 
 SUBCOMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     _add_serve,
+    _add_run_batch,
     _add_run,
     _add_status,
     _add_shutdown,

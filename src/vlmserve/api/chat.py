@@ -88,7 +88,11 @@ async def _complete(
         model=server.model_id,
         choices=choices,
         usage=UsageInfo.of(
-            collected.num_prompt_tokens, collected.num_output_tokens, collected.num_cached_tokens
+            collected.num_prompt_tokens,
+            collected.num_output_tokens,
+            collected.num_cached_tokens,
+            collected.num_image_tokens,
+            collected.num_cached_image_tokens,
         ),
     )
     return Response(response.model_dump_json(), media_type="application/json")
@@ -104,7 +108,7 @@ async def _stream(
     created = int(time.time())
     include_usage = body.include_usage
     output_tokens = [0] * body.n
-    prompt_tokens = cached_tokens = 0
+    prompt_tokens = cached_tokens = image_tokens = cached_image_tokens = 0
 
     def chunk(choices: list[ChatStreamChoice], usage: UsageInfo | None = None) -> str:
         message = ChatCompletionChunk(
@@ -136,6 +140,7 @@ async def _stream(
             output_tokens[delta.index] = max(output_tokens[delta.index], delta.num_output_tokens)
             if delta.index == 0 and delta.num_prompt_tokens:
                 prompt_tokens, cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
+                image_tokens, cached_image_tokens = delta.num_image_tokens, delta.num_cached_image_tokens
             if not delta.finished and not continuous_usage and not (body.logprobs and delta.logprobs):
                 yield sse(content.json(delta.index, delta.text))  # the common case, per token
                 continue
@@ -153,10 +158,17 @@ async def _stream(
             )
             usage = None
             if include_usage and body.continuous_usage:
-                usage = UsageInfo.of(prompt_tokens, sum(output_tokens), cached_tokens)
+                usage = UsageInfo.of(
+                    prompt_tokens, sum(output_tokens), cached_tokens, image_tokens, cached_image_tokens
+                )
             yield chunk([choice], usage)
         if include_usage:
-            yield chunk([], UsageInfo.of(prompt_tokens, sum(output_tokens), cached_tokens))
+            yield chunk(
+                [],
+                UsageInfo.of(
+                    prompt_tokens, sum(output_tokens), cached_tokens, image_tokens, cached_image_tokens
+                ),
+            )
         yield DONE
     finally:
         await deltas.aclose()

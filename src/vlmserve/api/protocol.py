@@ -58,7 +58,8 @@ class MMProcessorKwargs(BaseModel):
 
 class ImageURL(RequestModel):
     url: str
-    # Accepted for compatibility; Qwen2.5-VL has no low/high detail modes (use mm_processor_kwargs).
+    # A pixel budget for this image: "low" a small fixed number of image tokens, "high" the server's max_pixels,
+    # "auto" (or none) the request's mm_processor_kwargs or the server's default (serving.py).
     detail: Literal["auto", "low", "high"] | None = None
 
 
@@ -119,10 +120,11 @@ class SamplingFields(RequestModel):
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # OpenAI's ranges (temperature above 2 is a 400 there); vLLM's extensions below keep vLLM's.
+    temperature: float | None = Field(None, ge=0.0, le=2.0)
+    top_p: float | None = Field(None, ge=0.0, le=1.0)
+    presence_penalty: float = Field(0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(0.0, ge=-2.0, le=2.0)
     logit_bias: dict[str, float] | None = None
     user: str | None = None
     # vLLM extensions
@@ -171,6 +173,46 @@ class CompletionRequest(SamplingFields):
     suffix: str | None = None
 
 
+class TokenizeRequest(RequestModel):
+    """vLLM's POST /tokenize: a text `prompt`, or chat `messages` (images included) rendered as
+    /v1/chat/completions would render them. Exactly one of the two. `add_special_tokens` is accepted for
+    vLLM's clients; the prompt is tokenized as the engine's requests are (Qwen2.5-VL adds no BOS)."""
+
+    model: str | None = None
+    prompt: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)] | None = None
+    add_special_tokens: bool | None = None
+    add_generation_prompt: bool = True
+    chat_template_kwargs: dict[str, Any] | None = None
+    mm_processor_kwargs: MMProcessorKwargs | None = None
+    return_token_strs: bool = False
+
+    @model_validator(mode="after")
+    def _prompt_or_messages(self) -> TokenizeRequest:
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("send either 'prompt' (text) or 'messages' (chat), not both and not neither")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+    # Extensions: how many of `tokens` are image placeholders, in all and per image (in prompt order).
+    image_tokens: int = 0
+    image_token_counts: list[int] = Field(default_factory=list)
+
+
+class DetokenizeRequest(RequestModel):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
 # ------------------------------------------------------------------------------------------ responses
 
 
@@ -180,6 +222,11 @@ def _now() -> int:
 
 class PromptTokensDetails(BaseModel):
     cached_tokens: int = 0
+    # The prompt's text and image placeholder tokens (OpenAI's names), and the image tokens the prefix cache
+    # held (an extension; part of cached_tokens): what an image costs, before and after caching.
+    text_tokens: int = 0
+    image_tokens: int = 0
+    cached_image_tokens: int = 0
 
 
 class UsageInfo(BaseModel):
@@ -189,12 +236,19 @@ class UsageInfo(BaseModel):
     prompt_tokens_details: PromptTokensDetails | None = None
 
     @classmethod
-    def of(cls, prompt: int, completion: int, cached: int) -> UsageInfo:
+    def of(
+        cls, prompt: int, completion: int, cached: int, image: int = 0, cached_image: int = 0
+    ) -> UsageInfo:
         return cls(
             prompt_tokens=prompt,
             completion_tokens=completion,
             total_tokens=prompt + completion,
-            prompt_tokens_details=PromptTokensDetails(cached_tokens=cached),
+            prompt_tokens_details=PromptTokensDetails(
+                cached_tokens=cached,
+                text_tokens=prompt - image,
+                image_tokens=image,
+                cached_image_tokens=cached_image,
+            ),
         )
 
 

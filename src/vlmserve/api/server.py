@@ -32,7 +32,9 @@ from vlmserve.api.middleware import (
     APIKeyMiddleware,
     BodySizeLimitMiddleware,
 )
+from vlmserve.api.playground import router as playground_routes
 from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from vlmserve.api.routes import router as extra_routes
 from vlmserve.api.serving import ModelServer
 from vlmserve.api.streaming import until_disconnect
 
@@ -48,11 +50,12 @@ def build_app(
     max_request_body_bytes: int = DEFAULT_MAX_REQUEST_BODY_BYTES,
     body_read_timeout: float = DEFAULT_BODY_READ_TIMEOUT_S,
     shutdown_servers: bool = True,
+    playground: bool = True,
 ) -> FastAPI:
     """An app serving `servers` (routed by model id). With `api_keys`, /v1 routes need one of them as a
     bearer token. A body larger than `max_request_body_bytes` gets 413, one whose next piece takes longer
     than `body_read_timeout` seconds 408. `shutdown_servers`: stop their engines when the app's lifespan
-    ends."""
+    ends. `playground`: serve the playground page at `/`."""
     server_list = [servers] if isinstance(servers, ModelServer) else list(servers)
     if not server_list:
         raise ValueError("build_app needs at least one ModelServer")
@@ -100,6 +103,11 @@ def build_app(
                 code="model_not_found",
             )
         return server
+
+    app.state.resolve = resolve
+    app.include_router(extra_routes)
+    if playground:
+        app.include_router(playground_routes)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:

@@ -33,8 +33,11 @@ from vlmserve.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
+    ImageURL,
     ModelCard,
     SamplingFields,
+    TokenizeRequest,
+    TokenizeResponse,
 )
 from vlmserve.config import EngineArgs, EngineConfig
 from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
@@ -47,7 +50,7 @@ from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
 from vlmserve.engine.scheduler import QueueFullError
 from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
-from vlmserve.models.processor import Qwen2_5_VLProcessor, check_aspect_ratio
+from vlmserve.models.processor import ProcessedPrompt, Qwen2_5_VLProcessor, check_aspect_ratio
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +58,9 @@ logger = logging.getLogger(__name__)
 MAX_N = 128
 # Prompts in one /v1/completions batch.
 MAX_PROMPTS = 1024
+# image_url.detail = "low": at most this many image tokens per image (OpenAI's low detail is a fixed small
+# budget too); a 28x28-pixel merged patch is one token, so 64 tokens is about 220x220 pixels.
+LOW_DETAIL_IMAGE_TOKENS = 64
 # A client-chosen request id (body `request_id` or the X-Request-Id header) longer than this is replaced.
 MAX_CLIENT_ID_CHARS = 256
 
@@ -68,6 +74,7 @@ class ImageRef:
 
     url: str
     param: str  # e.g. messages[1].content[0].image_url
+    detail: str | None = None  # image_url.detail: "low" / "high" / "auto"
 
 
 class ModelServer:
@@ -148,38 +155,7 @@ class ModelServer:
 
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> EngineRequest:
         _refuse_unsupported_chat(body)
-        refs = _image_refs(body.messages)
-        if self.image_limit is not None and len(refs) > self.image_limit:
-            raise InvalidRequestError(
-                f"This request has {len(refs)} images, more than this server's limit_mm_per_prompt "
-                f"{{'image': {self.image_limit}}}; send at most {self.image_limit} images per request "
-                "(the operator sets the limit with --limit-mm-per-prompt).",
-                param="messages",
-                code="limit_mm_per_prompt",
-            )
-        min_pixels, max_pixels = self._pixel_bounds(body)
-        images = await self._load_images(refs)
-        for ref, image in zip(refs, images, strict=True):
-            try:  # here, where the image's parameter is known (the processor would refuse it later, unnamed)
-                check_aspect_ratio(*image.size)
-            except ValueError as e:
-                raise InvalidRequestError(str(e), param=ref.param, code="invalid_image") from e
-        messages = _hf_messages(body.messages)
-        template_kwargs = dict(body.chat_template_kwargs or {})
-        try:
-            processed = await asyncio.to_thread(
-                self._render_and_process,
-                messages,
-                images,
-                min_pixels,
-                max_pixels,
-                body.add_generation_prompt,
-                template_kwargs,
-            )
-        except (ValueError, jinja2.TemplateError) as e:
-            raise InvalidRequestError(
-                f"Could not build the prompt from 'messages': {e}", param="messages"
-            ) from e
+        processed = await self.process_chat(body)
         num_prompt = len(processed.token_ids)
         self._check_prompt_length(num_prompt, "messages")
         max_tokens = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
@@ -208,19 +184,75 @@ class ModelServer:
             mrope_delta=processed.mrope_delta,
         )
 
+    async def process_chat(self, body: ChatCompletionRequest) -> ProcessedPrompt:
+        """The prompt of a chat request: images checked and loaded, template rendered, tokenized and
+        preprocessed. Shared by /v1/chat/completions, /v1/responses and /tokenize."""
+        refs = _image_refs(body.messages)
+        if self.image_limit is not None and len(refs) > self.image_limit:
+            raise InvalidRequestError(
+                f"This request has {len(refs)} images, more than this server's limit_mm_per_prompt "
+                f"{{'image': {self.image_limit}}}; send at most {self.image_limit} images per request "
+                "(the operator sets the limit with --limit-mm-per-prompt).",
+                param="messages",
+                code="limit_mm_per_prompt",
+            )
+        min_pixels, max_pixels = self._pixel_bounds(body)
+        image_pixels = None
+        if any(ref.detail in ("low", "high") for ref in refs):
+            image_pixels = [self._detail_bounds(ref.detail, min_pixels, max_pixels) for ref in refs]
+        images = await self._load_images(refs)
+        for ref, image in zip(refs, images, strict=True):
+            try:  # here, where the image's parameter is known (the processor would refuse it later, unnamed)
+                check_aspect_ratio(*image.size)
+            except ValueError as e:
+                raise InvalidRequestError(str(e), param=ref.param, code="invalid_image") from e
+        messages = _hf_messages(body.messages)
+        template_kwargs = dict(body.chat_template_kwargs or {})
+        try:
+            return await asyncio.to_thread(
+                self._render_and_process,
+                messages,
+                images,
+                min_pixels,
+                max_pixels,
+                image_pixels,
+                body.add_generation_prompt,
+                template_kwargs,
+            )
+        except (ValueError, jinja2.TemplateError) as e:
+            raise InvalidRequestError(
+                f"Could not build the prompt from 'messages': {e}", param="messages"
+            ) from e
+
     def _render_and_process(
         self,
         messages: list[dict[str, Any]],
         images: list[Image.Image],
         min_pixels: int | None,
         max_pixels: int | None,
+        image_pixels: list[tuple[int | None, int | None]] | None,
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any],
-    ) -> Any:
+    ) -> ProcessedPrompt:
         prompt = self.processor.apply_chat_template(
             messages, add_generation_prompt=add_generation_prompt, **template_kwargs
         )
-        return self.processor.process(prompt, images, min_pixels=min_pixels, max_pixels=max_pixels)
+        return self.processor.process(
+            prompt, images, min_pixels=min_pixels, max_pixels=max_pixels, image_pixels=image_pixels
+        )
+
+    def _detail_bounds(
+        self, detail: str | None, min_pixels: int | None, max_pixels: int | None
+    ) -> tuple[int | None, int | None]:
+        """An image part's `detail` as its (min_pixels, max_pixels): `low` at most LOW_DETAIL_IMAGE_TOKENS
+        tokens, `high` the server's whole range, `auto` (or none) the request's bounds."""
+        if detail == "high":
+            return self.min_pixels, self.max_pixels
+        if detail == "low":
+            factor = self.processor.patch_size * self.processor.spatial_merge_size
+            hi = min(self.max_pixels, LOW_DETAIL_IMAGE_TOKENS * factor * factor)
+            return min(self.min_pixels, hi), hi
+        return min_pixels, max_pixels
 
     def _pixel_bounds(self, body: ChatCompletionRequest) -> tuple[int | None, int | None]:
         """The request's (min_pixels, max_pixels), checked against the server's bounds."""
@@ -320,6 +352,44 @@ class ModelServer:
                     param=param,
                 )
         return list(ids)
+
+    # --- tokenize ----------------------------------------------------------------------------------------
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        """vLLM's /tokenize: the prompt's token ids as the engine would see them, image placeholders expanded
+        to each image's token count (images are loaded and preprocessed, never encoded)."""
+        if body.messages is not None:
+            chat = ChatCompletionRequest(
+                messages=body.messages,
+                mm_processor_kwargs=body.mm_processor_kwargs,
+                add_generation_prompt=body.add_generation_prompt,
+                chat_template_kwargs=body.chat_template_kwargs,
+            )
+            processed = await self.process_chat(chat)
+        else:
+            assert body.prompt is not None  # TokenizeRequest holds one of the two
+            try:
+                processed = await asyncio.to_thread(self.processor.process, body.prompt, [])
+            except ValueError as e:
+                raise InvalidRequestError(f"Invalid prompt: {e}", param="prompt") from e
+        tokens = processed.token_ids
+        counts = [img.length for img in processed.images]
+        token_strs = None
+        if body.return_token_strs:
+            tokenizer = self.processor.tokenizer
+            token_strs = [tokenizer.id_to_token(t) or "" for t in tokens]
+        return TokenizeResponse(
+            count=len(tokens),
+            max_model_len=self.config.max_model_len,
+            tokens=tokens,
+            token_strs=token_strs,
+            image_tokens=sum(counts),
+            image_token_counts=counts,
+        )
+
+    def detokenize(self, tokens: list[int]) -> str:
+        check_token_ids(tokens, self._vocab_size, "tokens")
+        return self.processor.decode(tokens, skip_special_tokens=False)
 
     def prompt_text(self, request: EngineRequest) -> str:
         """The prompt as text (for `echo`)."""
@@ -449,6 +519,14 @@ class DeltaStream:
         await self._rest.aclose()
 
 
+def check_token_ids(tokens: Sequence[int], vocab_size: int, param: str) -> None:
+    for i, t in enumerate(tokens):
+        if not 0 <= t < vocab_size:
+            raise InvalidRequestError(
+                f"{param}[{i}] = {t} is not a token id of this model (0 <= id < {vocab_size}).", param=param
+            )
+
+
 def new_request_id(prefix: str, client_id: str | None) -> str:
     """`chatcmpl-<uuid>` / `cmpl-<uuid>`, or with the client's own id (vLLM's request_id / X-Request-Id) when
     it is a sensible length."""
@@ -466,7 +544,8 @@ def _image_refs(messages: Sequence[ChatMessage]) -> list[ImageRef]:
         if isinstance(message.content, list):
             for j, part in enumerate(message.content):
                 if part.type == "image_url":
-                    refs.append(ImageRef(part.url, f"messages[{i}].content[{j}].image_url"))
+                    detail = part.image_url.detail if isinstance(part.image_url, ImageURL) else None
+                    refs.append(ImageRef(part.url, f"messages[{i}].content[{j}].image_url", detail))
     return refs
 
 

@@ -220,6 +220,8 @@ class Collected:
     choices: dict[int, CollectedChoice] = field(default_factory=dict)
     num_prompt_tokens: int = 0
     num_cached_tokens: int = 0
+    num_image_tokens: int = 0
+    num_cached_image_tokens: int = 0
 
     def add(self, index: int, delta: CompletionDelta, first_of_prompt: bool) -> None:
         choice = self.choices.setdefault(index, CollectedChoice())
@@ -235,6 +237,8 @@ class Collected:
                 # Choice 0 of a prompt: its siblings reuse its prompt blocks, so its hit is the request's.
                 self.num_cached_tokens += delta.num_cached_tokens
                 self.num_prompt_tokens += delta.num_prompt_tokens
+                self.num_image_tokens += delta.num_image_tokens
+                self.num_cached_image_tokens += delta.num_cached_image_tokens
 
     @property
     def num_output_tokens(self) -> int:

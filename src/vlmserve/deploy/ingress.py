@@ -10,6 +10,8 @@ deployment through its DeploymentHandle:
     start          -> handle.options(stream=True).chat / .generate; the first item is awaited so that a
                       request error still becomes its HTTP status before a stream begins
     prepare_completions -> handle.prepare_completions (token ids only)
+    tokenize       -> handle.tokenize (images are fetched and sized in the replica)
+    detokenize     -> the model's tokenizer, here
     token_texts, prompt_text -> the model's tokenizer, fetched once from a replica at startup
     stats, is_alive -> summed over every replica by a periodic broadcast (for /metrics and /health)
 
@@ -39,8 +41,15 @@ from tokenizers import Tokenizer
 from vlmserve import envs
 from vlmserve.api.errors import EngineError, ServiceUnavailableError
 from vlmserve.api.logprobs import TokenTexts
-from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from vlmserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from vlmserve.api.server import build_app
+from vlmserve.api.serving import check_token_ids
 from vlmserve.deploy.server import ModelInfo, RemoteAPIError, ReplicaState
 from vlmserve.engine.client import EngineHealth
 from vlmserve.engine.inputs import EngineRequest
@@ -126,11 +135,24 @@ class RemoteModelServer:
         return PendingChat(body, request_id)
 
     async def prepare_completions(self, body: CompletionRequest, request_id: str) -> list[EngineRequest]:
+        result: list[EngineRequest] = await self._call("prepare_completions", body, request_id)
+        return result
+
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse:
+        result: TokenizeResponse = await self._call("tokenize", body)
+        return result
+
+    def detokenize(self, tokens: list[int]) -> str:
+        check_token_ids(tokens, self._tokenizer.get_vocab_size(with_added_tokens=True), "tokens")
+        return self._tokenizer.decode(tokens, skip_special_tokens=False)
+
+    async def _call(self, method: str, *args: Any) -> Any:
+        """A replica's answer to one (non-streaming) call, retried on another replica if this one died."""
         attempt = 0
         while True:
             attempt += 1
             try:
-                result = await self._handle.prepare_completions.remote(body, request_id)
+                result = await getattr(self._handle, method).remote(*args)
             except (BackPressureError, DeploymentUnavailableError) as e:
                 raise _unavailable(self.model_id, e) from e
             except RayActorError as e:

@@ -6,6 +6,7 @@ exposes what the ingress needs over Ray Serve handle calls:
     chat(body, request_id)              stream: prompt building (images are fetched and preprocessed here,
                                         next to the engine) + the request's CompletionDeltas, one item each
     prepare_completions(body, rid)      /v1/completions prompts -> EngineRequests (text only, small)
+    tokenize(body)                      /tokenize (images fetched and sized here, like chat's)
     generate(engine_request)            stream: the request's CompletionDeltas
     model_info() / replica_state()      model card + tokenizer for the ingress; engine liveness + stats
     check_health()                      Ray Serve's health check: a dead engine gets the replica replaced
@@ -31,7 +32,13 @@ from collections.abc import AsyncGenerator
 from dataclasses import dataclass, field
 
 from vlmserve.api.errors import APIError
-from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, ModelCard
+from vlmserve.api.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    TokenizeRequest,
+    TokenizeResponse,
+)
 from vlmserve.api.serving import ModelServer
 from vlmserve.config import EngineArgs
 from vlmserve.engine.inputs import EngineRequest
@@ -147,6 +154,12 @@ class LLMServer:
         except APIError as e:
             return RemoteAPIError.capture(e)
 
+    async def tokenize(self, body: TokenizeRequest) -> TokenizeResponse | RemoteAPIError:
+        try:
+            return await self.server.tokenize(body)
+        except APIError as e:
+            return RemoteAPIError.capture(e)
+
     async def generate(
         self, request: EngineRequest
     ) -> AsyncGenerator[CompletionDelta | RemoteAPIError, None]:
@@ -235,4 +248,5 @@ def merge_deltas(deltas: list[CompletionDelta]) -> list[CompletionDelta]:
         m.finish_reason, m.stop_reason, m.error = d.finish_reason, d.stop_reason, d.error or m.error
         m.num_prompt_tokens, m.num_cached_tokens = d.num_prompt_tokens, d.num_cached_tokens
         m.num_output_tokens = d.num_output_tokens
+        m.num_image_tokens, m.num_cached_image_tokens = d.num_image_tokens, d.num_cached_image_tokens
     return list(merged.values())

@@ -302,6 +302,8 @@ class EngineCore:
             num_prompt_tokens=req.num_prompt_tokens,
             num_cached_tokens=req.num_cached_tokens,
             num_output_tokens=req.num_output_tokens,
+            num_image_tokens=req.num_image_tokens,
+            num_cached_image_tokens=req.num_cached_image_tokens,
         )
         choice.pending_ids, choice.pending_logprobs = [], []
         return d

@@ -137,6 +137,16 @@ class Request:
         return len(self.output_token_ids)
 
     @property
+    def num_image_tokens(self) -> int:
+        return sum(img.length for img in self.images)
+
+    @property
+    def num_cached_image_tokens(self) -> int:
+        """Image placeholder tokens inside the prefix-cache hit (usage stats)."""
+        hit = self.num_cached_tokens
+        return sum(max(0, min(img.offset + img.length, hit) - img.offset) for img in self.images)
+
+    @property
     def is_finished(self) -> bool:
         return self.status.is_finished
 

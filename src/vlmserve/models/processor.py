@@ -728,9 +728,11 @@ class Qwen2_5_VLProcessor:
         images: Sequence[Image.Image],
         min_pixels: int | None = None,
         max_pixels: int | None = None,
+        image_pixels: Sequence[tuple[int | None, int | None]] | None = None,
     ) -> ProcessedPrompt:
         """Tokenize a rendered chat prompt that holds one <|image_pad|> per image, expand each placeholder
-        to the image's token count and compute M-RoPE positions. Token ids equal HF's processor input_ids."""
+        to the image's token count and compute M-RoPE positions. Token ids equal HF's processor input_ids.
+        `image_pixels`: a (min_pixels, max_pixels) per image, in place of the shared pair (per-image detail)."""
         pieces = prompt.split(self._image_token)
         if len(pieces) - 1 != len(images):
             raise ValueError(
@@ -743,6 +745,8 @@ class Qwen2_5_VLProcessor:
                 f"The prompt contains a video placeholder ({self._video_token}); vlmserve does not support video "
                 "inputs. Send the frames as images instead."
             )
+        if image_pixels is not None and len(image_pixels) != len(images):
+            raise ValueError(f"image_pixels has {len(image_pixels)} entries for {len(images)} image(s).")
         for i, img in enumerate(images):
             if not isinstance(img, Image.Image):
                 raise TypeError(f"images[{i}] must be a PIL.Image.Image, got {type(img).__name__}.")
@@ -757,8 +761,9 @@ class Qwen2_5_VLProcessor:
         token_ids: list[int] = list(encoded[0].ids)
         features: list[ImageFeature] = []
         grids: list[tuple[int, int, int]] = []
-        for img, piece in zip(images, encoded[1:], strict=True):
-            pixels, grid = self.resize_image(img, min_pixels, max_pixels)
+        for i, (img, piece) in enumerate(zip(images, encoded[1:], strict=True)):
+            lo, hi = image_pixels[i] if image_pixels is not None else (min_pixels, max_pixels)
+            pixels, grid = self.resize_image(img, lo, hi)
             # The encoder's input: float32 patches, or the uint8 pixels for the engine to patchify on its
             # device (`patchify_on_device`).
             pixel_values = pixels if self.patchify_on_device else self.patchify(pixels)
