@@ -4,11 +4,11 @@ Owns the text of one request's output: which part has been emitted, which part i
 stop string has appeared. It does not know requests, the scheduler or the wire format; the engine feeds it the
 tokens the scheduler appended and finishes the request when a stop string is reported.
 
-Technique (vLLM's prefix/read offsets): keep a small window of token ids. `prefix_offset..read_offset` is text
-already emitted, kept only as context (tokenizers whose decoding of a token depends on its neighbours, e.g. a
-leading-space marker, need it); `read_offset..` is new. Each step decodes the window, not the whole sequence,
-so the cost per token does not grow with the output. Text that ends in U+FFFD is held back: with byte-level
-BPE a character split across tokens decodes as U+FFFD until its last byte arrives. Stop strings are searched in
+Technique: tokenizers' own incremental decoder (`DecodeStream`, in Rust), primed with the last prompt tokens
+as context (tokenizers whose decoding of a token depends on its neighbours, e.g. a leading-space marker, need
+it). It returns a token's text once it is complete (None while a character split across byte-level tokens
+is still missing bytes), so the cost per token is constant and small: it runs for every token of every
+running request, on the engine's step loop. On `finished`, bytes still held are flushed as U+FFFD. Stop strings are searched in
 the accumulated text across token boundaries; the tail that could still be the start of a stop string is held
 back, so a stop string is never emitted, even in part (unless include_stop_str_in_output).
 """
@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
 
 # Prompt tokens decoded as context before the first output token (vLLM uses the same number).
 _PROMPT_CONTEXT_TOKENS = 5
@@ -53,9 +54,8 @@ class IncrementalDetokenizer:
         if prefix_text.endswith(_REPLACEMENT_CHAR):
             # The prompt ends inside a character: that context would glue prompt bytes onto the output.
             context, prefix_text = [], ""
-        self._ids = context  # the window; everything before it is dropped
-        self._read_offset = len(context)  # window[:read_offset] is context already turned into text
-        self._prefix_text = prefix_text  # decode(window[:read_offset])
+        self._stream = DecodeStream(ids=context, skip_special_tokens=skip_special_tokens)
+        self._held: list[int] = []  # tokens the stream has taken but not yet turned into text
         self._text = ""  # output text decoded so far (cut at a stop string)
         self._num_emitted = 0  # characters of _text already returned
         self._done = False
@@ -74,8 +74,7 @@ class IncrementalDetokenizer:
         """
         if self._done:
             return DetokenizerDelta("")
-        self._ids.extend(new_token_ids)
-        new_text = self._decode_window(flush=finished)
+        new_text = self._decode_new(new_token_ids, flush=finished)
         stop_string = None
         if new_text:
             search_from = max(len(self._text) - self._max_stop_overlap, 0)
@@ -90,19 +89,20 @@ class IncrementalDetokenizer:
         self._num_emitted = end
         return DetokenizerDelta(delta, stop_string, self._text if self._done else None)
 
-    def _decode_window(self, flush: bool) -> str:
-        """Text of the tokens after read_offset, or "" while it ends inside a character (unless flushing)."""
-        full_text = self._decode(self._ids)
-        if len(full_text) <= len(self._prefix_text):
-            return ""
-        if full_text.endswith(_REPLACEMENT_CHAR) and not flush:
-            return ""
-        new_text = full_text[len(self._prefix_text) :]
-        # The emitted tokens become the context: the window slides, so it stays a few tokens long.
-        self._ids = self._ids[self._read_offset :]
-        self._read_offset = len(self._ids)
-        self._prefix_text = self._decode(self._ids)
-        return new_text
+    def _decode_new(self, new_token_ids: Sequence[int], flush: bool) -> str:
+        """Text of the new tokens that is complete; with `flush`, also what is still held (as U+FFFD)."""
+        pieces = []
+        for token_id in new_token_ids:
+            piece = self._stream.step(self._tokenizer, token_id)
+            if piece is None:
+                self._held.append(token_id)
+            else:
+                self._held.clear()
+                pieces.append(piece)
+        if flush and self._held:
+            pieces.append(self._decode(self._held))
+            self._held = []
+        return "".join(pieces)
 
     def _find_stop(self, search_from: int) -> str | None:
         """Cut the text at the earliest stop string starting at or after search_from; return that string."""
