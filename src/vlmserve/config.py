@@ -60,6 +60,13 @@ class EngineArgs(BaseModel):
         "front); off: a thread of the server process",
     )
     trust_remote_code: bool = Field(False, description="accepted for vLLM compatibility; never needed")
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description='parse tool calls out of the output for tool_choice "auto" (needs tool_call_parser)',
+    )
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="how tool calls are written in the output: hermes (Qwen2.5's <tool_call> blocks)"
+    )
 
     @field_validator("limit_mm_per_prompt", "mm_processor_kwargs", mode="before")
     @classmethod
@@ -98,6 +105,8 @@ class EngineArgs(BaseModel):
             raise ValueError(
                 f"mm_processor_kwargs.min_pixels ({mp['min_pixels']}) exceeds max_pixels ({mp['max_pixels']})"
             )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes for Qwen2.5-VL)")
         return self
 
 
@@ -126,3 +135,5 @@ class EngineConfig:
     enforce_eager: bool = False
     async_scheduling: bool = False
     engine_process: bool = False  # how a server runs it (ModelServer.from_config); LLM always runs in-process
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None

@@ -204,7 +204,10 @@ class EngineCore:
         if not self.async_scheduling:
             sched = self._schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
-            return self._apply(sched, self.runner.launch(sched))
+            deltas = self._apply(sched, self.runner.launch(sched))
+            if self._undelivered:  # requests whose grammar failed to compile
+                deltas, self._undelivered = self._undelivered + deltas, []
+            return deltas
         if self._to_launch is not None:
             queued, step = self._to_launch
             self._to_launch = None

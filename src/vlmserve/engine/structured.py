@@ -129,7 +129,11 @@ class GrammarCompiler:
     """
 
     def __init__(
-        self, tokenizer_json: str, vocab_size: int, eos_token_ids: Sequence[int], threads: int = COMPILE_THREADS
+        self,
+        tokenizer_json: str,
+        vocab_size: int,
+        eos_token_ids: Sequence[int],
+        threads: int = COMPILE_THREADS,
     ) -> None:
         self._tokenizer_args = (tokenizer_json, vocab_size, tuple(eos_token_ids))
         self._tokenizer: Any = None

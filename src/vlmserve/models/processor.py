@@ -33,6 +33,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from vlmserve.engine.inputs import ImageFeature
+from vlmserve.models.tool_template import QWEN2_5_VL_TOOLS_CHAT_TEMPLATE, template_handles_tools
 
 # Defaults of HF's Qwen2VLImageProcessor, used where preprocessor_config.json leaves a field out.
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -247,6 +248,10 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def _has_tool_messages(messages: Sequence[Mapping[str, Any]]) -> bool:
+    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the environment HF renders chat templates in (sandboxed, trim_blocks,
     lstrip_blocks, loop controls, the same globals and filters), so the same messages render the same text."""
@@ -400,6 +405,7 @@ class Qwen2_5_VLProcessor:
         self._tokenizer = tokenizer
         self._chat_template_source = chat_template
         self._chat_template = compile_chat_template(chat_template)
+        self._compiled_tools_template: jinja2.Template | None = None
         self._image_config = image_config
         self._image_token = image_token
         self._video_token = tokenizer.id_to_token(video_token_id)
@@ -577,13 +583,22 @@ class Qwen2_5_VLProcessor:
                 "Cannot apply the chat template to an empty conversation; pass at least one message."
             )
         template_kwargs = {**self._special_tokens, **_plain(kwargs)}
-        return self._chat_template.render(
+        template = self._chat_template
+        if (tools or _has_tool_messages(messages)) and not template_handles_tools(self._chat_template_source):
+            template = self._tools_template()
+        return template.render(
             messages=_normalize_messages(messages),
             tools=_plain(tools),
             documents=_plain(documents),
             add_generation_prompt=add_generation_prompt,
             **template_kwargs,
         )
+
+    def _tools_template(self) -> jinja2.Template:
+        """The Hermes-style tools template (models/tool_template.py), compiled once on first use."""
+        if self._compiled_tools_template is None:
+            self._compiled_tools_template = compile_chat_template(QWEN2_5_VL_TOOLS_CHAT_TEMPLATE)
+        return self._compiled_tools_template
 
     # ---------------------------------------------------------------- images
 

@@ -1,0 +1,249 @@
+"""Structured outputs through the engine, with random weights: the grammar does the work, so every output
+must satisfy its constraint whatever the model would have said.
+
+JSON schemas (nested objects, arrays, enums, bounded numbers, required fields) validated with the `jsonschema`
+package over several seeds and temperatures, with n > 1, logprobs, the asynchronous loop and prefix caching;
+regex and choice outputs matched exactly; a Lark grammar's output parsed by the grammar; max_tokens that cuts
+a structure finishes with "length"; a grammar still compiling does not hold up other requests; the batched
+mask application against a one-row-at-a-time reference.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jsonschema
+import llguidance
+import numpy as np
+import pytest
+import torch
+
+from vlmserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from vlmserve.engine.structured import StructuredOutputError, check_structured_outputs
+from vlmserve.llm import LLM
+from vlmserve.runner.sampler import apply_token_bitmask
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "shape": {"enum": ["circle", "square", "triangle"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 12},
+        "score": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+        "visible": {"type": "boolean"},
+        "box": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "integer", "minimum": 0, "maximum": 640},
+                "y": {"type": "integer", "minimum": 0, "maximum": 480},
+            },
+            "required": ["x", "y"],
+            "additionalProperties": False,
+        },
+        "tags": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 6},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    },
+    "required": ["shape", "count", "score", "visible", "box", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> LLM:
+    return LLM(
+        str(tiny_checkpoint),
+        max_model_len=512,
+        max_num_seqs=8,
+        async_scheduling=request.param,
+        device="cpu",
+        dtype="float32",
+    )
+
+
+def _texts(outputs: list) -> list[tuple[str, str | None]]:
+    return [(c.text, c.finish_reason) for o in outputs for c in o.outputs]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.5])
+def test_json_schema_outputs_validate(llm: LLM, temperature: float) -> None:
+    params = SamplingParams(
+        n=2,
+        temperature=temperature,
+        seed=int(temperature * 10),
+        max_tokens=160,
+        logprobs=2,
+        structured_outputs=StructuredOutputsParams(json=SCHEMA),
+    )
+    prompts = ["Describe the picture.", "What shape is it?", "Count the objects.", "Hello"]
+    outputs = llm.generate(prompts, params)
+    for o in outputs:
+        for c in o.outputs:
+            assert c.finish_reason == "stop", c.text
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+            # logprobs are reported for every token, and the sampled token was allowed (finite)
+            assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
+            assert all(np.isfinite(lp.logprob) for lp in c.logprobs)
+
+
+def test_json_object_regex_choice_and_grammar(llm: LLM) -> None:
+    cases = [
+        (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+        (
+            StructuredOutputsParams(regex=r"(red|blue) [0-9]{2}-[a-z]{3}"),
+            lambda t: re.fullmatch(r"(red|blue) [0-9]{2}-[a-z]{3}", t) is not None,
+        ),
+        (
+            StructuredOutputsParams(choice=["yes", "no", "it depends"]),
+            lambda t: t in ("yes", "no", "it depends"),
+        ),
+    ]
+    for constraint, ok in cases:
+        for seed in range(3):
+            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=120, structured_outputs=constraint)
+            ((text, reason),) = _texts(llm.generate(["Say something."], params))
+            if constraint.json_object and reason == "length":
+                continue  # free-form JSON may legitimately run to max_tokens with random weights
+            assert reason == "stop" and ok(text), (constraint, text)
+
+    # A Lark grammar: sums of small numbers; the output must parse with the same grammar.
+    grammar = 'start: expr\nexpr: NUM (("+" | "-") NUM){0,3}\nNUM: /[1-9][0-9]?/'
+    for seed in range(3):
+        params = SamplingParams(
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+            structured_outputs=StructuredOutputsParams(grammar=grammar),
+        )
+        ((text, reason),) = _texts(llm.generate(["Compute."], params))
+        assert reason == "stop"
+        matcher = llguidance.LLMatcher(
+            llguidance.LLTokenizer(llm.processor.tokenizer.to_str()),
+            llguidance.LLMatcher.grammar_from_lark(grammar),
+        )
+        assert re.fullmatch(r"[1-9][0-9]?([+-][1-9][0-9]?){0,3}", text), text
+        tokens = llm.processor.tokenizer.encode(text, add_special_tokens=False).ids
+        assert matcher.consume_tokens(tokens) and matcher.is_accepting(), text
+
+
+def test_max_tokens_cuts_a_structure_with_length(llm: LLM) -> None:
+    params = SamplingParams(
+        temperature=0.0, max_tokens=5, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+    )
+    ((text, reason),) = _texts(llm.generate(["Describe."], params))
+    assert reason == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_constrained_and_free_requests_share_batches(llm: LLM) -> None:
+    """Free requests run alongside constrained ones (prefix cache shared), and are not constrained."""
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompt = "Describe the picture in detail please."
+    alone = llm.generate([prompt], free)[0].outputs[0].token_ids
+    engine = llm.engine
+    reqs = [
+        llm.make_request(prompt, [], free, request_id="free"),
+        llm.make_request(
+            prompt,
+            [],
+            SamplingParams(
+                temperature=0.0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+            ),
+            request_id="constrained",
+        ),
+    ]
+    outs = llm.run(reqs)
+    assert outs[0].outputs[0].token_ids == alone
+    text = outs[1].outputs[0].text
+    assert text.startswith("{") and engine.scheduler.kv.prefix_cache_hits > 0
+
+
+def test_compiling_grammar_does_not_stall_others(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose grammar takes a while to compile waits; a free request keeps producing tokens."""
+    compiler = llm.engine.structured.compiler
+    real = compiler.compile
+
+    def slow(params: StructuredOutputsParams) -> object:
+        time.sleep(1.0)
+        return real(params)
+
+    monkeypatch.setattr(compiler, "compile", slow)
+    engine = llm.engine
+    slow_req = llm.make_request(
+        "a",
+        [],
+        SamplingParams(
+            temperature=0.0, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[a-z]{4}")
+        ),
+        request_id="slow",
+    )
+    free_req = llm.make_request(
+        "b", [], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), "free2"
+    )
+    engine.add_request(slow_req)
+    engine.add_request(free_req)
+    order: list[str] = []
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            if d.finished:
+                order.append(d.request_id)
+    assert order == ["free2", "slow"]
+
+
+def test_bad_constraints_are_named() -> None:
+    bad = [
+        (StructuredOutputsParams(regex="[a-z"), "regex"),
+        (StructuredOutputsParams(grammar="start: foo\nfoo: 'a' | "), "grammar"),
+        (StructuredOutputsParams(json={"type": "wat"}), "json"),
+        (StructuredOutputsParams(json={"type": "integer", "minimum": 5, "maximum": 1}), "json"),
+        (StructuredOutputsParams(json={"type": "string", "format": "uri-reference"}), "json"),
+        (StructuredOutputsParams(json={"$ref": "http://example.com/schema.json"}), "json"),
+    ]
+    for params, field in bad:
+        with pytest.raises(StructuredOutputError) as e:
+            check_structured_outputs(params)
+        assert e.value.field == field
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StructuredOutputsParams(json="{nope")
+
+
+def test_engine_survives_a_constraint_that_fails_to_compile(llm: LLM) -> None:
+    """The engine-side backstop (the API refuses these first): the request fails alone, with its message."""
+    engine = llm.engine
+    bad = llm.make_request(
+        "a", [], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[a-z")), "bad"
+    )
+    good = llm.make_request("b", [], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), "good")
+    engine.add_request(bad)
+    engine.add_request(good)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            if d.finished:
+                finished[d.request_id] = d
+    assert finished["bad"].finish_reason == "error" and "regex" in (finished["bad"].error or "")
+    assert finished["good"].finish_reason == "length"
+
+
+@pytest.mark.parametrize("vocab", [100, 128, 131])
+def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
+    rng = np.random.default_rng(vocab)
+    logits = torch.from_numpy(rng.standard_normal((5, vocab)).astype(np.float32))
+    words = (vocab + 31) // 32
+    bits = rng.integers(-(2**31), 2**31, size=(3, words), dtype=np.int64).astype(np.int32)
+    rows = torch.tensor([4, 0, 2])
+    out = apply_token_bitmask(logits, rows, torch.from_numpy(bits))
+    expected = logits.clone()
+    for i, row in enumerate(rows.tolist()):
+        for token in range(vocab):
+            if not (int(bits[i, token // 32]) >> (token % 32)) & 1:
+                expected[row, token] = float("-inf")
+    assert torch.equal(out, expected)
