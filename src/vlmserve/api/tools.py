@@ -36,6 +36,7 @@ TOOL_CALL_START = "<tool_call>"
 TOOL_CALL_END = "</tool_call>"
 TOOL_CALL_PARSERS = ("hermes",)
 _ANY_ARGUMENTS: dict[str, Any] = {"type": "object"}
+_CALL_JSON_FORMAT = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
 
 
 def new_tool_call_id() -> str:
@@ -139,6 +140,8 @@ def _calls_constraint(body: ChatCompletionRequest, indices: Any, parallel: bool)
         except (StructuredOutputError, ValueError) as e:
             raise InvalidRequestError(f"{param}: {e}", param=param) from e
         schema = {
+            # Qwen2.5's own spacing ({"name": "f", "arguments": {...}}); no free whitespace to wander in.
+            "x-guidance": _CALL_JSON_FORMAT,
             "type": "object",
             "properties": {"name": {"const": function.name}, "arguments": parameters},
             "required": ["name", "arguments"],
