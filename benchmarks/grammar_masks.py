@@ -148,6 +148,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=64)
     ap.add_argument("--fields", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="LLExecutor threads (0: its default)")
+    ap.add_argument("--serial", action="store_true", help="fill row by row on this thread, no executor")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
@@ -180,9 +181,13 @@ def main() -> None:
     step_times, consume_times = [], []
     for _ in range(args.steps):
         t = time.perf_counter()
-        executor.unsafe_compute_mask_ptr(
-            [(m, i) for i, m in enumerate(matchers)], mask.ctypes.data, mask.shape[1] * 4, args.batch
-        )
+        if args.serial:
+            for i, m in enumerate(matchers):
+                m.unsafe_compute_mask_ptr(mask[i].ctypes.data, mask.shape[1] * 4)
+        else:
+            executor.unsafe_compute_mask_ptr(
+                [(m, i) for i, m in enumerate(matchers)], mask.ctypes.data, mask.shape[1] * 4, args.batch
+            )
         step_times.append(time.perf_counter() - t)
         bits = np.unpackbits(mask.view(np.uint8), axis=1, bitorder="little")[:, : tok.vocab_size]
         picks = []

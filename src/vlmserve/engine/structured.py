@@ -51,6 +51,10 @@ COMPILE_TIMEOUT_S = 10.0
 # Compiled grammars kept for reuse (by hash); a hit costs one matcher copy.
 GRAMMAR_CACHE_SIZE = 256
 COMPILE_THREADS = 2
+# Masks of fewer rows are filled on the calling thread: handing them to llguidance's thread pool costs more
+# than it saves there (8 rows of a 2k vocabulary: 0.68 ms through the pool, 0.06 ms in a loop; at a 152k
+# vocabulary the two are level on 2 cores; benchmarks/grammar_masks.py --serial).
+PARALLEL_FILL_MIN_ROWS = 16
 
 # Compact JSON (no free whitespace): a model cannot fill its output with spaces between tokens, and the
 # output reads as OpenAI's and vLLM's do.
@@ -245,17 +249,21 @@ class StructuredOutputs:
 
     def fill_bitmask(self, request_ids: Sequence[str]) -> GrammarBitmask | None:
         """One bitmask for the constrained requests among `request_ids` (those sampling this step), filled
-        in parallel by llguidance; None when none is constrained."""
+        by llguidance (in parallel for larger batches); None when none is constrained."""
         rows = [(self._matchers[rid], rid) for rid in request_ids if rid in self._matchers]
         if not rows:
             return None
         words = (self.compiler.vocab_size + 31) // 32
         bits = np.empty((len(rows), words), dtype=np.int32)
-        if self._executor is None:
-            self._executor = llguidance.LLExecutor()
-        self._executor.unsafe_compute_mask_ptr(
-            [(m, i) for i, (m, _) in enumerate(rows)], bits.ctypes.data, words * 4, len(rows)
-        )
+        if len(rows) < PARALLEL_FILL_MIN_ROWS:
+            for i, (matcher, _) in enumerate(rows):
+                matcher.unsafe_compute_mask_ptr(bits[i].ctypes.data, words * 4)  # drops the GIL
+        else:
+            if self._executor is None:
+                self._executor = llguidance.LLExecutor()
+            self._executor.unsafe_compute_mask_ptr(
+                [(m, i) for i, (m, _) in enumerate(rows)], bits.ctypes.data, words * 4, len(rows)
+            )
         return GrammarBitmask([rid for _, rid in rows], bits)
 
     def accept(self, request_id: str, token_id: int) -> bool:
