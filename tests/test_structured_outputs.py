@@ -310,3 +310,30 @@ def test_grammar_mask_on_cuda_matches_cpu() -> None:
     assert gpu_out.logprobs is not None and cpu_out.logprobs is not None
     for a, b in zip(gpu_out.logprobs, cpu_out.logprobs, strict=True):
         assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
+
+
+def test_a_matcher_in_error_fails_only_its_request(llm: LLM) -> None:
+    """A matcher that errs while computing a mask (e.g. a parser limit hit) fails its request with the
+    grammar engine's message; the step runs for the others."""
+    engine = llm.engine
+    constrained = llm.make_request(
+        "a",
+        [],
+        SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[0-9]{6}")),
+        "erring",
+    )
+    free = llm.make_request("b", [], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), "fine")
+    engine.add_request(constrained)
+    engine.add_request(free)
+    finished = {}
+    while engine.has_unfinished_requests():
+        matcher = engine.structured._matchers.get("erring")
+        if matcher is not None and not matcher.is_error():
+            assert not matcher.consume_token(llm.processor.tokenizer.token_to_id("a"))  # puts it in error
+        for d in engine.step():
+            if d.finished:
+                finished[d.request_id] = d
+    assert finished["erring"].finish_reason == "error" and "constraint failed" in (
+        finished["erring"].error or ""
+    )
+    assert finished["fine"].finish_reason == "length"

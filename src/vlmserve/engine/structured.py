@@ -18,6 +18,7 @@ No torch.
 from __future__ import annotations
 
 import concurrent.futures
+import dataclasses
 import hashlib
 import json
 import logging
@@ -195,6 +196,9 @@ class GrammarBitmask:
 
     request_ids: list[str]
     bits: np.ndarray  # (R, ceil(V / 32)) int32
+    # Requests whose matcher failed computing this mask (a parser limit hit): their rows allow everything
+    # and the engine fails them; request id -> llguidance's message.
+    errors: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 class StructuredOutputs:
@@ -264,24 +268,25 @@ class StructuredOutputs:
             self._executor.unsafe_compute_mask_ptr(
                 [(m, i) for i, (m, _) in enumerate(rows)], bits.ctypes.data, words * 4, len(rows)
             )
-        return GrammarBitmask([rid for _, rid in rows], bits)
+        errors: dict[str, str] = {}
+        for i, (matcher, rid) in enumerate(rows):
+            if matcher.is_error():
+                errors[rid] = matcher.get_error()
+                bits[i] = -1
+                del self._matchers[rid]
+        return GrammarBitmask([rid for _, rid in rows], bits, errors)
 
-    def accept(self, request_id: str, token_id: int) -> bool:
-        """Advance a request's matcher by its sampled token; False if the grammar refused it (the matcher
-        then stops constraining: a refused token means its mask was not applied, which is a bug)."""
+    def accept(self, request_id: str, token_id: int) -> str | None:
+        """Advance a request's matcher by its sampled token; the grammar engine's message if it refused
+        it (the matcher is in error and dropped: its request's output no longer follows the constraint,
+        and the engine fails it)."""
         matcher = self._matchers.get(request_id)
-        if matcher is None:
-            return True
-        if matcher.consume_token(token_id):
-            return True
-        logger.warning(
-            "request %s: token %d is not allowed by its output constraint (%s); no longer constraining it",
-            request_id,
-            token_id,
-            matcher.get_error(),
-        )
+        if matcher is None or matcher.consume_token(token_id):
+            return None
+        error = matcher.get_error() or f"token {token_id} is not allowed"
+        logger.warning("request %s: its output constraint refused token %d: %s", request_id, token_id, error)
         del self._matchers[request_id]
-        return False
+        return error
 
     def remove(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
