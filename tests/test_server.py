@@ -442,6 +442,44 @@ async def test_body_that_is_not_a_json_object_is_400(
         ({"guided_regex": "(a"}, "guided_regex"),
         ({"guided_json": {"type": "string", "maxLength": 5, "description": "x" * 300_000}}, "guided_json"),
         ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+        ({"structured_outputs": {"grammar": 5}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"choice": "abc"}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"json": 5}}, "structured_outputs.json"),
+        ({"structured_outputs": {"nothing": 1}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs.structural_tag"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"response_format": "json_object"}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": "x"}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": "f"},
+            },
+            "tool_choice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": f"f{i}",
+                            "parameters": {"type": "object", "description": "x" * 3000},
+                        },
+                    }
+                    for i in range(100)
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ],
 )

@@ -86,7 +86,8 @@ def plan_tools(
             parse=True, constraint=_calls_constraint(body, range(len(tools)), parallel), parallel=parallel
         )
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = (choice.get("function") or {}).get("name")
+        function = choice.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
         if name not in names:
             raise InvalidRequestError(
                 f"tool_choice names the function {name!r}, which is not in 'tools' ({', '.join(names)}).",
@@ -158,7 +159,12 @@ def _calls_constraint(body: ChatCompletionRequest, indices: Any, parallel: bool)
             *rules,
         ]
     )
-    return StructuredOutputsParams(grammar=grammar)
+    constraint = StructuredOutputsParams(grammar=grammar)
+    try:  # all of them together (size limits)
+        check_structured_outputs(constraint)
+    except StructuredOutputError as e:
+        raise InvalidRequestError(f"the tools cannot be enforced together: {e}", param="tools") from e
+    return constraint
 
 
 # ------------------------------------------------------------------------------------------ parsing

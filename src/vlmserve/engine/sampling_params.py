@@ -40,6 +40,11 @@ class StructuredOutputsParams:
         grammar: str | None = None,
         json_object: bool = False,
     ) -> None:
+        for name, value in (("regex", regex), ("grammar", grammar)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {type(value).__name__}")
+        if isinstance(choice, str):
+            raise ValueError("structured_outputs.choice must be a list of strings, got one string")
         object.__setattr__(self, "json", _canonical_json(json))
         object.__setattr__(self, "regex", regex)
         object.__setattr__(self, "choice", None if choice is None else tuple(choice))
