@@ -358,3 +358,74 @@ def test_stream_parser_matches_whole_parse(piece: int) -> None:
     assert [calls[i]["name"] for i in sorted(calls)] == [c.function.name for c in whole_calls]
     for i, call in enumerate(whole_calls):
         assert json.loads(calls[i]["arguments"]) == json.loads(call.function.arguments)
+
+
+def test_auto_tool_choice_streams_the_same_content_as_the_whole_answer(client: openai.OpenAI) -> None:
+    """With tools parsed (auto), text that holds no call streams through unchanged."""
+    messages: Any = [{"role": "user", "content": "Tell me about the weather <tool_c in Oslo."}]
+    whole = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], max_tokens=24, temperature=0
+    )
+    stream = client.chat.completions.create(
+        model=MODEL, messages=messages, tools=[WEATHER], max_tokens=24, temperature=0, stream=True
+    )
+    chunks = [c for c in stream if c.choices]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == (
+        whole.choices[0].message.content or ""
+    )
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+
+
+# ------------------------------------------------------------------------------------------ the chat template
+
+
+def test_tools_template_renders_hermes_blocks_and_matches_the_vl_template_without_tools(
+    tiny_checkpoint: Path,
+) -> None:
+    from vlmserve.models.processor import Qwen2_5_VLProcessor, compile_chat_template
+    from vlmserve.models.tool_template import QWEN2_5_VL_TOOLS_CHAT_TEMPLATE
+
+    processor = Qwen2_5_VLProcessor.from_pretrained(tiny_checkpoint)
+    tools_template = compile_chat_template(QWEN2_5_VL_TOOLS_CHAT_TEMPLATE)
+    conversations: list[list[dict[str, Any]]] = [
+        [{"role": "user", "content": "hi"}],
+        [
+            {"role": "system", "content": "Be brief."},
+            {
+                "role": "user",
+                "content": [{"type": "text", "text": "a"}, {"type": "image"}, {"type": "text", "text": "b"}],
+            },
+            {"role": "assistant", "content": "ok"},
+            {"role": "user", "content": [{"type": "image"}, {"type": "image"}]},
+        ],
+    ]
+    for conversation in conversations:  # no tools: exactly what the checkpoint's own template writes
+        expected = processor.apply_chat_template(conversation)
+        assert tools_template.render(messages=conversation, add_generation_prompt=True) == expected
+
+    conversation = [
+        {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "Weather?"}]},
+        {
+            "role": "assistant",
+            "content": "",
+            "tool_calls": [
+                {
+                    "id": "c1",
+                    "type": "function",
+                    "function": {"name": "get_time", "arguments": {"zone": "UTC"}},
+                }
+            ],
+        },
+        {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
+        {"role": "tool", "tool_call_id": "c2", "content": "13:00"},
+    ]
+    text = processor.apply_chat_template(conversation, tools=[TIME])
+    assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n")
+    assert "<tools>\n" + json.dumps(TIME, ensure_ascii=False) + "\n</tools>" in text
+    assert (
+        "<|im_start|>assistant\n<tool_call>\n"
+        '{"name": "get_time", "arguments": {"zone": "UTC"}}\n</tool_call><|im_end|>\n'
+        "<|im_start|>user\n<tool_response>\n12:00\n</tool_response>\n<tool_response>\n13:00\n</tool_response>"
+        "<|im_end|>\n<|im_start|>assistant\n"
+    ) in text
+    assert text.count("<|vision_start|><|image_pad|><|vision_end|>") == 1
