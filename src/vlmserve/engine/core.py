@@ -120,7 +120,6 @@ class EngineCore:
                 self.processor.tokenizer.to_str(), self.model.config.text.vocab_size, self.eos_token_ids
             )
         )
-        self._constraint_errors: dict[str, str] = {}  # request id -> why its grammar failed mid-way
         self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
         self._children: dict[str, list[str]] = {}  # caller's request id -> scheduler request ids
         self._last_scheduled: list[str] = []
@@ -202,11 +201,10 @@ class EngineCore:
     def step(self) -> list[CompletionDelta]:
         if self.structured.has_pending:
             self._poll_grammars()
-        if self._constraint_errors:
-            errors, self._constraint_errors = self._constraint_errors, {}
-            for rid, message in errors.items():
-                if rid in self._choices:
-                    self._undelivered += self._fail([rid], f"the output constraint failed: {message}")
+        for rid, message in self.structured.take_errors().items():
+            # Failed here, between steps: a scheduled step may have read its blocks until now.
+            if rid in self._choices:
+                self._undelivered += self._fail([rid], f"the output constraint failed: {message}")
         if not self.async_scheduling:
             sched = self._schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
@@ -259,12 +257,9 @@ class EngineCore:
         if not sched.scheduled and self.structured.has_pending:
             # Only requests whose grammars compile: wait for one (briefly) instead of spinning.
             self.structured.wait(0.05)
-        sched.grammar_bitmask = self.structured.fill_bitmask(
+        sched.grammar_bitmask = self.structured.pending_bitmask(
             [s.request.request_id for s in sched.scheduled if s.sample]
         )
-        if sched.grammar_bitmask is not None:
-            # Failed at the next step's start: the scheduled step still reads their blocks.
-            self._constraint_errors.update(sched.grammar_bitmask.errors)
         return sched
 
     def _poll_grammars(self) -> None:
@@ -292,9 +287,7 @@ class EngineCore:
         updated = self.scheduler.update_from_output(sched, {rid: t.token_id for rid, t in sampled.items()})
         for req in updated:
             if not req.is_finished and self.structured.has_matcher(req.request_id):
-                error = self.structured.accept(req.request_id, req.output_token_ids[-1])
-                if error is not None:
-                    self._constraint_errors[req.request_id] = error
+                self.structured.accept(req.request_id, req.output_token_ids[-1])
         self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 

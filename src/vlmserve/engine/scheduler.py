@@ -115,8 +115,8 @@ class SchedulerOutput:
     # but they come back under the same id, so keep state that outlives KV (e.g. a seeded generator).
     preempted_request_ids: list[str] = field(default_factory=list)
     num_batched_tokens: int = 0
-    # Token masks of the constrained requests that sample in this step (engine/structured.GrammarBitmask),
-    # attached by the engine after scheduling; None when no sampling request is constrained.
+    # Token masks of the constrained requests that sample in this step: an engine/structured.PendingBitmask
+    # attached by the engine after scheduling, `resolve()`d by the sampler; None when none is constrained.
     grammar_bitmask: Any = None
 
 

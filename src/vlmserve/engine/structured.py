@@ -5,7 +5,8 @@ llguidance grammar and checking it (`grammar_for`, `check_structured_outputs`: w
 a bad constraint with a 400 naming the field); compiling grammars off the step loop, in a small thread pool,
 cached by the grammar's hash and bounded in size and compile time (`GrammarCompiler`); and the per-request
 matchers of the engine (`StructuredOutputs`): a request whose grammar is compiling is not ready to schedule
-(others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`fill_bitmask`),
+(others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`pending_bitmask`,
+filled when the sampler asks for it, after the step's forward is queued),
 and each accepted token advances its request's matcher (`accept`).
 
 Why llguidance (over xgrammar): no Python dependencies, one abi3 wheel, 20x faster compiles of large schemas
@@ -18,7 +19,6 @@ No torch.
 from __future__ import annotations
 
 import concurrent.futures
-import dataclasses
 import hashlib
 import json
 import logging
@@ -196,9 +196,25 @@ class GrammarBitmask:
 
     request_ids: list[str]
     bits: np.ndarray  # (R, ceil(V / 32)) int32
-    # Requests whose matcher failed computing this mask (a parser limit hit): their rows allow everything
-    # and the engine fails them; request id -> llguidance's message.
-    errors: dict[str, str] = dataclasses.field(default_factory=dict)
+
+
+class PendingBitmask:
+    """A step's bitmask, filled when the sampler first asks for it (`resolve()`): by then the step's forward
+    is queued, so on a GPU the masks are computed while the device runs it. The matchers cannot move in
+    between: they advance only with tokens of steps already sampled, and a constrained request's last
+    token is known before it is scheduled again."""
+
+    def __init__(self, outputs: StructuredOutputs, request_ids: list[str]) -> None:
+        self._outputs = outputs
+        self._request_ids = request_ids
+        self._bitmask: GrammarBitmask | None = None
+        self._resolved = False
+
+    def resolve(self) -> GrammarBitmask | None:
+        if not self._resolved:
+            self._bitmask = self._outputs.fill_bitmask(self._request_ids)
+            self._resolved = True
+        return self._bitmask
 
 
 class StructuredOutputs:
@@ -209,6 +225,9 @@ class StructuredOutputs:
         self._pending: dict[str, _Pending] = {}
         self._matchers: dict[str, Any] = {}
         self._executor: Any = None
+        # Requests whose matcher erred (a parser limit hit computing a mask, a refused token): their output
+        # no longer follows the constraint; the engine fails them (`take_errors`).
+        self._errors: dict[str, str] = {}
 
     def add(self, request_id: str, params: StructuredOutputsParams) -> None:
         self._pending[request_id] = _Pending(self.compiler.submit(params), time.monotonic())
@@ -251,6 +270,16 @@ class StructuredOutputs:
     def has_matcher(self, request_id: str) -> bool:
         return request_id in self._matchers
 
+    def pending_bitmask(self, request_ids: Sequence[str]) -> PendingBitmask | None:
+        """The bitmask of the constrained requests among `request_ids` (those sampling in a step), to be
+        filled when the sampler needs it; None when none of them is constrained."""
+        constrained = [rid for rid in request_ids if rid in self._matchers]
+        return PendingBitmask(self, constrained) if constrained else None
+
+    def take_errors(self) -> dict[str, str]:
+        errors, self._errors = self._errors, {}
+        return errors
+
     def fill_bitmask(self, request_ids: Sequence[str]) -> GrammarBitmask | None:
         """One bitmask for the constrained requests among `request_ids` (those sampling this step), filled
         by llguidance (in parallel for larger batches); None when none is constrained."""
@@ -268,25 +297,23 @@ class StructuredOutputs:
             self._executor.unsafe_compute_mask_ptr(
                 [(m, i) for i, (m, _) in enumerate(rows)], bits.ctypes.data, words * 4, len(rows)
             )
-        errors: dict[str, str] = {}
         for i, (matcher, rid) in enumerate(rows):
-            if matcher.is_error():
-                errors[rid] = matcher.get_error()
+            if matcher.is_error():  # its row allows everything this step; the engine fails it next
+                self._errors[rid] = matcher.get_error()
                 bits[i] = -1
                 del self._matchers[rid]
-        return GrammarBitmask([rid for _, rid in rows], bits, errors)
+        return GrammarBitmask([rid for _, rid in rows], bits)
 
-    def accept(self, request_id: str, token_id: int) -> str | None:
-        """Advance a request's matcher by its sampled token; the grammar engine's message if it refused
-        it (the matcher is in error and dropped: its request's output no longer follows the constraint,
-        and the engine fails it)."""
+    def accept(self, request_id: str, token_id: int) -> None:
+        """Advance a request's matcher by its sampled token. A refused token puts the request among the
+        errors (`take_errors`) and drops its matcher."""
         matcher = self._matchers.get(request_id)
         if matcher is None or matcher.consume_token(token_id):
-            return None
+            return
         error = matcher.get_error() or f"token {token_id} is not allowed"
         logger.warning("request %s: its output constraint refused token %d: %s", request_id, token_id, error)
         del self._matchers[request_id]
-        return error
+        self._errors[request_id] = error
 
     def remove(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)

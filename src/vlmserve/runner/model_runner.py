@@ -463,6 +463,9 @@ class ModelRunner:
     def _sample(self, logits: torch.Tensor, reqs: list[Request], grammar_bitmask: Any = None) -> StepOutput:
         token_bitmask = None
         if grammar_bitmask is not None:
+            # Filled now, on the host, while the device runs the forward queued above.
+            grammar_bitmask = grammar_bitmask.resolve()
+        if grammar_bitmask is not None:
             # The engine fills the masks in sampling order; map by id all the same.
             mask_row = {rid: i for i, rid in enumerate(grammar_bitmask.request_ids)}
             rows = [j for j, r in enumerate(reqs) if r.request_id in mask_row]
