@@ -130,7 +130,7 @@ class GrammarCompiler:
     """Compiles grammars on a small thread pool (never on the step loop) and caches them by hash.
 
     A compiled grammar is a fresh matcher; each request gets its own copy. The tokenizer is built on the
-    pool as well (about a second for a 150k-token vocabulary), the first time a grammar is needed.
+    pool as well (seconds for a 150k-token vocabulary), as soon as the compiler exists.
     """
 
     def __init__(
@@ -147,6 +147,8 @@ class GrammarCompiler:
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.vocab_size = vocab_size
+        # Built ahead, off the step loop: the first constrained request then waits only for its grammar.
+        self._pool.submit(lambda: self.tokenizer)
 
     @property
     def tokenizer(self) -> Any:
