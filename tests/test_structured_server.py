@@ -419,7 +419,10 @@ def test_tools_template_renders_hermes_blocks_and_matches_the_vl_template_withou
         {"role": "tool", "tool_call_id": "c1", "content": "12:00"},
         {"role": "tool", "tool_call_id": "c2", "content": "13:00"},
     ]
-    text = processor.apply_chat_template(conversation, tools=[TIME])
+    # apply_chat_template stays HF's rendering (the released template drops tools); the server renders
+    # conversations with tools through apply_tool_chat_template.
+    assert "<tools>" not in processor.apply_chat_template(conversation, tools=[TIME])
+    text = processor.apply_tool_chat_template(conversation, tools=[TIME])
     assert text.startswith("<|im_start|>system\nYou are a helpful assistant.\n\n# Tools\n\n")
     assert "<tools>\n" + json.dumps(TIME, ensure_ascii=False) + "\n</tools>" in text
     assert (

@@ -49,7 +49,7 @@ from vlmserve.engine.scheduler import QueueFullError
 from vlmserve.engine.structured import StructuredOutputError, check_structured_outputs
 from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
-from vlmserve.models.processor import Qwen2_5_VLProcessor, check_aspect_ratio
+from vlmserve.models.processor import Qwen2_5_VLProcessor, check_aspect_ratio, uses_tools
 
 logger = logging.getLogger(__name__)
 
@@ -228,9 +228,14 @@ class ModelServer:
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any],
     ) -> Any:
-        prompt = self.processor.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, **template_kwargs
-        )
+        if uses_tools(messages, template_kwargs.get("tools")):
+            prompt = self.processor.apply_tool_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
+        else:
+            prompt = self.processor.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
         return self.processor.process(prompt, images, min_pixels=min_pixels, max_pixels=max_pixels)
 
     def _pixel_bounds(self, body: ChatCompletionRequest) -> tuple[int | None, int | None]:

@@ -248,8 +248,10 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
-def _has_tool_messages(messages: Sequence[Mapping[str, Any]]) -> bool:
-    return any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+def uses_tools(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None) -> bool:
+    """Whether a conversation needs a template that renders tools: tool definitions, an assistant turn with
+    tool_calls, or a tool result."""
+    return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
 
 
 def compile_chat_template(source: str) -> jinja2.Template:
@@ -582,10 +584,38 @@ class Qwen2_5_VLProcessor:
             raise ValueError(
                 "Cannot apply the chat template to an empty conversation; pass at least one message."
             )
-        template_kwargs = {**self._special_tokens, **_plain(kwargs)}
+        return self._render(self._chat_template, messages, add_generation_prompt, tools, documents, kwargs)
+
+    def apply_tool_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """As `apply_chat_template`, for a conversation that uses tools (definitions, assistant tool_calls,
+        tool results): the checkpoint's template when it renders tools, else the Hermes-style template of
+        models/tool_template.py. HF would render with the checkpoint's template and drop the tools silently
+        (Qwen2.5-VL's released template ignores them); the server uses this one when a request has tools."""
+        if not messages:
+            raise ValueError(
+                "Cannot apply the chat template to an empty conversation; pass at least one message."
+            )
         template = self._chat_template
-        if (tools or _has_tool_messages(messages)) and not template_handles_tools(self._chat_template_source):
+        if not template_handles_tools(self._chat_template_source):
             template = self._tools_template()
+        return self._render(template, messages, add_generation_prompt, tools, None, kwargs)
+
+    def _render(
+        self,
+        template: jinja2.Template,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None,
+        documents: list[dict[str, Any]] | None,
+        kwargs: dict[str, Any],
+    ) -> str:
+        template_kwargs = {**self._special_tokens, **_plain(kwargs)}
         return template.render(
             messages=_normalize_messages(messages),
             tools=_plain(tools),
