@@ -89,6 +89,7 @@ def test_json_schema_outputs_validate(llm: LLM, temperature: float) -> None:
             # logprobs are reported for every token, and the sampled token was allowed (finite)
             assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
             assert all(np.isfinite(lp.logprob) for lp in c.logprobs)
+    assert llm.engine.structured.num_tracked == 0  # every matcher released with its request
 
 
 def test_json_object_regex_choice_and_grammar(llm: LLM) -> None:
@@ -229,6 +230,7 @@ def test_engine_survives_a_constraint_that_fails_to_compile(llm: LLM) -> None:
         for d in engine.step():
             if d.finished:
                 finished[d.request_id] = d
+    assert engine.structured.num_tracked == 0
     assert finished["bad"].finish_reason == "error" and "regex" in (finished["bad"].error or "")
     assert finished["good"].finish_reason == "length"
 
@@ -333,7 +335,23 @@ def test_a_matcher_in_error_fails_only_its_request(llm: LLM) -> None:
         for d in engine.step():
             if d.finished:
                 finished[d.request_id] = d
+    assert engine.structured.num_tracked == 0
     assert finished["erring"].finish_reason == "error" and "constraint failed" in (
         finished["erring"].error or ""
     )
     assert finished["fine"].finish_reason == "length"
+
+
+def test_aborts_release_matchers_and_compiles(llm: LLM) -> None:
+    engine = llm.engine
+    params = SamplingParams(n=2, max_tokens=50, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    engine.add_request(llm.make_request("a", [], params, "compiling"))
+    engine.abort("compiling")  # before any step: its compile is dropped
+    engine.add_request(llm.make_request("b", [], params, "running"))
+    for _ in range(4):
+        engine.step()
+    assert engine.structured.num_tracked == 2  # the two choices of "running"
+    engine.abort("running")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.structured.num_tracked == 0

@@ -187,6 +187,7 @@ class EngineCore:
         for rid in self._children.pop(request_id, []):
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
             self._choices.pop(rid, None)
+            self.structured.remove(rid)
 
     def is_request_done(self, request_id: str) -> bool:
         return request_id not in self._children
@@ -333,6 +334,7 @@ class EngineCore:
         if finished:
             reason = req.status.finish_reason or "stop"
             self._choices.pop(req.request_id, None)
+            self.structured.remove(req.request_id)
             siblings = self._children.get(choice.request_id, [])
             if all(s not in self._choices for s in siblings):
                 self._children.pop(choice.request_id, None)
@@ -371,6 +373,7 @@ class EngineCore:
         for rid in rids:
             choice = self._choices.pop(rid)
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR)
+            self.structured.remove(rid)
             siblings = self._children.get(choice.request_id, [])
             if all(s not in self._choices for s in siblings):
                 self._children.pop(choice.request_id, None)

@@ -260,6 +260,11 @@ class StructuredOutputs:
         return ready, failed
 
     @property
+    def num_tracked(self) -> int:
+        """Requests with a matcher or a compile in progress (0 when none is in flight: else a leak)."""
+        return len(self._matchers) + len(self._pending)
+
+    @property
     def has_pending(self) -> bool:
         return bool(self._pending)
 
