@@ -3,7 +3,7 @@ must satisfy its constraint whatever the model would have said.
 
 JSON schemas (nested objects, arrays, enums, bounded numbers, required fields) validated with the `jsonschema`
 package over several seeds and temperatures, with n > 1, logprobs, the asynchronous loop and prefix caching;
-regex and choice outputs matched exactly; a Lark grammar's output parsed by the grammar; max_tokens that cuts
+regex and choice outputs matched exactly; a Lark grammar's output parsed by the grammar; stop strings; max_tokens that cuts
 a structure finishes with "length"; a grammar still compiling does not hold up other requests; the batched
 mask application against a one-row-at-a-time reference.
 """
@@ -355,3 +355,17 @@ def test_aborts_release_matchers_and_compiles(llm: LLM) -> None:
     while engine.has_unfinished_requests():
         engine.step()
     assert engine.structured.num_tracked == 0
+
+
+def test_stop_strings_end_a_constrained_output(llm: LLM) -> None:
+    params = SamplingParams(
+        temperature=1.0,
+        seed=5,
+        max_tokens=60,
+        stop=[";"],
+        structured_outputs=StructuredOutputsParams(regex=r"[a-z]{3};[a-z]{3};[a-z]{3}"),
+    )
+    out = llm.generate(["List."], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == ";"
+    assert re.fullmatch(r"[a-z]{3}", out.text), out.text
+    assert llm.engine.structured.num_tracked == 0
