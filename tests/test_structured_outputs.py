@@ -3,9 +3,10 @@ must satisfy its constraint whatever the model would have said.
 
 JSON schemas (nested objects, arrays, enums, bounded numbers, required fields) validated with the `jsonschema`
 package over several seeds and temperatures, with n > 1, logprobs, the asynchronous loop and prefix caching;
-regex and choice outputs matched exactly; a Lark grammar's output parsed by the grammar; stop strings; max_tokens that cuts
-a structure finishes with "length"; a grammar still compiling does not hold up other requests; the batched
-mask application against a one-row-at-a-time reference.
+regex and choice outputs matched exactly; a Lark grammar's output parsed by the grammar; stop strings;
+max_tokens that cuts a structure finishes with "length"; a grammar still compiling does not hold up other
+requests; matcher errors, compile failures and aborts; the batched mask application against a
+one-row-at-a-time reference, and on CUDA against the CPU.
 """
 
 from __future__ import annotations
