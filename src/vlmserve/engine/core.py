@@ -13,9 +13,10 @@ one extra row computed and dropped. Requests whose sampling needs their full his
 an output grammar) make the loop wait for N before scheduling N+1.
 
 Structured outputs (engine/structured.py): a constrained request is not ready to schedule until its grammar
-compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled after
-scheduling (their previous tokens are known then, by the rule above), and each accepted token advances the
-request's matcher.
+compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled when the
+sampler asks for it (their previous tokens are known by then, by the rule above; on a GPU the fill runs while
+the step's forward does), and each accepted token advances the request's matcher. A matcher that errs fails
+its request at the next step's start.
 
 Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It runs on the
 engine thread (see async_engine.py); it never touches asyncio or HTTP.

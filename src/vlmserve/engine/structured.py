@@ -6,8 +6,8 @@ a bad constraint with a 400 naming the field); compiling grammars off the step l
 cached by the grammar's hash and bounded in size and compile time (`GrammarCompiler`); and the per-request
 matchers of the engine (`StructuredOutputs`): a request whose grammar is compiling is not ready to schedule
 (others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`pending_bitmask`,
-filled when the sampler asks for it, after the step's forward is queued),
-and each accepted token advances its request's matcher (`accept`).
+filled when the sampler asks for it, after the step's forward is queued), and each accepted token advances
+its request's matcher (`accept`).
 
 Why llguidance (over xgrammar): no Python dependencies, one abi3 wheel, 20x faster compiles of large schemas
 and masks of the same order; figures in benchmarks/RESULTS.md.
@@ -233,9 +233,6 @@ class StructuredOutputs:
 
     def add(self, request_id: str, params: StructuredOutputsParams) -> None:
         self._pending[request_id] = _Pending(self.compiler.submit(params), time.monotonic())
-
-    def is_ready(self, request_id: str) -> bool:
-        return request_id not in self._pending
 
     def poll(self) -> tuple[list[str], dict[str, str]]:
         """Collect finished compiles: (request ids now ready, {request id: error} for those that failed or
