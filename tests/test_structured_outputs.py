@@ -370,3 +370,18 @@ def test_stop_strings_end_a_constrained_output(llm: LLM) -> None:
     assert out.finish_reason == "stop" and out.stop_reason == ";"
     assert re.fullmatch(r"[a-z]{3}", out.text), out.text
     assert llm.engine.structured.num_tracked == 0
+
+
+def test_masks_cover_a_logits_width_past_the_tokenizer(tiny_checkpoint: Path) -> None:
+    """Released checkpoints pad the LM head past the tokenizer (Qwen2.5-VL: 152064 logits, 151665 tokens):
+    the masks span every logit, and the padding ids are never allowed."""
+    from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
+
+    tokenizer_json = (tiny_checkpoint / "tokenizer.json").read_text()
+    size = len(json.loads(tokenizer_json)["model"]["vocab"]) + 14  # + the special tokens
+    outputs = StructuredOutputs(GrammarCompiler(tokenizer_json, size + 100, [size - 12]))
+    outputs._matchers["r"] = outputs.compiler.compile(StructuredOutputsParams(regex="[a-z ]+"))
+    bitmask = outputs.fill_bitmask(["r"])
+    assert bitmask is not None and bitmask.bits.shape == (1, (size + 100 + 31) // 32)
+    allowed = np.unpackbits(bitmask.bits.view(np.uint8), bitorder="little")
+    assert allowed[:size].sum() > 0 and allowed[size:].sum() == 0
