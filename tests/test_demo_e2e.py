@@ -11,17 +11,20 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import json
 import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
 from tests.conftest import serve_directory, start_vlmserve, stop_process
 from tests.test_demo_model import DemoCase, generated_case, score
+from vlmserve.training import data
 
 # (width, height): kept, rounded to multiples of 28, upscaled to min_pixels, downscaled to max_pixels.
 SIZES: tuple[tuple[int, int], ...] = (
@@ -157,3 +160,56 @@ def test_streamed_answer_equals_the_whole_one(base_url: str) -> None:
     assert "".join(pieces) == whole.choices[0].message.content
     assert whole.choices[0].finish_reason == "stop"  # the answer ends with <|im_end|>, not the token cap
     assert case.is_right(whole.choices[0].message.content or "")  # a description names the colour
+
+
+async def test_structured_answers_about_generated_images(base_url: str) -> None:
+    """Output constraints on the demo model, through the openai client.
+
+    A {"shape": enum, "colour": enum} JSON schema always gives JSON that validates. Its values are what the
+    model makes of a JSON prefix it never saw in training (it learned prose answers only), so they are not
+    checked here. A choice of the model's own answer phrasing ("Red." ...) must leave its right answers
+    intact: the mask removes other tokens, never the one the model picks.
+    """
+    schema = {
+        "type": "object",
+        "properties": {"shape": {"enum": list(data.SHAPES)}, "colour": {"enum": list(data.COLOURS)}},
+        "required": ["shape", "colour"],
+        "additionalProperties": False,
+    }
+    cases = [generated_case(800 + i, "colour", size=(224, 224)) for i in range(8)]
+    client = openai.AsyncOpenAI(base_url=f"{base_url}/v1", api_key="FAKE_KEY", max_retries=0)
+
+    def content(case: DemoCase) -> Any:
+        url = "data:image/png;base64," + base64.b64encode(case.png_bytes()).decode()
+        return [{"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": case.question}]
+
+    async def as_json(case: DemoCase) -> str:
+        r = await client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": content(case)}],
+            max_tokens=40,
+            temperature=0,
+            response_format={"type": "json_schema", "json_schema": {"name": "scene", "schema": schema}},
+        )
+        assert r.choices[0].finish_reason == "stop"
+        return r.choices[0].message.content or ""
+
+    async def as_choice(case: DemoCase) -> str:
+        r = await client.chat.completions.create(
+            model="demo",
+            messages=[{"role": "user", "content": content(case)}],
+            max_tokens=8,
+            temperature=0,
+            extra_body={"structured_outputs": {"choice": [f"{c.capitalize()}." for c in data.COLOURS]}},
+        )
+        return r.choices[0].message.content or ""
+
+    try:
+        documents = await asyncio.gather(*(as_json(c) for c in cases))
+        choices = await asyncio.gather(*(as_choice(c) for c in cases))
+    finally:
+        await client.close()
+    for document in documents:
+        jsonschema.validate(json.loads(document), schema)
+    right, wrong = score(cases, list(choices))
+    assert right >= len(cases) - 1, wrong

@@ -402,8 +402,84 @@ async def test_body_that_is_not_a_json_object_is_400(
         ({"top_logprobs": 2}, "top_logprobs"),
         ({"stop": [""]}, "stop"),
         ({"mm_processor_kwargs": {"max_pixels": 10**9}}, "mm_processor_kwargs.max_pixels"),
-        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-        ({"response_format": {"type": "json_object"}}, "response_format"),
+        # Output constraints and tools: a bad one is named (test_structured_server.py has the good ones).
+        ({"tools": [{"type": "function", "function": {"name": "f"}}]}, "tool_choice"),  # auto needs the flag
+        ({"tool_choice": "required"}, "tool_choice"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": {"name": "g"}},
+            },
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "wat"}}}],
+                "tool_choice": "required",
+            },
+            "tools[0].function.parameters",
+        ),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "x", "schema": {"type": "wat"}},
+                }
+            },
+            "response_format.json_schema.schema",
+        ),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+            "response_format.json_schema.schema",
+        ),
+        ({"response_format": {"type": "xml"}}, "response_format"),
+        ({"structured_outputs": {"regex": "[a-z"}}, "structured_outputs.regex"),
+        ({"structured_outputs": {"grammar": "start: foo\nfoo: 'a' | "}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"choice": []}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"regex": "a", "choice": ["a"]}}, "structured_outputs"),
+        ({"guided_json": {"type": "integer", "minimum": 3, "maximum": 1}}, "guided_json"),
+        ({"guided_json": {"type": "string", "format": "uri-reference"}}, "guided_json"),
+        ({"guided_regex": "(a"}, "guided_regex"),
+        ({"guided_json": {"type": "string", "maxLength": 5, "description": "x" * 300_000}}, "guided_json"),
+        ({"guided_regex": "a", "response_format": {"type": "json_object"}}, "guided_regex"),
+        ({"structured_outputs": {"grammar": 5}}, "structured_outputs.grammar"),
+        ({"structured_outputs": {"choice": "abc"}}, "structured_outputs.choice"),
+        ({"structured_outputs": {"json": 5}}, "structured_outputs.json"),
+        ({"structured_outputs": {"nothing": 1}}, "structured_outputs"),
+        ({"structured_outputs": {"structural_tag": {"x": 1}}}, "structured_outputs.structural_tag"),
+        ({"guided_json": "{not json"}, "guided_json"),
+        ({"response_format": "json_object"}, "response_format"),
+        (
+            {"response_format": {"type": "json_schema", "json_schema": "x"}},
+            "response_format.json_schema.schema",
+        ),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f"}}],
+                "tool_choice": {"type": "function", "function": "f"},
+            },
+            "tool_choice",
+        ),
+        (
+            {"tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": "sometimes"},
+            "tool_choice",
+        ),
+        (
+            {
+                "tools": [
+                    {
+                        "type": "function",
+                        "function": {
+                            "name": f"f{i}",
+                            "parameters": {"type": "object", "description": "x" * 3000},
+                        },
+                    }
+                    for i in range(100)
+                ],
+                "tool_choice": "required",
+            },
+            "tools",
+        ),
         ({"logit_bias": {"5": 1.0}}, "logit_bias"),
     ],
 )
@@ -424,6 +500,14 @@ async def test_bad_values_are_400_naming_the_parameter(
         ({"prompt": "hi", "suffix": "x"}, "suffix"),
         ({"prompt": "a <|image_pad|> b"}, "prompt"),
         ({"prompt": "hi", "max_tokens": 5000}, "max_tokens"),
+        ({"prompt": "hi", "guided_grammar": "start: ("}, "guided_grammar"),
+        (
+            {
+                "prompt": "hi",
+                "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": 3}}},
+            },
+            "response_format.json_schema.schema",
+        ),
     ],
 )
 async def test_completions_bad_values_are_400(

@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 _EXPORTS = {
     "LLM": "vlmserve.llm",
     "SamplingParams": "vlmserve.engine.sampling_params",
+    "StructuredOutputsParams": "vlmserve.engine.sampling_params",
     "EngineArgs": "vlmserve.config",
     "LLMConfig": "vlmserve.deploy.config",
     "build_openai_app": "vlmserve.deploy.builder",

@@ -74,6 +74,13 @@ class EngineArgs(BaseModel):
         "reports the engine stalled (503) and the log names what it waits on",
     )
     trust_remote_code: bool = Field(False, description="accepted for vLLM compatibility; never needed")
+    enable_auto_tool_choice: bool = Field(
+        False,
+        description='parse tool calls out of the output for tool_choice "auto" (needs tool_call_parser)',
+    )
+    tool_call_parser: Literal["hermes"] | None = Field(
+        None, description="how tool calls are written in the output: hermes (Qwen2.5's <tool_call> blocks)"
+    )
 
     @field_validator("limit_mm_per_prompt", "mm_processor_kwargs", mode="before")
     @classmethod
@@ -112,6 +119,8 @@ class EngineArgs(BaseModel):
             raise ValueError(
                 f"mm_processor_kwargs.min_pixels ({mp['min_pixels']}) exceeds max_pixels ({mp['max_pixels']})"
             )
+        if self.enable_auto_tool_choice and self.tool_call_parser is None:
+            raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes for Qwen2.5-VL)")
         return self
 
 
@@ -142,4 +151,6 @@ class EngineConfig:
     enforce_eager: bool = False
     async_scheduling: bool = False
     engine_process: bool = False  # how a server runs it (ModelServer.from_config); LLM always runs in-process
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
     engine_stall_timeout_s: float = 60.0

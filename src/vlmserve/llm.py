@@ -78,6 +78,8 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         enforce_eager=args.enforce_eager,
         async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
         engine_process=args.engine_process,
+        enable_auto_tool_choice=args.enable_auto_tool_choice,
+        tool_call_parser=args.tool_call_parser,
         engine_stall_timeout_s=args.engine_stall_timeout_s,
     )
 

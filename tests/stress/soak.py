@@ -157,6 +157,8 @@ def engine_leaks(server: ModelServer) -> list[str]:
         found.append(f"{len(engine._sinks)} delta sinks left in the async engine")
     if core._choices or core._children:
         found.append(f"{len(core._choices)} choices / {len(core._children)} requests left in the core")
+    if core.structured.num_tracked:
+        found.append(f"{core.structured.num_tracked} grammar matchers / compiles left in the core")
     try:
         core.scheduler.kv.assert_no_leaks()
     except AssertionError as e:

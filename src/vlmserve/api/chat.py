@@ -33,6 +33,7 @@ from vlmserve.api.protocol import (
 )
 from vlmserve.api.serving import DeltaStream, ModelServer, new_request_id
 from vlmserve.api.streaming import DONE, Collected, SSEResponse, sse
+from vlmserve.api.tools import ToolCallStream, ToolPlan, finish_reason, output_plan, parse_tool_calls
 
 
 async def create_chat_completion(
@@ -42,9 +43,10 @@ async def create_chat_completion(
     request_id = new_request_id("chatcmpl", body.request_id or client_request_id)
     engine_request = await server.prepare_chat(body, request_id)
     deltas = await server.start(engine_request)
+    plan = output_plan(body)
     if body.stream:
-        return SSEResponse(_stream(server, body, request_id, deltas, tracker), streams=[deltas])
-    return await _complete(server, body, request_id, deltas, tracker)
+        return SSEResponse(_stream(server, body, request_id, deltas, tracker, plan), streams=[deltas])
+    return await _complete(server, body, request_id, deltas, tracker, plan)
 
 
 def _top_k(body: ChatCompletionRequest) -> int:
@@ -57,6 +59,7 @@ async def _complete(
     request_id: str,
     deltas: DeltaStream,
     tracker: RequestTracker,
+    plan: ToolPlan,
 ) -> Response:
     collected = Collected()
     try:
@@ -74,12 +77,16 @@ async def _complete(
         logprobs = None
         if body.logprobs:
             logprobs = ChatLogprobs(content=chat_logprobs(c.logprobs, server.token_texts, _top_k(body)))
+        content: str | None = c.text
+        calls = []
+        if plan.parse:
+            content, calls = parse_tool_calls(c.text, plan.parallel)
         choices.append(
             ChatChoice(
                 index=index,
-                message=ChatResponseMessage(content=c.text),
+                message=ChatResponseMessage(content=content, tool_calls=calls),
                 logprobs=logprobs,
-                finish_reason=c.finish_reason,
+                finish_reason=finish_reason(c.finish_reason, plan, bool(calls)),
                 stop_reason=c.stop_reason,
             )
         )
@@ -104,8 +111,10 @@ async def _stream(
     request_id: str,
     deltas: DeltaStream,
     tracker: RequestTracker,
+    plan: ToolPlan,
 ) -> AsyncGenerator[str, None]:
     created = int(time.time())
+    parsers = [ToolCallStream(parallel=plan.parallel) for _ in range(body.n)] if plan.parse else None
     include_usage = body.include_usage
     output_tokens = [0] * body.n
     prompt_tokens = cached_tokens = image_tokens = cached_image_tokens = 0
@@ -141,7 +150,8 @@ async def _stream(
             if delta.index == 0 and delta.num_prompt_tokens:
                 prompt_tokens, cached_tokens = delta.num_prompt_tokens, delta.num_cached_tokens
                 image_tokens, cached_image_tokens = delta.num_image_tokens, delta.num_cached_image_tokens
-            if not delta.finished and not continuous_usage and not (body.logprobs and delta.logprobs):
+            fast = not delta.finished and not continuous_usage and not (body.logprobs and delta.logprobs)
+            if fast and parsers is None:  # tool calls are read from the text: not on the fast path
                 yield sse(content.json(delta.index, delta.text))  # the common case, per token
                 continue
             logprobs = None
@@ -149,11 +159,22 @@ async def _stream(
                 logprobs = ChatLogprobs(
                     content=chat_logprobs(delta.logprobs, server.token_texts, _top_k(body))
                 )
+            text: str | None = delta.text
+            tool_calls = None
+            reason = delta.finish_reason
+            if parsers is not None:
+                parser = parsers[delta.index]
+                text, calls = parser.feed(delta.text, final=delta.finished)
+                tool_calls = calls or None
+                reason = finish_reason(reason, plan, parser.called)
             choice = ChatStreamChoice(
                 index=delta.index,
-                delta=DeltaMessage(content=delta.text if delta.text or not delta.finished else None),
+                delta=DeltaMessage(
+                    content=text if text or (not delta.finished and tool_calls is None) else None,
+                    tool_calls=tool_calls,
+                ),
                 logprobs=logprobs,
-                finish_reason=delta.finish_reason,
+                finish_reason=reason,
                 stop_reason=delta.stop_reason,
             )
             usage = None

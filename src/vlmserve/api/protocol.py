@@ -93,12 +93,36 @@ class ContentPart(RequestModel):
         return self.image_url.url if isinstance(self.image_url, ImageURL) else str(self.image_url)
 
 
+class FunctionCall(BaseModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends and expects it
+
+
+class ToolCall(BaseModel):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
+class FunctionDefinition(RequestModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON Schema object
+    strict: bool | None = None
+
+
+class ChatTool(RequestModel):
+    type: Literal["function"] = "function"
+    function: FunctionDefinition
+
+
 class ChatMessage(RequestModel):
     # "developer" is OpenAI's newer name for the system role; "tool" carries a tool result back.
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
     tool_call_id: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant turn that called tools
 
     @model_validator(mode="after")
     def _content_required(self) -> ChatMessage:
@@ -136,6 +160,15 @@ class SamplingFields(RequestModel):
     skip_special_tokens: bool = True
     stop_token_ids: list[int] | None = None
     include_stop_str_in_output: bool = False
+    # Structured outputs: OpenAI's response_format, vLLM's structured_outputs and its older guided_* fields.
+    # Parsed and checked by serving.py (which names the field of a bad constraint).
+    response_format: Any = None
+    structured_outputs: dict[str, Any] | None = None
+    guided_json: Any = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
+    guided_decoding_backend: str | None = None
     request_id: str | None = Field(None, max_length=256, description="vLLM: a caller-chosen request id")
 
     @property
@@ -153,10 +186,9 @@ class ChatCompletionRequest(SamplingFields):
     max_completion_tokens: int | None = None
     logprobs: bool = False
     top_logprobs: int | None = None
-    # Tools and structured output are not implemented: serving.py refuses them instead of ignoring them.
-    tools: list[Any] | None = None
-    tool_choice: Any = None
-    response_format: Any = None
+    tools: list[ChatTool] | None = None
+    tool_choice: Any = None  # "none" | "auto" | "required" | {"type": "function", "function": {"name": ...}}
+    parallel_tool_calls: bool | None = None
     # vLLM extensions
     mm_processor_kwargs: MMProcessorKwargs | None = None
     add_generation_prompt: bool = True
@@ -270,6 +302,7 @@ class ChatResponseMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
     refusal: str | None = None
+    tool_calls: list[ToolCall] = Field(default_factory=list)
 
 
 class ChatChoice(BaseModel):
@@ -290,9 +323,22 @@ class ChatCompletionResponse(BaseModel):
     system_fingerprint: str | None = None
 
 
+class DeltaFunctionCall(BaseModel):
+    name: str | None = None
+    arguments: str | None = None
+
+
+class DeltaToolCall(BaseModel):
+    index: int
+    id: str | None = None
+    type: Literal["function"] | None = None
+    function: DeltaFunctionCall | None = None
+
+
 class DeltaMessage(BaseModel):
     role: Literal["assistant"] | None = None
     content: str | None = None
+    tool_calls: list[DeltaToolCall] | None = None
 
 
 class ChatStreamChoice(BaseModel):
@@ -362,6 +408,12 @@ def chunk_json(chunk: ChatCompletionChunk | CompletionResponse, *, include_usage
     if isinstance(chunk, ChatCompletionChunk):
         for choice in data["choices"]:
             choice["delta"] = {k: v for k, v in choice["delta"].items() if v is not None}
+            for call in choice["delta"].get("tool_calls", ()):
+                # Tool call deltas carry only what they add (OpenAI: id/type/name once, then arguments).
+                for key in [k for k, v in call.items() if v is None]:
+                    del call[key]
+                if call.get("function") is not None:
+                    call["function"] = {k: v for k, v in call["function"].items() if v is not None}
     if not include_usage:
         data.pop("usage", None)
     return _dumps(data)

@@ -17,6 +17,7 @@ Does not know: HTTP (FastAPI objects), response shapes, SSE, metrics.
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import time
 import uuid
@@ -39,6 +40,7 @@ from vlmserve.api.protocol import (
     TokenizeRequest,
     TokenizeResponse,
 )
+from vlmserve.api.tools import ToolPlan, plan_tools
 from vlmserve.config import EngineArgs, EngineConfig
 from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from vlmserve.engine.client import EngineClient, EngineHealth
@@ -46,11 +48,12 @@ from vlmserve.engine.core import EngineCore
 from vlmserve.engine.engine_process import EngineProcess
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
-from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams
+from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from vlmserve.engine.scheduler import QueueFullError
+from vlmserve.engine.structured import StructuredOutputError, check_structured_outputs
 from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
-from vlmserve.models.processor import ProcessedPrompt, Qwen2_5_VLProcessor, check_aspect_ratio
+from vlmserve.models.processor import ProcessedPrompt, Qwen2_5_VLProcessor, check_aspect_ratio, uses_tools
 
 logger = logging.getLogger(__name__)
 
@@ -108,6 +111,8 @@ class ModelServer:
                 f"(the checkpoint's unless set); set both so that min_pixels <= max_pixels"
             )
         self.image_limit: int | None = config.limit_mm_per_prompt.get("image")
+        self.enable_auto_tool_choice = config.enable_auto_tool_choice
+        self.tool_call_parser = config.tool_call_parser
 
     @classmethod
     def from_engine_args(cls, args: EngineArgs, media_config: MediaConfig | None = None) -> ModelServer:
@@ -155,6 +160,13 @@ class ModelServer:
 
     async def prepare_chat(self, body: ChatCompletionRequest, request_id: str) -> EngineRequest:
         _refuse_unsupported_chat(body)
+        plan = await asyncio.to_thread(
+            plan_tools,
+            body,
+            enable_auto_tool_choice=self.enable_auto_tool_choice,
+            tool_call_parser=self.tool_call_parser,
+        )
+        structured = await _structured_outputs(body, plan)
         processed = await self.process_chat(body)
         num_prompt = len(processed.token_ids)
         self._check_prompt_length(num_prompt, "messages")
@@ -174,6 +186,7 @@ class ModelServer:
             max_tokens_default=None,
             logprobs=logprobs,
             rename=_CHAT_PARAM,
+            structured=structured,
         )
         return EngineRequest(
             request_id,
@@ -208,6 +221,8 @@ class ModelServer:
                 raise InvalidRequestError(str(e), param=ref.param, code="invalid_image") from e
         messages = _hf_messages(body.messages)
         template_kwargs = dict(body.chat_template_kwargs or {})
+        if body.tools:
+            template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
         try:
             return await asyncio.to_thread(
                 self._render_and_process,
@@ -234,9 +249,14 @@ class ModelServer:
         add_generation_prompt: bool,
         template_kwargs: dict[str, Any],
     ) -> ProcessedPrompt:
-        prompt = self.processor.apply_chat_template(
-            messages, add_generation_prompt=add_generation_prompt, **template_kwargs
-        )
+        if uses_tools(messages, template_kwargs.get("tools")):
+            prompt = self.processor.apply_tool_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
+        else:
+            prompt = self.processor.apply_chat_template(
+                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
+            )
         return self.processor.process(
             prompt, images, min_pixels=min_pixels, max_pixels=max_pixels, image_pixels=image_pixels
         )
@@ -298,6 +318,7 @@ class ModelServer:
     async def prepare_completions(self, body: CompletionRequest, request_id: str) -> list[EngineRequest]:
         """One engine request per prompt of the batch, with ids f"{request_id}-{i}"."""
         _refuse_unsupported_completion(body)
+        structured = await _structured_outputs(body, ToolPlan())
         prompts = _prompt_list(body.prompt)
         if len(prompts) > MAX_PROMPTS:
             raise InvalidRequestError(
@@ -331,6 +352,7 @@ class ModelServer:
                 max_tokens_default=None if explicit else 16,
                 logprobs=body.logprobs,
                 rename={},
+                structured=structured,
             )
             rid = request_id if len(prompts) == 1 else f"{request_id}-{i}"
             requests.append(
@@ -418,6 +440,7 @@ class ModelServer:
         max_tokens_default: int | None,
         logprobs: int | None,
         rename: dict[str, str],
+        structured: StructuredOutputsParams | None = None,
     ) -> SamplingParams:
         room = self.config.max_model_len - num_prompt
         if max_tokens is None:
@@ -463,6 +486,7 @@ class ModelServer:
                 include_stop_str_in_output=body.include_stop_str_in_output,
                 logprobs=logprobs,
                 skip_special_tokens=body.skip_special_tokens,
+                structured_outputs=structured,
             )
         except ValueError as e:
             # SamplingParams' messages start with the field's name: that is the parameter to fix.
@@ -572,6 +596,19 @@ def _hf_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
             converted["name"] = message.name
         if message.tool_call_id is not None:
             converted["tool_call_id"] = message.tool_call_id
+        if message.tool_calls:
+            # Chat templates write arguments with `| tojson`: they expect a mapping, not OpenAI's JSON text.
+            converted["tool_calls"] = [
+                {
+                    "id": call.id,
+                    "type": call.type,
+                    "function": {
+                        "name": call.function.name,
+                        "arguments": _arguments(call.function.arguments),
+                    },
+                }
+                for call in message.tool_calls
+            ]
         out.append(converted)
     return out
 
@@ -588,21 +625,105 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     return list(prompt)  # type: ignore[arg-type]
 
 
+def _arguments(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError:
+        return text  # not JSON: the template writes it as a string
+
+
 def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:
     """Fields whose meaning we cannot honour: refused, because silently ignoring them gives wrong output."""
-    if body.tools and body.tool_choice != "none":
-        raise InvalidRequestError(
-            "Tool calling is not supported by this server; drop 'tools' (or set tool_choice to 'none').",
-            param="tools",
-        )
-    response_format = body.response_format
-    kind = response_format.get("type") if isinstance(response_format, dict) else response_format
-    if kind not in (None, "text"):
-        raise InvalidRequestError(
-            f"response_format {kind!r} is not supported by this server; only 'text' is.",
-            param="response_format",
-        )
     _refuse_logit_bias(body)
+
+
+# ------------------------------------------------------------------------------------------ structured outputs
+
+_STRUCTURED_KEYS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+async def _structured_outputs(body: SamplingFields, plan: ToolPlan) -> StructuredOutputsParams | None:
+    """The request's output constraint (response_format, structured_outputs, guided_*, or a forced tool
+    call), checked by the grammar engine; a bad one is a 400 naming its field."""
+    found = _constraints(body)
+    if plan.constraint is not None:
+        found.append(("tool_choice", "tool_choice", plan.constraint))
+    if len(found) > 1:
+        names = ", ".join(name for name, _, _ in found)
+        raise InvalidRequestError(
+            f"This request sets more than one output constraint ({names}); send only one.", param=found[1][0]
+        )
+    if not found:
+        return None
+    _, param, params = found[0]
+    if param == "tool_choice":
+        return params  # checked function by function when it was built
+    try:
+        await asyncio.to_thread(check_structured_outputs, params)
+    except StructuredOutputError as e:
+        raise InvalidRequestError(f"Invalid {param}: {e}", param=param, code="invalid_constraint") from e
+    return params
+
+
+def _constraints(body: SamplingFields) -> list[tuple[str, str, StructuredOutputsParams]]:
+    """(field, parameter to name in errors, constraint) for every constraint field the body sets."""
+    found: list[tuple[str, str, StructuredOutputsParams]] = []
+
+    def make(field: str, param: str, **kwargs: Any) -> None:
+        try:
+            found.append((field, param, StructuredOutputsParams(**kwargs)))
+        except ValueError as e:
+            raise InvalidRequestError(f"Invalid {param}: {e}", param=param, code="invalid_constraint") from e
+
+    response_format = body.response_format
+    if response_format is not None:
+        kind = response_format.get("type") if isinstance(response_format, dict) else None
+        if kind == "json_object":
+            make("response_format", "response_format", json_object=True)
+        elif kind == "json_schema":
+            spec = response_format.get("json_schema")
+            schema = spec.get("schema") if isinstance(spec, dict) else None
+            if schema is None and isinstance(spec, dict):
+                schema = spec.get("json_schema")  # an older spelling some clients send
+            if not isinstance(schema, dict | bool):
+                raise InvalidRequestError(
+                    "response_format of type 'json_schema' needs json_schema.schema, a JSON Schema object: "
+                    '{"type": "json_schema", "json_schema": {"name": "...", "schema": {...}}}.',
+                    param="response_format.json_schema.schema",
+                )
+            make("response_format", "response_format.json_schema.schema", json=schema)
+        elif kind != "text":
+            raise InvalidRequestError(
+                f"response_format type {_show_type(response_format)} is not supported; use 'text', "
+                "'json_object' or 'json_schema'.",
+                param="response_format",
+            )
+    if body.structured_outputs is not None:
+        so = body.structured_outputs
+        if "structural_tag" in so and so["structural_tag"] is not None:
+            raise InvalidRequestError(
+                "structured_outputs.structural_tag is not supported; use json, regex, choice or grammar.",
+                param="structured_outputs.structural_tag",
+            )
+        given = {k: so[k] for k in _STRUCTURED_KEYS if so.get(k) not in (None, False)}
+        param = f"structured_outputs.{next(iter(given))}" if len(given) == 1 else "structured_outputs"
+        make("structured_outputs", param, **given)
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
+        value = getattr(body, name)
+        if value is not None:
+            make(name, name, **{key: value})
+    return found
+
+
+def _show_type(response_format: Any) -> str:
+    if isinstance(response_format, dict):
+        return repr(response_format.get("type"))
+    return f"{type(response_format).__name__} (it must be an object with a 'type')"
 
 
 def _refuse_unsupported_completion(body: CompletionRequest) -> None:

@@ -9,8 +9,14 @@ With asynchronous scheduling (the default on a GPU) a step is one step ahead of 
 so the host's work for one step (scheduling, input building, detokenizing, stop checks) runs while the GPU
 computes the other, instead of leaving the GPU idle between steps. A token sampled by N reaches N+1's inputs
 on the device. What that costs: a request that stops on a token's value (eos, stop id, stop string) has
-one extra row computed and dropped. Requests whose sampling needs their full history (penalties, min_tokens)
-make the loop wait for N before scheduling N+1.
+one extra row computed and dropped. Requests whose sampling needs their full history (penalties, min_tokens,
+an output grammar) make the loop wait for N before scheduling N+1.
+
+Structured outputs (engine/structured.py): a constrained request is not ready to schedule until its grammar
+compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled when the
+sampler asks for it (their previous tokens are known by then, by the rule above; on a GPU the fill runs while
+the step's forward does), and each accepted token advances the request's matcher. A matcher that errs fails
+its request at the next step's start.
 
 Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It runs on the
 engine thread (see async_engine.py); it never touches asyncio or HTTP.
@@ -31,6 +37,7 @@ from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 from vlmserve.engine.request import Request, RequestStatus, requests_from_engine_request
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.runner.kv_quant import kv_storage_dtype
@@ -116,6 +123,12 @@ class EngineCore:
             eos_token_ids=self.eos_token_ids,
         )
         self.num_blocks = num_blocks
+        # Grammars compile on their own threads; the tokenizer's llguidance view is built there on first use.
+        self.structured = StructuredOutputs(
+            GrammarCompiler(
+                self.processor.tokenizer.to_str(), self.model.config.text.vocab_size, self.eos_token_ids
+            )
+        )
         self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
         self._children: dict[str, list[str]] = {}  # caller's request id -> scheduler request ids
         self._last_scheduled: list[str] = []
@@ -157,8 +170,14 @@ class EngineCore:
         if req.request_id in self._children:
             raise ValueError(f"request id {req.request_id!r} is already running")
         children = requests_from_engine_request(req)
-        self.scheduler.add_requests(children)  # all or none: raises on too long / queue full
         params = req.sampling_params
+        if params.structured_outputs is not None:
+            for child in children:
+                child.ready = False  # until its grammar compiled (_poll_grammars)
+        self.scheduler.add_requests(children)  # all or none: raises on too long / queue full
+        if params.structured_outputs is not None:
+            for child in children:
+                self.structured.add(child.request_id, params.structured_outputs)
         for child in children:
             self._choices[child.request_id] = _Choice(
                 req.request_id,
@@ -177,6 +196,7 @@ class EngineCore:
         for rid in self._children.pop(request_id, []):
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_ABORTED)
             self._choices.pop(rid, None)
+            self.structured.remove(rid)
 
     def is_request_done(self, request_id: str) -> bool:
         return request_id not in self._children
@@ -189,10 +209,19 @@ class EngineCore:
     # --- the step ------------------------------------------------------------------------------------------
 
     def step(self) -> list[CompletionDelta]:
+        if self.structured.has_pending:
+            self._poll_grammars()
+        for rid, message in self.structured.take_errors().items():
+            # Failed here, between steps: a scheduled step may have read its blocks until now.
+            if rid in self._choices:
+                self._undelivered += self._fail([rid], f"the output constraint failed: {message}")
         if not self.async_scheduling:
-            sched = self.scheduler.schedule()
+            sched = self._schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
-            return self._apply(sched, self.runner.launch(sched))
+            deltas = self._apply(sched, self.runner.launch(sched))
+            if self._undelivered:  # requests whose grammar failed to compile
+                deltas, self._undelivered = self._undelivered + deltas, []
+            return deltas
         if self._to_launch is not None:
             queued, step = self._to_launch
             self._to_launch = None
@@ -204,7 +233,7 @@ class EngineCore:
             self._in_flight = None
             self._undelivered += self._apply(*prev)
             prev = None
-        sched = self.scheduler.schedule()
+        sched = self._schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
         if prev is None:
             self._in_flight = (sched, self.runner.launch(sched))
@@ -230,6 +259,29 @@ class EngineCore:
         deltas, self._undelivered = self._undelivered, []
         return deltas
 
+    def _schedule(self) -> SchedulerOutput:
+        """The scheduler's next step, with the grammar masks of its constrained sampling rows."""
+        sched = self.scheduler.schedule()
+        for rid in sched.finished_request_ids:
+            self.structured.remove(rid)
+        if not sched.scheduled and self.structured.has_pending:
+            # Only requests whose grammars compile: wait for one (briefly) instead of spinning.
+            self.structured.wait(0.05)
+        sched.grammar_bitmask = self.structured.pending_bitmask(
+            [s.request.request_id for s in sched.scheduled if s.sample]
+        )
+        return sched
+
+    def _poll_grammars(self) -> None:
+        ready, failed = self.structured.poll()
+        for rid in ready:
+            req = self.scheduler.requests.get(rid)
+            if req is not None:
+                req.ready = True
+        for rid, message in failed.items():
+            if rid in self._choices:
+                self._undelivered += self._fail([rid], f"invalid output constraint: {message}")
+
     def _needs_known_tokens(self) -> bool:
         """Whether a request with a token still being sampled needs its value to sample its next one."""
         return any(
@@ -243,6 +295,9 @@ class EngineCore:
             if s.request.num_output_tokens == 0:
                 self._prompt_tokens_computed += s.num_tokens
         updated = self.scheduler.update_from_output(sched, {rid: t.token_id for rid, t in sampled.items()})
+        for req in updated:
+            if not req.is_finished and self.structured.has_matcher(req.request_id):
+                self.structured.accept(req.request_id, req.output_token_ids[-1])
         self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 
@@ -288,6 +343,7 @@ class EngineCore:
         if finished:
             reason = req.status.finish_reason or "stop"
             self._choices.pop(req.request_id, None)
+            self.structured.remove(req.request_id)
             siblings = self._children.get(choice.request_id, [])
             if all(s not in self._choices for s in siblings):
                 self._children.pop(choice.request_id, None)
@@ -328,6 +384,7 @@ class EngineCore:
         for rid in rids:
             choice = self._choices.pop(rid)
             self.scheduler.finish_request(rid, RequestStatus.FINISHED_ERROR)
+            self.structured.remove(rid)
             siblings = self._children.get(choice.request_id, [])
             if all(s not in self._choices for s in siblings):
                 self._children.pop(choice.request_id, None)

@@ -66,6 +66,9 @@ class Request:
     wait_for: str | None = None
     parent_id: str | None = None  # the EngineRequest id when this is one of n > 1 children
     index: int = 0  # which of the n choices this is (OpenAI's `choices[i].index`)
+    # False while the engine still prepares something the request needs before it can run (its output
+    # grammar is compiling): the scheduler leaves it waiting and schedules the others.
+    ready: bool = True
 
     # --- state, owned by the scheduler -----------------------------------------------------------------
     status: RequestStatus = field(default=RequestStatus.WAITING, init=False)

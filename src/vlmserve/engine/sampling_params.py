@@ -6,12 +6,81 @@ runner's sampler reads the rest. No torch here.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from typing import Any
 
 # Top-k / top-logprobs beyond this make no sense for serving and cost a full sort per step.
 MAX_LOGPROBS = 20
 # Larger than any vocabulary: a top_k above it is the same as none.
 MAX_TOP_K = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class StructuredOutputsParams:
+    """A constraint on a request's output (vLLM's `StructuredOutputsParams`): exactly one of a JSON schema,
+    any JSON object, a regular expression, a choice of strings, or a grammar (Lark / EBNF, llguidance's
+    dialect). The grammar engine (engine/structured.py) turns it into per-step token masks.
+
+    `json` is kept as compact JSON text whatever the caller passed (a dict or a string), so the params stay
+    plain, hashable, picklable data; key order is kept (the output writes properties in schema order).
+    """
+
+    json: str | None = None
+    regex: str | None = None
+    choice: tuple[str, ...] | None = None
+    grammar: str | None = None
+    json_object: bool = False
+
+    def __init__(
+        self,
+        json: str | dict[str, Any] | None = None,
+        regex: str | None = None,
+        choice: list[str] | tuple[str, ...] | None = None,
+        grammar: str | None = None,
+        json_object: bool = False,
+    ) -> None:
+        for name, value in (("regex", regex), ("grammar", grammar)):
+            if value is not None and not isinstance(value, str):
+                raise ValueError(f"structured_outputs.{name} must be a string, got {type(value).__name__}")
+        if isinstance(choice, str):
+            raise ValueError("structured_outputs.choice must be a list of strings, got one string")
+        object.__setattr__(self, "json", _canonical_json(json))
+        object.__setattr__(self, "regex", regex)
+        object.__setattr__(self, "choice", None if choice is None else tuple(choice))
+        object.__setattr__(self, "grammar", grammar)
+        object.__setattr__(self, "json_object", bool(json_object))
+        given = [k for k in ("json", "regex", "choice", "grammar") if getattr(self, k) is not None]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                "structured_outputs must set exactly one of json, regex, choice, grammar, json_object; "
+                f"got {given or 'none'}"
+            )
+        if self.choice is not None and (not self.choice or not all(isinstance(c, str) for c in self.choice)):
+            raise ValueError("structured_outputs.choice must be a non-empty list of strings")
+
+    @property
+    def kind(self) -> str:
+        """Which constraint this is: "json", "regex", "choice", "grammar" or "json_object"."""
+        for name in ("json", "regex", "choice", "grammar"):
+            if getattr(self, name) is not None:
+                return name
+        return "json_object"
+
+
+def _canonical_json(value: str | dict[str, Any] | None) -> str | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"structured_outputs.json is not valid JSON: {e}") from e
+    if not isinstance(value, dict | bool):
+        raise ValueError(f"structured_outputs.json must be a JSON Schema object, got {type(value).__name__}")
+    # Key order kept: JSON-schema property order is the order the output writes them in.
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False)
 
 
 @dataclass(frozen=True)
@@ -35,6 +104,8 @@ class SamplingParams:
     # all from the raw model distribution (before temperature, penalties and truncation).
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Constrain the output to a JSON schema, regex, choice or grammar (token masks from engine/structured.py).
+    structured_outputs: StructuredOutputsParams | None = None
     extra: dict = field(default_factory=dict, compare=False)
 
     def __post_init__(self) -> None:
@@ -86,9 +157,11 @@ class SamplingParams:
     @property
     def reads_output_tokens(self) -> bool:
         """Whether sampling a token looks at the request's earlier output tokens (penalties count them,
-        min_tokens counts them), so the next token cannot be sampled before the last one is known."""
+        min_tokens counts them, a grammar's mask depends on them), so the next token cannot be sampled
+        before the last one is known."""
         return (
-            self.min_tokens > 0
+            self.structured_outputs is not None
+            or self.min_tokens > 0
             or self.repetition_penalty != 1.0
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0

@@ -27,6 +27,7 @@ import time
 from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from vlmserve.engine.encoder_cache import EncoderCacheManager
 from vlmserve.engine.kv_cache import KVCacheManager
@@ -114,6 +115,9 @@ class SchedulerOutput:
     # but they come back under the same id, so keep state that outlives KV (e.g. a seeded generator).
     preempted_request_ids: list[str] = field(default_factory=list)
     num_batched_tokens: int = 0
+    # Token masks of the constrained requests that sample in this step: an engine/structured.PendingBitmask
+    # attached by the engine after scheduling, `resolve()`d by the sampler; None when none is constrained.
+    grammar_bitmask: Any = None
 
 
 @dataclass(frozen=True)
@@ -247,7 +251,7 @@ class Scheduler:
             skipped: list[Request] = []
             while self.waiting and budget > 0 and len(self.running) < cfg.max_num_seqs:
                 req = self.waiting[0]
-                if self._waits_for_sibling(req):
+                if self._waits_for_sibling(req) or not req.ready:
                     skipped.append(self.waiting.popleft())
                     continue
                 hit_blocks, num_hit = self.kv.get_computed_blocks(req)

@@ -38,6 +38,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from vlmserve.engine.inputs import ImageFeature
+from vlmserve.models.tool_template import QWEN2_5_VL_TOOLS_CHAT_TEMPLATE, template_handles_tools
 
 # Defaults of HF's Qwen2VLImageProcessor, used where preprocessor_config.json leaves a field out.
 DEFAULT_MIN_PIXELS = 56 * 56
@@ -256,6 +257,12 @@ def _strftime_now(fmt: str) -> str:
     return datetime.now().strftime(fmt)
 
 
+def uses_tools(messages: Sequence[Mapping[str, Any]], tools: Sequence[Any] | None) -> bool:
+    """Whether a conversation needs a template that renders tools: tool definitions, an assistant turn with
+    tool_calls, or a tool result."""
+    return bool(tools) or any(m.get("role") == "tool" or m.get("tool_calls") for m in messages)
+
+
 def compile_chat_template(source: str) -> jinja2.Template:
     """Compile a chat template in the environment HF renders chat templates in (sandboxed, trim_blocks,
     lstrip_blocks, loop controls, the same globals and filters), so the same messages render the same text."""
@@ -420,6 +427,7 @@ class Qwen2_5_VLProcessor:
         self._tokenizer = tokenizer
         self._chat_template_source = chat_template
         self._chat_template = compile_chat_template(chat_template)
+        self._compiled_tools_template: jinja2.Template | None = None
         self._image_config = image_config
         self._image_token = image_token
         self._video_token = tokenizer.id_to_token(video_token_id)
@@ -596,14 +604,51 @@ class Qwen2_5_VLProcessor:
             raise ValueError(
                 "Cannot apply the chat template to an empty conversation; pass at least one message."
             )
+        return self._render(self._chat_template, messages, add_generation_prompt, tools, documents, kwargs)
+
+    def apply_tool_chat_template(
+        self,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool = True,
+        tools: list[dict[str, Any]] | None = None,
+        **kwargs: Any,
+    ) -> str:
+        """As `apply_chat_template`, for a conversation that uses tools (definitions, assistant tool_calls,
+        tool results): the checkpoint's template when it renders tools, else the Hermes-style template of
+        models/tool_template.py. HF would render with the checkpoint's template and drop the tools silently
+        (Qwen2.5-VL's released template ignores them); the server uses this one when a request has tools."""
+        if not messages:
+            raise ValueError(
+                "Cannot apply the chat template to an empty conversation; pass at least one message."
+            )
+        template = self._chat_template
+        if not template_handles_tools(self._chat_template_source):
+            template = self._tools_template()
+        return self._render(template, messages, add_generation_prompt, tools, None, kwargs)
+
+    def _render(
+        self,
+        template: jinja2.Template,
+        messages: Sequence[Mapping[str, Any]],
+        add_generation_prompt: bool,
+        tools: list[dict[str, Any]] | None,
+        documents: list[dict[str, Any]] | None,
+        kwargs: dict[str, Any],
+    ) -> str:
         template_kwargs = {**self._special_tokens, **_plain(kwargs)}
-        return self._chat_template.render(
+        return template.render(
             messages=_normalize_messages(messages),
             tools=_plain(tools),
             documents=_plain(documents),
             add_generation_prompt=add_generation_prompt,
             **template_kwargs,
         )
+
+    def _tools_template(self) -> jinja2.Template:
+        """The Hermes-style tools template (models/tool_template.py), compiled once on first use."""
+        if self._compiled_tools_template is None:
+            self._compiled_tools_template = compile_chat_template(QWEN2_5_VL_TOOLS_CHAT_TEMPLATE)
+        return self._compiled_tools_template
 
     # ---------------------------------------------------------------- images
 

@@ -93,6 +93,7 @@ class EagerInputs:
     image_mask: torch.Tensor | None  # (T,) bool: the rows image rows replace
     sample_index: torch.Tensor | None  # rows whose hidden state samples; None when no request samples
     sample_reqs: list[Request]
+    grammar_bitmask: Any = None  # the step's structured-output masks (SchedulerOutput.grammar_bitmask)
 
 
 # On CPU, a small model's decode steps and steps of at most this many tokens run on one thread
@@ -308,9 +309,11 @@ class ModelRunner:
             )
         if decode is not None:  # CPU (or a batch beyond the graphs): the same ints, no per-request tensors
             eager = self._decode_inputs(sched, decode, prev)
+            eager.grammar_bitmask = sched.grammar_bitmask
             return PreparedStep(self._in_mode(lambda: self._run_eager(None, eager)), decode_only=True)
         encoder = self._encoder_inputs(sched)
         eager = self._eager_inputs(sched, prev)
+        eager.grammar_bitmask = sched.grammar_bitmask
         return PreparedStep(self._in_mode(lambda: self._run_eager(encoder, eager)), decode_only=False)
 
     def _in_mode(self, fn: Callable[[], StepOutput]) -> Callable[[], StepOutput]:
@@ -342,7 +345,7 @@ class ModelRunner:
             return StepOutput([])
         if len(rows) < len(sched.scheduled):
             logits = logits[to_device(torch.tensor(rows), self.device)]
-        return self._sample(logits.float(), reqs)
+        return self._sample(logits.float(), reqs, sched.grammar_bitmask)
 
     def _eager_inputs(self, sched: SchedulerOutput, prev: StepOutput | None) -> EagerInputs:
         bs = self.block_size
@@ -450,7 +453,7 @@ class ModelRunner:
         if inputs.sample_index is None:
             return StepOutput([])
         logits = self.model.compute_logits(hidden[inputs.sample_index]).float()
-        return self._sample(logits, inputs.sample_reqs)
+        return self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask)
 
     def _attention(self, meta: PagedAttentionMetadata) -> TorchPagedAttention:
         if self.device.type == "cuda":
@@ -459,7 +462,18 @@ class ModelRunner:
             return TritonPagedAttention(self.kv_caches, meta, self.scale, self.max_partitions)
         return TorchPagedAttention(self.kv_caches, meta, self.scale)
 
-    def _sample(self, logits: torch.Tensor, reqs: list[Request]) -> StepOutput:
+    def _sample(self, logits: torch.Tensor, reqs: list[Request], grammar_bitmask: Any = None) -> StepOutput:
+        token_bitmask = None
+        if grammar_bitmask is not None:
+            # Filled now, on the host, while the device runs the forward queued above.
+            grammar_bitmask = grammar_bitmask.resolve()
+        if grammar_bitmask is not None:
+            # The engine fills the masks in sampling order; map by id all the same.
+            mask_row = {rid: i for i, rid in enumerate(grammar_bitmask.request_ids)}
+            rows = [j for j, r in enumerate(reqs) if r.request_id in mask_row]
+            if rows:
+                order = [mask_row[reqs[j].request_id] for j in rows]
+                token_bitmask = (rows, grammar_bitmask.bits[order])
         gens = []
         for r in reqs:
             if r.request_id not in self.generators:
@@ -472,6 +486,7 @@ class ModelRunner:
             gens,
             self.eos_token_ids,
             self.device,
+            token_bitmask,
         )
         return StepOutput([r.request_id for r in reqs], self.sampler.sample(logits, batch))
 

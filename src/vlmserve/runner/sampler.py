@@ -4,7 +4,8 @@ Owns: turning one step's logits (one row per request that samples this step) int
 logprobs, with each row's own temperature, top-k, top-p, min-p, presence / frequency / repetition
 penalties, min_tokens masking and seed. The order and the formulas follow vLLM (and HF generate):
 
-    raw logprobs  = log_softmax(raw logits) in float32          (only for rows that asked for logprobs)
+    grammar mask  : tokens a constrained row's grammar forbids -> -inf (one packed bitmask, all rows at once)
+    raw logprobs  = log_softmax(masked logits) in float32       (only for rows that asked for logprobs)
     penalties     : repetition on prompt + output tokens, then frequency and presence on output tokens
     min_tokens    : eos and stop_token_ids -> -inf while a request has fewer than min_tokens outputs
     greedy rows   : argmax of the penalized logits
@@ -20,7 +21,10 @@ Seeds: a request with a seed draws its noise from its own `torch.Generator` (mad
 not depend on its batch mates or its row. Greedy rows never draw. A seeded stream reproduces on the same
 device type only: CPU and CUDA generators give different numbers for the same seed.
 
-Does not know: the model, the scheduler, request ids, stop strings or detokenization. Stopping (max_tokens,
+The grammar mask comes first, as in vLLM (which masks the logits before its sampler computes logprobs): a
+constrained row's logprobs are those of the distribution it can actually sample from.
+
+Does not know: the model, the scheduler, request ids, stop strings, grammars or detokenization. Stopping (max_tokens,
 EOS, stop ids and strings) is the engine's job; this module only keeps EOS / stop ids from being sampled
 before min_tokens.
 """
@@ -100,6 +104,10 @@ class SamplingBatch:
     has_top_p: bool
     has_min_p: bool
     max_num_logprobs: int | None  # None when no row wants logprobs
+    # Grammar masks (structured outputs): bit j of bitmask[i] (int32 words, little-endian bits) allows token j
+    # in row bitmask_rows[i]. None when no row is constrained.
+    bitmask_rows: torch.Tensor | None = None  # (R,) int64
+    bitmask: torch.Tensor | None = None  # (R, ceil(V / 32)) int32
 
     @property
     def size(self) -> int:
@@ -126,6 +134,7 @@ def build_sampling_batch(
     generators: Sequence[torch.Generator | None],
     eos_token_ids: Sequence[int],
     device: torch.device | str,
+    token_bitmask: tuple[Sequence[int], np.ndarray] | None = None,
 ) -> SamplingBatch:
     """Pack the sampling state of the requests that sample this step (row i = request i) into tensors.
 
@@ -133,6 +142,7 @@ def build_sampling_batch(
     `generators[i]` the generator `make_generator` returned for it (None when it has no seed).
     `eos_token_ids` are the model's end-of-sequence ids, masked with the request's stop_token_ids while
     it has fewer than min_tokens outputs (unless it set ignore_eos, in which case EOS does not stop it).
+    `token_bitmask` is (rows, bits): the constrained rows and their packed grammar masks, (R,) and (R, W) int32.
     """
     batch_size = len(params)
     for name, values in (
@@ -209,6 +219,19 @@ def build_sampling_batch(
     if 0 < len(asking) < batch_size:
         logprob_rows = to_device(torch.tensor(asking, dtype=torch.int64), device)
 
+    bitmask_rows = bitmask = None
+    if token_bitmask is not None and len(token_bitmask[0]):
+        rows, bits = token_bitmask
+        if bits.dtype != np.int32 or bits.ndim != 2 or bits.shape[0] != len(rows):
+            raise ValueError(
+                f"build_sampling_batch: token_bitmask bits must be (rows, words) int32 with one row per "
+                f"constrained row ({len(rows)}), got {bits.dtype} {bits.shape}"
+            )
+        if not all(0 <= r < batch_size for r in rows):
+            raise ValueError(f"build_sampling_batch: token_bitmask rows {list(rows)} outside the batch")
+        bitmask_rows = to_device(torch.tensor(list(rows), dtype=torch.int64), device)
+        bitmask = to_device(torch.from_numpy(np.ascontiguousarray(bits)), device)
+
     enabled_top_k = [k for k in top_k if k > 0]
     return SamplingBatch(
         temperature=scalars[0],
@@ -237,6 +260,8 @@ def build_sampling_batch(
         has_top_p=any(p < 1.0 for p in top_p),
         has_min_p=any(p > 0.0 for p in min_p),
         max_num_logprobs=max((num_logprobs[i] or 0 for i in asking), default=None),
+        bitmask_rows=bitmask_rows,
+        bitmask=bitmask,
     )
 
 
@@ -256,6 +281,8 @@ class Sampler:
                 f"Sampler: logits must be (batch, vocab) with batch = {batch.size} rows (one per request "
                 f"in the SamplingBatch), got shape {tuple(logits.shape)}"
             )
+        if batch.bitmask is not None and batch.bitmask_rows is not None:
+            logits = apply_token_bitmask(logits, batch.bitmask_rows, batch.bitmask)
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
             raw = logits if batch.logprob_rows is None else logits.index_select(0, batch.logprob_rows)
@@ -291,6 +318,23 @@ def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if batch.has_min_p:
         logits = apply_min_p(logits, batch.min_p)
     return logits
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """`logits` (B, V) with the tokens that rows[i]'s bitmask[i] (W int32 words) does not allow set to -inf,
+    as a new tensor (the input is not modified). Bit j % 32 of word j // 32 allows token j; logits past
+    32 * W are forbidden, mask bits past V ignored. All rows in a few batched ops on the logits' device."""
+    num_rows, words = bitmask.shape
+    vocab_size = logits.shape[1]
+    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # (32,)
+    # An arithmetic shift sign-extends word 31's bit, but "& 1" keeps only bit k either way.
+    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).to(torch.bool).reshape(num_rows, words * 32)  # (R, 32W)
+    if words * 32 < vocab_size:
+        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - words * 32), value=False)
+    allowed = allowed[:, :vocab_size]  # (R, V)
+    out = logits.clone()
+    out.index_copy_(0, rows, out.index_select(0, rows).masked_fill_(~allowed, float("-inf")))
+    return out
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:

@@ -1,0 +1,387 @@
+"""Structured outputs through the engine, with random weights: the grammar does the work, so every output
+must satisfy its constraint whatever the model would have said.
+
+JSON schemas (nested objects, arrays, enums, bounded numbers, required fields) validated with the `jsonschema`
+package over several seeds and temperatures, with n > 1, logprobs, the asynchronous loop and prefix caching;
+regex and choice outputs matched exactly; a Lark grammar's output parsed by the grammar; stop strings;
+max_tokens that cuts a structure finishes with "length"; a grammar still compiling does not hold up other
+requests; matcher errors, compile failures and aborts; the batched mask application against a
+one-row-at-a-time reference, and on CUDA against the CPU.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import jsonschema
+import llguidance
+import numpy as np
+import pytest
+import torch
+
+from vlmserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
+from vlmserve.engine.structured import StructuredOutputError, check_structured_outputs
+from vlmserve.llm import LLM
+from vlmserve.runner.sampler import apply_token_bitmask
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "shape": {"enum": ["circle", "square", "triangle"]},
+        "count": {"type": "integer", "minimum": 1, "maximum": 12},
+        "score": {"type": "number", "minimum": -1.5, "maximum": 2.5},
+        "visible": {"type": "boolean"},
+        "box": {
+            "type": "object",
+            "properties": {
+                "x": {"type": "integer", "minimum": 0, "maximum": 640},
+                "y": {"type": "integer", "minimum": 0, "maximum": 480},
+            },
+            "required": ["x", "y"],
+            "additionalProperties": False,
+        },
+        "tags": {
+            "type": "array",
+            "items": {"type": "string", "maxLength": 6},
+            "minItems": 1,
+            "maxItems": 3,
+        },
+    },
+    "required": ["shape", "count", "score", "visible", "box", "tags"],
+    "additionalProperties": False,
+}
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async"])
+def llm(tiny_checkpoint: Path, request: pytest.FixtureRequest) -> LLM:
+    return LLM(
+        str(tiny_checkpoint),
+        max_model_len=512,
+        max_num_seqs=8,
+        async_scheduling=request.param,
+        device="cpu",
+        dtype="float32",
+    )
+
+
+def _texts(outputs: list) -> list[tuple[str, str | None]]:
+    return [(c.text, c.finish_reason) for o in outputs for c in o.outputs]
+
+
+@pytest.mark.parametrize("temperature", [0.0, 0.7, 1.5])
+def test_json_schema_outputs_validate(llm: LLM, temperature: float) -> None:
+    params = SamplingParams(
+        n=2,
+        temperature=temperature,
+        seed=int(temperature * 10),
+        max_tokens=160,
+        logprobs=2,
+        structured_outputs=StructuredOutputsParams(json=SCHEMA),
+    )
+    prompts = ["Describe the picture.", "What shape is it?", "Count the objects.", "Hello"]
+    outputs = llm.generate(prompts, params)
+    for o in outputs:
+        for c in o.outputs:
+            assert c.finish_reason == "stop", c.text
+            jsonschema.validate(json.loads(c.text), SCHEMA)
+            # logprobs are reported for every token, and the sampled token was allowed (finite)
+            assert c.logprobs is not None and len(c.logprobs) == len(c.token_ids)
+            assert all(np.isfinite(lp.logprob) for lp in c.logprobs)
+    assert llm.engine.structured.num_tracked == 0  # every matcher released with its request
+
+
+def test_json_object_regex_choice_and_grammar(llm: LLM) -> None:
+    cases = [
+        (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),
+        (
+            StructuredOutputsParams(regex=r"(red|blue) [0-9]{2}-[a-z]{3}"),
+            lambda t: re.fullmatch(r"(red|blue) [0-9]{2}-[a-z]{3}", t) is not None,
+        ),
+        (
+            StructuredOutputsParams(choice=["yes", "no", "it depends"]),
+            lambda t: t in ("yes", "no", "it depends"),
+        ),
+    ]
+    for constraint, ok in cases:
+        for seed in range(3):
+            params = SamplingParams(temperature=1.0, seed=seed, max_tokens=120, structured_outputs=constraint)
+            ((text, reason),) = _texts(llm.generate(["Say something."], params))
+            if constraint.json_object and reason == "length":
+                continue  # free-form JSON may legitimately run to max_tokens with random weights
+            assert reason == "stop" and ok(text), (constraint, text)
+
+    # A Lark grammar: sums of small numbers; the output must parse with the same grammar.
+    grammar = 'start: expr\nexpr: NUM (("+" | "-") NUM){0,3}\nNUM: /[1-9][0-9]?/'
+    for seed in range(3):
+        params = SamplingParams(
+            temperature=1.0,
+            seed=seed,
+            max_tokens=60,
+            structured_outputs=StructuredOutputsParams(grammar=grammar),
+        )
+        ((text, reason),) = _texts(llm.generate(["Compute."], params))
+        assert reason == "stop"
+        matcher = llguidance.LLMatcher(
+            llguidance.LLTokenizer(llm.processor.tokenizer.to_str()),
+            llguidance.LLMatcher.grammar_from_lark(grammar),
+        )
+        assert re.fullmatch(r"[1-9][0-9]?([+-][1-9][0-9]?){0,3}", text), text
+        tokens = llm.processor.tokenizer.encode(text, add_special_tokens=False).ids
+        assert matcher.consume_tokens(tokens) and matcher.is_accepting(), text
+
+
+def test_max_tokens_cuts_a_structure_with_length(llm: LLM) -> None:
+    params = SamplingParams(
+        temperature=0.0, max_tokens=5, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+    )
+    ((text, reason),) = _texts(llm.generate(["Describe."], params))
+    assert reason == "length"
+    with pytest.raises(json.JSONDecodeError):
+        json.loads(text)
+
+
+def test_constrained_and_free_requests_share_batches(llm: LLM) -> None:
+    """Free requests run alongside constrained ones (prefix cache shared), and are not constrained."""
+    free = SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    prompt = "Describe the picture in detail please."
+    alone = llm.generate([prompt], free)[0].outputs[0].token_ids
+    engine = llm.engine
+    reqs = [
+        llm.make_request(prompt, [], free, request_id="free"),
+        llm.make_request(
+            prompt,
+            [],
+            SamplingParams(
+                temperature=0.0, max_tokens=40, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+            ),
+            request_id="constrained",
+        ),
+    ]
+    outs = llm.run(reqs)
+    assert outs[0].outputs[0].token_ids == alone
+    text = outs[1].outputs[0].text
+    assert text.startswith("{") and engine.scheduler.kv.prefix_cache_hits > 0
+
+
+def test_compiling_grammar_does_not_stall_others(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose grammar takes a while to compile waits; a free request keeps producing tokens."""
+    compiler = llm.engine.structured.compiler
+    real = compiler.compile
+
+    def slow(params: StructuredOutputsParams) -> object:
+        time.sleep(1.0)
+        return real(params)
+
+    monkeypatch.setattr(compiler, "compile", slow)
+    engine = llm.engine
+    slow_req = llm.make_request(
+        "a",
+        [],
+        SamplingParams(
+            temperature=0.0, max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[a-z]{4}")
+        ),
+        request_id="slow",
+    )
+    free_req = llm.make_request(
+        "b", [], SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True), "free2"
+    )
+    engine.add_request(slow_req)
+    engine.add_request(free_req)
+    order: list[str] = []
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            if d.finished:
+                order.append(d.request_id)
+    assert order == ["free2", "slow"]
+
+
+def test_bad_constraints_are_named() -> None:
+    bad = [
+        (StructuredOutputsParams(regex="[a-z"), "regex"),
+        (StructuredOutputsParams(grammar="start: foo\nfoo: 'a' | "), "grammar"),
+        (StructuredOutputsParams(json={"type": "wat"}), "json"),
+        (StructuredOutputsParams(json={"type": "integer", "minimum": 5, "maximum": 1}), "json"),
+        (StructuredOutputsParams(json={"type": "string", "format": "uri-reference"}), "json"),
+        (StructuredOutputsParams(json={"$ref": "http://example.com/schema.json"}), "json"),
+    ]
+    for params, field in bad:
+        with pytest.raises(StructuredOutputError) as e:
+            check_structured_outputs(params)
+        assert e.value.field == field
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["a"])
+    with pytest.raises(ValueError, match="not valid JSON"):
+        StructuredOutputsParams(json="{nope")
+
+
+def test_engine_survives_a_constraint_that_fails_to_compile(llm: LLM) -> None:
+    """The engine-side backstop (the API refuses these first): the request fails alone, with its message."""
+    engine = llm.engine
+    bad = llm.make_request(
+        "a", [], SamplingParams(max_tokens=4, structured_outputs=StructuredOutputsParams(regex="[a-z")), "bad"
+    )
+    good = llm.make_request("b", [], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), "good")
+    engine.add_request(bad)
+    engine.add_request(good)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            if d.finished:
+                finished[d.request_id] = d
+    assert engine.structured.num_tracked == 0
+    assert finished["bad"].finish_reason == "error" and "regex" in (finished["bad"].error or "")
+    assert finished["good"].finish_reason == "length"
+
+
+@pytest.mark.parametrize("vocab", [100, 128, 131])
+def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
+    rng = np.random.default_rng(vocab)
+    logits = torch.from_numpy(rng.standard_normal((5, vocab)).astype(np.float32))
+    words = (vocab + 31) // 32
+    bits = rng.integers(-(2**31), 2**31, size=(3, words), dtype=np.int64).astype(np.int32)
+    rows = torch.tensor([4, 0, 2])
+    out = apply_token_bitmask(logits, rows, torch.from_numpy(bits))
+    expected = logits.clone()
+    for i, row in enumerate(rows.tolist()):
+        for token in range(vocab):
+            if not (int(bits[i, token // 32]) >> (token % 32)) & 1:
+                expected[row, token] = float("-inf")
+    assert torch.equal(out, expected)
+
+
+def _random_bitmask(rows: int, vocab: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    # Sparse masks, as grammars give: about 1 token in 64 allowed, and at least one per row.
+    allowed = rng.random((rows, vocab)) < 1 / 64
+    allowed[np.arange(rows), rng.integers(0, vocab, rows)] = True
+    words = (vocab + 31) // 32
+    padded = np.zeros((rows, words * 32), dtype=bool)
+    padded[:, :vocab] = allowed
+    return np.packbits(padded, axis=1, bitorder="little").view(np.int32).reshape(rows, words)
+
+
+def test_sampler_with_grammar_mask_greedy_random_and_logprobs() -> None:
+    from vlmserve.runner.sampler import Sampler, build_sampling_batch, make_generator
+
+    vocab, batch = 300, 6
+    logits = torch.randn(batch, vocab)
+    rows = [1, 3, 4]
+    bits = _random_bitmask(len(rows), vocab, 1)
+    allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
+    params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, logprobs=1) for i in range(batch)]
+    gens = [make_generator(p.seed, "cpu") for p in params]
+    sampling = build_sampling_batch(params, [[]] * batch, [[1]] * batch, gens, [0], "cpu", (rows, bits))
+    out = Sampler()(logits, sampling)
+    for j, row in enumerate(rows):
+        assert allowed[j, out.token_ids[row]]
+        if params[row].greedy:
+            masked = np.where(allowed[j], logits[row].numpy(), -np.inf)
+            assert out.token_ids[row] == int(masked.argmax())
+        # logprobs of the distribution the row samples from (the mask applied first, as vLLM reports)
+        assert out.top_logprobs is not None and allowed[j, out.top_logprobs[row][0][0]]
+    assert out.logprobs is not None and all(np.isfinite(lp) for lp in out.logprobs if lp is not None)
+    free = [r for r in range(batch) if r not in rows and params[r].greedy]
+    assert all(out.token_ids[r] == int(logits[r].argmax()) for r in free)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_grammar_mask_on_cuda_matches_cpu() -> None:
+    """Batch 128 at Qwen2.5-VL's logits width: the mask goes to the device once and is applied there, with
+    the same result as on the CPU; greedy constrained rows pick the same tokens."""
+    from vlmserve.runner.sampler import Sampler, build_sampling_batch
+
+    batch, vocab = 128, 152064
+    torch.manual_seed(0)
+    logits = torch.randn(batch, vocab)
+    rows = [*range(0, batch, 2), batch - 1]
+    bits = _random_bitmask(len(rows), vocab, 2)
+    cpu = apply_token_bitmask(logits, torch.tensor(rows), torch.from_numpy(bits))
+    gpu = apply_token_bitmask(logits.cuda(), torch.tensor(rows).cuda(), torch.from_numpy(bits).cuda())
+    assert torch.equal(gpu.cpu(), cpu)
+
+    params = [SamplingParams(temperature=0.0, logprobs=2 if i % 3 == 0 else None) for i in range(batch)]
+    args = (params, [[]] * batch, [[1]] * batch, [None] * batch, [0])
+    cpu_batch = build_sampling_batch(*args, "cpu", (rows, bits))
+    gpu_batch = build_sampling_batch(*args, "cuda", (rows, bits))
+    assert gpu_batch.bitmask is not None and gpu_batch.bitmask.is_cuda
+    cpu_out, gpu_out = Sampler()(logits, cpu_batch), Sampler()(logits.cuda(), gpu_batch)
+    assert gpu_out.token_ids == cpu_out.token_ids
+    assert gpu_out.logprobs is not None and cpu_out.logprobs is not None
+    for a, b in zip(gpu_out.logprobs, cpu_out.logprobs, strict=True):
+        assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
+
+
+def test_a_matcher_in_error_fails_only_its_request(llm: LLM) -> None:
+    """A matcher that errs while computing a mask (e.g. a parser limit hit) fails its request with the
+    grammar engine's message; the step runs for the others."""
+    engine = llm.engine
+    constrained = llm.make_request(
+        "a",
+        [],
+        SamplingParams(max_tokens=8, structured_outputs=StructuredOutputsParams(regex="[0-9]{6}")),
+        "erring",
+    )
+    free = llm.make_request("b", [], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True), "fine")
+    engine.add_request(constrained)
+    engine.add_request(free)
+    finished = {}
+    while engine.has_unfinished_requests():
+        matcher = engine.structured._matchers.get("erring")
+        if matcher is not None and not matcher.is_error():
+            assert not matcher.consume_token(llm.processor.tokenizer.token_to_id("a"))  # puts it in error
+        for d in engine.step():
+            if d.finished:
+                finished[d.request_id] = d
+    assert engine.structured.num_tracked == 0
+    assert finished["erring"].finish_reason == "error" and "constraint failed" in (
+        finished["erring"].error or ""
+    )
+    assert finished["fine"].finish_reason == "length"
+
+
+def test_aborts_release_matchers_and_compiles(llm: LLM) -> None:
+    engine = llm.engine
+    params = SamplingParams(n=2, max_tokens=50, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    engine.add_request(llm.make_request("a", [], params, "compiling"))
+    engine.abort("compiling")  # before any step: its compile is dropped
+    engine.add_request(llm.make_request("b", [], params, "running"))
+    for _ in range(4):
+        engine.step()
+    assert engine.structured.num_tracked == 2  # the two choices of "running"
+    engine.abort("running")
+    while engine.has_unfinished_requests():
+        engine.step()
+    assert engine.structured.num_tracked == 0
+
+
+def test_stop_strings_end_a_constrained_output(llm: LLM) -> None:
+    params = SamplingParams(
+        temperature=1.0,
+        seed=5,
+        max_tokens=60,
+        stop=[";"],
+        structured_outputs=StructuredOutputsParams(regex=r"[a-z]{3};[a-z]{3};[a-z]{3}"),
+    )
+    out = llm.generate(["List."], params)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == ";"
+    assert re.fullmatch(r"[a-z]{3}", out.text), out.text
+    assert llm.engine.structured.num_tracked == 0
+
+
+def test_masks_cover_a_logits_width_past_the_tokenizer(tiny_checkpoint: Path) -> None:
+    """Released checkpoints pad the LM head past the tokenizer (Qwen2.5-VL: 152064 logits, 151665 tokens):
+    the masks span every logit, and the padding ids are never allowed."""
+    from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
+
+    tokenizer_json = (tiny_checkpoint / "tokenizer.json").read_text()
+    size = len(json.loads(tokenizer_json)["model"]["vocab"]) + 14  # + the special tokens
+    outputs = StructuredOutputs(GrammarCompiler(tokenizer_json, size + 100, [size - 12]))
+    outputs._matchers["r"] = outputs.compiler.compile(StructuredOutputsParams(regex="[a-z ]+"))
+    bitmask = outputs.fill_bitmask(["r"])
+    assert bitmask is not None and bitmask.bits.shape == (1, (size + 100 + 31) // 32)
+    allowed = np.unpackbits(bitmask.bits.view(np.uint8), bitorder="little")
+    assert allowed[:size].sum() > 0 and allowed[size:].sum() == 0
