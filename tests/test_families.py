@@ -296,7 +296,10 @@ def test_engine_batched_equals_one_at_a_time(checkpoint: Path) -> None:
 def test_engine_on_gpu_with_cuda_graphs_matches_the_plain_loop(checkpoint: Path) -> None:
     """On a GPU the engine decodes through CUDA graphs (and Qwen3-VL-MoE through the Triton expert kernel,
     captured in them); float32, its greedy tokens equal the one-request loop on the same GPU model."""
-    llm = LLM(str(checkpoint), max_model_len=512, max_num_seqs=4, device="cuda", dtype="float32")
+    # num_kv_blocks: the cache is not sized from free memory, which tests before this one may still hold.
+    llm = LLM(
+        str(checkpoint), max_model_len=512, max_num_seqs=4, num_kv_blocks=128, device="cuda", dtype="float32"
+    )
     assert llm.engine.runner.graphs is not None
     images = [random_image(70, 50, seed=7), random_image(40, 90, seed=8)]
     parts = [{"type": "image"}, {"type": "image"}, {"type": "text", "text": "What are these?"}]

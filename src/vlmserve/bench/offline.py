@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import random
 import statistics
 import tempfile
 import time
@@ -102,15 +103,24 @@ def run_batch(
 
 
 def run_steady(
-    core: EngineCore, proc: Qwen2_5_VLProcessor, prompts: list[Prompt], out_len: int, concurrency: int
+    core: EngineCore,
+    proc: Qwen2_5_VLProcessor,
+    prompts: list[Prompt],
+    out_len: int,
+    concurrency: int,
+    arrival_delay_ms: float = 0.0,
 ) -> dict[str, Any]:
     """Closed loop inside the engine: `concurrency` requests in flight, the next one added as soon as one
     finishes, so that new requests' prefill and vision work share steps with running decodes, as on a
     server under steady load. Preprocessing is done before the clock starts: this is the engine's ceiling
-    for the same load that `vlmserve bench --concurrency N` puts on a server."""
+    for the same load that `vlmserve bench --concurrency N` puts on a server. With `arrival_delay_ms`, a
+    finished request's successor arrives after a uniform random delay up to that (a client's round trip and
+    a front's preprocessing spread arrivals over several steps instead of one)."""
     params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
     processed = [proc.process(p.text, [p.image]) for p in prompts]
     pending = iter(enumerate(processed))
+    rng = random.Random(0)
+    due: list[float] = []  # arrival times of successors not yet added
     added: dict[str, float] = {}
     first: dict[str, float] = {}
     last: dict[str, float] = {}
@@ -132,9 +142,20 @@ def run_steady(
     for _ in range(concurrency):
         add_next()
     n_tokens = 0
-    while core.has_unfinished_requests():
+    mixed = 0
+    while core.has_unfinished_requests() or due:
+        now = time.perf_counter()
+        while due and due[0] <= now:
+            due.pop(0)
+            add_next()
+        if not core.has_unfinished_requests():
+            if due:
+                time.sleep(max(0.0, due[0] - now))
+            continue
         before = time.perf_counter()
+        waiting = core.stats().get("num_requests_waiting", 0)
         deltas = core.step()
+        mixed += waiting > 0
         now = time.perf_counter()
         step_times.append(now - before)
         for d in deltas:
@@ -146,7 +167,11 @@ def run_steady(
             first.setdefault(d.request_id, now)
             last[d.request_id] = now
             if d.finished:
-                add_next()
+                if arrival_delay_ms > 0:
+                    due.append(now + rng.uniform(0, arrival_delay_ms) / 1e3)
+                    due.sort()
+                else:
+                    add_next()
     if torch.cuda.is_available():
         torch.cuda.synchronize()
     total = time.perf_counter() - t0
@@ -168,6 +193,8 @@ def run_steady(
         "itl_p99_ms": pct(itls, 0.99),
         "step_p50_ms": pct(sorted(step_times), 0.5),
         "steps": len(step_times),
+        "steps_admitting": mixed,
+        "arrival_delay_ms": arrival_delay_ms,
     }
 
 
@@ -257,8 +284,9 @@ def main(argv: list[str] | None = None) -> None:
         "--steady",
         action="append",
         default=[],
-        metavar="W:CONCURRENCY:REQUESTS",
-        help="closed-loop arrivals inside the engine, e.g. W2:128:384 (repeatable)",
+        metavar="W:CONCURRENCY:REQUESTS[:DELAY_MS]",
+        help="closed-loop arrivals inside the engine, e.g. W2:128:384, or W2:128:384:30 with each successor "
+        "arriving up to 30 ms after its predecessor finished (repeatable)",
     )
     ap.add_argument("--profile-steady", action="store_true", help="cProfile the last --steady run's loop")
     args = ap.parse_args(argv)
@@ -323,18 +351,18 @@ def main(argv: list[str] | None = None) -> None:
         results[f"w1_batch{b}"] = r
         print(f"W1 batch {b}:", r, flush=True)
     for spec in args.steady:
-        name, conc, count = spec.split(":")
+        name, conc, count, *delay = spec.split(":")
         size, target, out_len = WORKLOADS[name]
         prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
         seed += int(count)
-        r = run_steady(core, proc, prompts, out_len, int(conc))
-        results[f"steady_{name}_c{conc}"] = r
-        print(f"steady {name} concurrency {conc}:", r, flush=True)
+        r = run_steady(core, proc, prompts, out_len, int(conc), float(delay[0]) if delay else 0.0)
+        results[f"steady_{spec.replace(':', '_')}"] = r
+        print(f"steady {spec}:", r, flush=True)
     if args.profile_steady and args.steady:
         import cProfile
         import pstats
 
-        name, conc, count = args.steady[-1].split(":")
+        name, conc, count, *_ = args.steady[-1].split(":")
         size, target, out_len = WORKLOADS[name]
         prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
         seed += int(count)
