@@ -103,6 +103,30 @@ def test_async_loop_gives_the_sync_loops_outputs(tiny_checkpoint: Path) -> None:
         assert llm.engine.scheduler.kv.num_used_blocks == 0  # the dropped rows' blocks came back too
 
 
+def test_min_tokens_counts_pending_tokens_and_does_not_stall_the_loop(tiny_checkpoint: Path) -> None:
+    # min_tokens needs the number of earlier tokens, not their values: the async loop queues the next step
+    # before the last token is read, and must count that pending token. A token the greedy run first samples
+    # at index k, made a stop id with min_tokens=k, is masked exactly until then: both loops stop at k + 1
+    # tokens; a loop that missed the pending token would mask it one step too long.
+    sync, asyn = _engines(tiny_checkpoint)
+    plain = "Tell me about the sea."
+    greedy = sync.generate([plain], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))[0]
+    ids = greedy.outputs[0].token_ids
+    k = next(k for k in range(4, 20) if ids[k] not in ids[:k])
+    cases = [
+        SamplingParams(temperature=0, max_tokens=20, min_tokens=k, ignore_eos=True, stop_token_ids=[ids[k]]),
+        SamplingParams(temperature=1.0, seed=9, max_tokens=24, min_tokens=12),
+    ]
+    assert not any(p.reads_output_tokens for p in cases)
+    runs = [
+        _summary(llm.run([llm.make_request(plain, [], p, request_id=f"m{i}") for i, p in enumerate(cases)]))
+        for llm in (sync, asyn)
+    ]
+    assert runs[0] == runs[1]
+    token_ids, _, finish, stop_reason, _ = runs[0][0][0]
+    assert (len(token_ids), finish, stop_reason) == (k + 1, "stop", ids[k])
+
+
 def test_next_step_is_queued_before_the_previous_tokens_are_read(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

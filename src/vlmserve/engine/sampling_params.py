@@ -156,12 +156,13 @@ class SamplingParams:
 
     @property
     def reads_output_tokens(self) -> bool:
-        """Whether sampling a token looks at the request's earlier output tokens (penalties count them,
-        min_tokens counts them, a grammar's mask depends on them), so the next token cannot be sampled
-        before the last one is known."""
+        """Whether sampling a token looks at the values of the request's earlier output tokens (penalties
+        count them, a grammar's mask depends on them), so the next token cannot be sampled before the last one
+        is known. min_tokens needs only their number, which is known before their values (pending tokens
+        count), so it does not: clients that ask for a fixed length (ignore_eos with min_tokens, as
+        benchmarks do) keep the asynchronous loop's overlap."""
         return (
             self.structured_outputs is not None
-            or self.min_tokens > 0
             or self.repetition_penalty != 1.0
             or self.frequency_penalty != 0.0
             or self.presence_penalty != 0.0

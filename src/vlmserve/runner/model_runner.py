@@ -487,6 +487,8 @@ class ModelRunner:
             self.eos_token_ids,
             self.device,
             token_bitmask,
+            # Tokens this request samples in steps not yet applied (its own sample here is one of them).
+            num_earlier_pending=[r.num_pending_tokens - 1 for r in reqs],
         )
         return StepOutput([r.request_id for r in reqs], self.sampler.sample(logits, batch))
 

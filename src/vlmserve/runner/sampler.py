@@ -135,10 +135,13 @@ def build_sampling_batch(
     eos_token_ids: Sequence[int],
     device: torch.device | str,
     token_bitmask: tuple[Sequence[int], np.ndarray] | None = None,
+    num_earlier_pending: Sequence[int] | None = None,
 ) -> SamplingBatch:
     """Pack the sampling state of the requests that sample this step (row i = request i) into tensors.
 
-    `output_token_ids[i]` are request i's generated tokens so far, `prompt_token_ids[i]` its prompt, and
+    `output_token_ids[i]` are request i's generated tokens so far (known ones; `num_earlier_pending[i]` more
+    are still being sampled by steps not yet applied, which min_tokens counts), `prompt_token_ids[i]` its
+    prompt, and
     `generators[i]` the generator `make_generator` returned for it (None when it has no seed).
     `eos_token_ids` are the model's end-of-sequence ids, masked with the request's stop_token_ids while
     it has fewer than min_tokens outputs (unless it set ignore_eos, in which case EOS does not stop it).
@@ -206,7 +209,9 @@ def build_sampling_batch(
     mask_rows: list[int] = []
     mask_ids: list[int] = []
     for i, p in enumerate(params):
-        if len(output_token_ids[i]) < p.min_tokens:
+        # Tokens sampled before this one: the known ones plus those still being sampled (asynchronous loop).
+        earlier = len(output_token_ids[i]) + (num_earlier_pending[i] if num_earlier_pending else 0)
+        if earlier < p.min_tokens:
             ids = set(p.stop_token_ids)
             if not p.ignore_eos:
                 ids.update(eos_token_ids)
