@@ -227,12 +227,42 @@ def test_responses_stream_has_the_typed_events(client: openai.OpenAI) -> None:
     assert done[-1].type in ("response.completed", "response.incomplete")
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_responses_text_format_json_schema_always_parses(client: openai.OpenAI, stream: bool) -> None:
+    import jsonschema
+
+    schema = {
+        "type": "object",
+        "properties": {
+            "shape": {"enum": ["circle", "square"]},
+            "count": {"type": "integer", "minimum": 0, "maximum": 99},
+        },
+        "required": ["shape", "count"],
+        "additionalProperties": False,
+    }
+    fmt = {"type": "json_schema", "name": "thing", "schema": schema, "strict": True}
+    kwargs: dict[str, Any] = dict(
+        model=MODEL, input="Describe it.", max_output_tokens=64, temperature=1.0, text={"format": fmt}
+    )
+    if stream:
+        events = list(client.responses.create(stream=True, **kwargs))
+        text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert events[-1].type == "response.completed"
+    else:
+        text = client.responses.create(**kwargs).output_text
+    jsonschema.validate(json.loads(text), schema)  # random weights: the constraint does the work
+
+
 def test_responses_bad_input_is_400(client: openai.OpenAI) -> None:
     cases: list[tuple[dict[str, Any], str]] = [
         ({"previous_response_id": "resp_123"}, "previous_response_id"),
         ({"max_output_tokens": 4}, "max_output_tokens"),
         ({"temperature": 3}, "temperature"),
-        ({"text": {"format": {"type": "json_object"}}}, "text.format"),
+        ({"text": {"format": {"type": "grammar"}}}, "text.format"),
+        (
+            {"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": 5}}}},
+            "text.format.schema",
+        ),
     ]
     for extra, param in cases:
         with pytest.raises(openai.BadRequestError) as e:

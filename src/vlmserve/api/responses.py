@@ -100,11 +100,7 @@ def to_chat_request(body: ResponsesRequest) -> tuple[ChatCompletionRequest, int]
         raise InvalidRequestError(
             "Tool calling is not supported by this server; drop 'tools'.", param="tools"
         )
-    kind = body.text.format.type if body.text is not None and body.text.format is not None else "text"
-    if kind != "text":
-        raise InvalidRequestError(
-            f"text.format {kind!r} is not supported by this server; only 'text' is.", param="text.format"
-        )
+    response_format = _response_format(body)
     messages: list[dict[str, Any]] = []
     if body.instructions is not None:
         messages.append({"role": "system", "content": body.instructions})
@@ -136,6 +132,7 @@ def to_chat_request(body: ResponsesRequest) -> tuple[ChatCompletionRequest, int]
             temperature=body.temperature,
             top_p=body.top_p,
             user=body.user,
+            response_format=response_format,
             **extras,
         )
     except ValidationError as e:
@@ -145,12 +142,34 @@ def to_chat_request(body: ResponsesRequest) -> tuple[ChatCompletionRequest, int]
     return chat, offset
 
 
+def _response_format(body: ResponsesRequest) -> dict[str, Any] | None:
+    """text.format as chat's response_format: Responses flattens json_schema's name, schema and strict into
+    the format object itself."""
+    fmt = body.text.format if body.text is not None else None
+    kind = fmt.type if fmt is not None else "text"
+    if fmt is None or kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        extra = fmt.model_extra or {}
+        spec = {k: extra[k] for k in ("name", "schema", "strict") if k in extra}
+        return {"type": "json_schema", "json_schema": spec}
+    raise InvalidRequestError(
+        f"text.format {kind!r} is not supported; use 'text', 'json_object' or 'json_schema'.",
+        param="text.format",
+    )
+
+
 def _responses_param(param: str | None, offset: int) -> str | None:
     """A chat parameter path under its Responses name: messages[i] -> input[i - offset]."""
     if param is None:
         return None
     if param == "max_completion_tokens":
         return "max_output_tokens"
+    if param.startswith("response_format"):
+        # response_format.json_schema.schema -> text.format.schema (Responses has no json_schema level)
+        return "text.format" + param.removeprefix("response_format").replace(".json_schema", "", 1)
     match = re.match(r"messages\[(\d+)\](.*)", param)
     if match is None:
         return param
