@@ -343,6 +343,28 @@ async def test_models_health_version_metrics(client: httpx.AsyncClient) -> None:
     assert 'model_name="tiny"' in text
 
 
+async def test_image_metrics_count_encodes_and_encoder_cache_hits(client: httpx.AsyncClient) -> None:
+    def counters(text: str) -> tuple[float, float]:
+        values = {}
+        for line in text.splitlines():
+            for name in ("vlmserve:images_encoded_total", "vlmserve:encoder_cache_hits_total"):
+                if line.startswith(name + "{"):
+                    values[name] = float(line.rsplit(" ", 1)[1])
+        return values["vlmserve:images_encoded_total"], values["vlmserve:encoder_cache_hits_total"]
+
+    before = counters((await client.get("/metrics")).text)
+    # An image nobody sent before (a size no other test uses), twice, after different text (so the prefix
+    # cache does not cover it): encoded once, then found in the encoder cache.
+    body = chat([{"type": "text", "text": "Once."}, image_part(data_url(png_bytes(61, 43)))], max_tokens=2)
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    body["messages"][0]["content"][0]["text"] = "Again, other words."
+    assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
+    text = (await client.get("/metrics")).text
+    after = counters(text)
+    assert (after[0] - before[0], after[1] - before[1]) == (1, 1)
+    assert "vlmserve:encoder_cache_usage_perc{" in text
+
+
 # ------------------------------------------------------------------------------------------ errors: 400
 
 

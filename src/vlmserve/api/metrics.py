@@ -62,6 +62,11 @@ class _EngineStatsCollector(Collector):
                 "Fraction of KV-cache blocks in use (0..1).",
                 labels=["model_name"],
             ),
+            "encoder": GaugeMetricFamily(
+                "vlmserve:encoder_cache_usage_perc",
+                "Fraction of the vision-encoder output cache in use (0..1).",
+                labels=["model_name"],
+            ),
             "stall": GaugeMetricFamily(
                 "vlmserve:engine_seconds_since_progress",
                 "Seconds since the engine last completed a step, while requests are in flight (0 when idle).",
@@ -88,6 +93,16 @@ class _EngineStatsCollector(Collector):
             "prefix_cache_hits": CounterMetricFamily(
                 "vllm:prefix_cache_hits", "Prompt tokens found in the prefix cache.", labels=["model_name"]
             ),
+            "images_encoded_total": CounterMetricFamily(
+                "vlmserve:images_encoded",
+                "Images run through the vision encoder (encoder-cache misses).",
+                labels=["model_name"],
+            ),
+            "encoder_cache_hits_total": CounterMetricFamily(
+                "vlmserve:encoder_cache_hits",
+                "Images whose encoder output a request found in the encoder cache (not encoded again).",
+                labels=["model_name"],
+            ),
             "generation_tokens_total": CounterMetricFamily(
                 "vllm:generation_tokens", "Tokens generated (sampled).", labels=["model_name"]
             ),
@@ -105,6 +120,7 @@ class _EngineStatsCollector(Collector):
             usage = float(stats.get("kv_cache_usage", 0.0))
             gauges["kv"].add_metric(labels, usage)
             gauges["gpu_kv"].add_metric(labels, usage)
+            gauges["encoder"].add_metric(labels, float(stats.get("encoder_cache_usage", 0.0)))
             gauges["stall"].add_metric(labels, float(stats.get("seconds_since_progress", 0.0)))
             for key, family in counters.items():
                 family.add_metric(labels, float(stats.get(key, 0)))

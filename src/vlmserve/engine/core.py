@@ -404,6 +404,8 @@ class EngineCore:
             "prefix_cache_hits": s.prefix_cache_hits,
             "num_preemptions": s.num_preemptions,
             "encoder_cache_usage": s.encoder_cache_usage,
+            "images_encoded_total": s.images_encoded,
+            "encoder_cache_hits_total": s.encoder_cache_hits,
             "generation_tokens_total": self._tokens_generated,
             "prompt_tokens_computed_total": self._prompt_tokens_computed,
             "num_kv_blocks": self.num_blocks,

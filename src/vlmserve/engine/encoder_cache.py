@@ -35,6 +35,8 @@ class EncoderCacheManager:
         self._num_used = 0  # tokens in entries, referenced or not
         self._num_evictable = 0  # tokens in unreferenced entries
         self._freed: list[str] = []  # evicted since the last take_freed()
+        self.num_encoded = 0  # images given to the encoder (cache misses)
+        self.num_hits = 0  # images a request found cached (encoded for another request, or earlier)
 
     # --- queries ---------------------------------------------------------------------------------------
 
@@ -83,6 +85,7 @@ class EncoderCacheManager:
             self._num_evictable -= entry.num_tokens
             self._freed.append(victim)
         self._entries[mm_hash] = _Entry(num_tokens, {request_id})
+        self.num_encoded += 1
         self._num_used += num_tokens
         self._by_request.setdefault(request_id, set()).add(mm_hash)
 
@@ -90,6 +93,7 @@ class EncoderCacheManager:
         entry = self._entries[mm_hash]
         if request_id in entry.refs:
             return
+        self.num_hits += 1
         if not entry.refs:
             del self._unreferenced[mm_hash]
             self._num_evictable -= entry.num_tokens

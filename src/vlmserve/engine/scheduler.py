@@ -130,6 +130,8 @@ class SchedulerStats:
     prefix_cache_hits: int  # tokens found
     num_preemptions: int
     encoder_cache_usage: float
+    images_encoded: int = 0  # images run through the vision encoder
+    encoder_cache_hits: int = 0  # images whose encoder output a request found cached
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -480,6 +482,8 @@ class Scheduler:
             prefix_cache_hits=self.kv.prefix_cache_hits,
             num_preemptions=self.num_preemptions,
             encoder_cache_usage=self.encoder_cache.usage,
+            images_encoded=self.encoder_cache.num_encoded,
+            encoder_cache_hits=self.encoder_cache.num_hits,
         )
 
 
