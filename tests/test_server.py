@@ -353,9 +353,10 @@ async def test_image_metrics_count_encodes_and_encoder_cache_hits(client: httpx.
         return values["vlmserve:images_encoded_total"], values["vlmserve:encoder_cache_hits_total"]
 
     before = counters((await client.get("/metrics")).text)
-    # An image nobody sent before (a size no other test uses), twice, after different text (so the prefix
-    # cache does not cover it): encoded once, then found in the encoder cache.
-    body = chat([{"type": "text", "text": "Once."}, image_part(data_url(png_bytes(61, 43)))], max_tokens=2)
+    # An image nobody sent before (a colour no other test uses: the cache key is the resized pixels), twice,
+    # after different text (so the prefix cache does not cover it): encoded once, then found in the cache.
+    image = png_bytes(61, 43, color=(17, 201, 113))
+    body = chat([{"type": "text", "text": "Once."}, image_part(data_url(image))], max_tokens=2)
     assert (await client.post("/v1/chat/completions", json=body)).status_code == 200
     body["messages"][0]["content"][0]["text"] = "Again, other words."
     assert (await client.post("/v1/chat/completions", json=body)).status_code == 200

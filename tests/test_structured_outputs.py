@@ -93,6 +93,39 @@ def test_json_schema_outputs_validate(llm: LLM, temperature: float) -> None:
     assert llm.engine.structured.num_tracked == 0  # every matcher released with its request
 
 
+def test_constraint_wins_over_min_tokens_and_ignore_eos(llm: LLM) -> None:
+    # The structure decides the end: min_tokens must not mask the EOS the grammar requires (a choice that
+    # may be empty allows only EOS at once), and under ignore_eos a complete structure ends the request
+    # instead of sampling from a mask that allows nothing. (Found by the fuzz test: both were a 500.)
+    cases = [
+        SamplingParams(
+            temperature=0,
+            max_tokens=8,
+            min_tokens=4,
+            structured_outputs=StructuredOutputsParams(choice=["", "no"]),
+        ),
+        SamplingParams(
+            temperature=1.0,
+            seed=1,
+            max_tokens=40,
+            ignore_eos=True,
+            structured_outputs=StructuredOutputsParams(choice=["yes", "no"]),
+        ),
+        SamplingParams(
+            temperature=1.0,
+            seed=2,
+            max_tokens=40,
+            ignore_eos=True,
+            min_tokens=30,
+            structured_outputs=StructuredOutputsParams(regex=r"[0-9]{3}"),
+        ),
+    ]
+    outputs = [_texts(llm.generate(["Say something."], p))[0] for p in cases]
+    assert outputs[0][0] in ("", "no") and outputs[0][1] == "stop"
+    assert outputs[1][0] in ("yes", "no") and outputs[1][1] == "stop"
+    assert re.fullmatch(r"[0-9]{3}", outputs[2][0]) and outputs[2][1] == "stop"
+
+
 def test_json_object_regex_choice_and_grammar(llm: LLM) -> None:
     cases = [
         (StructuredOutputsParams(json_object=True), lambda t: isinstance(json.loads(t), dict)),

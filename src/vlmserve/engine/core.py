@@ -298,6 +298,10 @@ class EngineCore:
         for req in updated:
             if not req.is_finished and self.structured.has_matcher(req.request_id):
                 self.structured.accept(req.request_id, req.output_token_ids[-1])
+                if self.structured.is_complete(req.request_id):
+                    # Nothing more can follow (e.g. the grammar consumed EOS under ignore_eos): stop here
+                    # rather than sample from a mask that allows no token.
+                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
         self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 

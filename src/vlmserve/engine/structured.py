@@ -319,6 +319,11 @@ class StructuredOutputs:
         del self._matchers[request_id]
         self._errors[request_id] = error
 
+    def is_complete(self, request_id: str) -> bool:
+        """Whether the request's structure is complete and its grammar allows no further token."""
+        matcher = self._matchers.get(request_id)
+        return matcher is not None and matcher.is_stopped()
+
     def remove(self, request_id: str) -> None:
         self._matchers.pop(request_id, None)
         pending = self._pending.pop(request_id, None)

@@ -208,12 +208,15 @@ def build_sampling_batch(
 
     mask_rows: list[int] = []
     mask_ids: list[int] = []
+    constrained_rows = set(token_bitmask[0]) if token_bitmask is not None else set()
     for i, p in enumerate(params):
         # Tokens sampled before this one: the known ones plus those still being sampled (asynchronous loop).
         earlier = len(output_token_ids[i]) + (num_earlier_pending[i] if num_earlier_pending else 0)
         if earlier < p.min_tokens:
             ids = set(p.stop_token_ids)
-            if not p.ignore_eos:
+            # A grammar-constrained row ends when its structure is complete, and its mask allows EOS only
+            # then: masking it too could leave the row no token at all.
+            if not p.ignore_eos and i not in constrained_rows:
                 ids.update(eos_token_ids)
             mask_rows.extend([i] * len(ids))
             mask_ids.extend(sorted(ids))
