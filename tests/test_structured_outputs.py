@@ -11,6 +11,7 @@ one-row-at-a-time reference, and on CUDA against the CPU.
 
 from __future__ import annotations
 
+import ctypes
 import json
 import re
 import time
@@ -418,3 +419,38 @@ def test_masks_cover_a_logits_width_past_the_tokenizer(tiny_checkpoint: Path) ->
     assert bitmask is not None and bitmask.bits.shape == (1, (size + 100 + 31) // 32)
     allowed = np.unpackbits(bitmask.bits.view(np.uint8), bitorder="little")
     assert allowed[:size].sum() > 0 and allowed[size:].sum() == 0
+
+
+def test_a_mask_that_allows_no_token_fails_the_request_as_the_clients(tiny_checkpoint: Path) -> None:
+    """A matcher can leave a step with no allowed token and no error (llguidance stops on a parser limit,
+    ParserTooComplex, as the fuzz test found): the row must not be sampled as if constrained (any token would
+    be refused); the request fails with a constraint error, which the API answers 400, not 500."""
+    from vlmserve.api.errors import InvalidRequestError
+    from vlmserve.api.streaming import Collected
+    from vlmserve.engine.outputs import CompletionDelta
+    from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
+
+    class StoppedMatcher:  # what llguidance's matcher does after ParserTooComplex: an all-zero mask
+        def unsafe_compute_mask_ptr(self, ptr: int, size: int) -> None:
+            np.ctypeslib.as_array((ctypes.c_int32 * (size // 4)).from_address(ptr))[:] = 0
+
+        def is_error(self) -> bool:
+            return False
+
+        def get_error(self) -> str:
+            return ""
+
+    tokenizer_json = (tiny_checkpoint / "tokenizer.json").read_text()
+    size = len(json.loads(tokenizer_json)["model"]["vocab"]) + 14
+    outputs = StructuredOutputs(GrammarCompiler(tokenizer_json, size, [size - 12]))
+    outputs._matchers["r"] = StoppedMatcher()
+    bitmask = outputs.fill_bitmask(["r"])
+    assert bitmask is not None and (bitmask.bits == -1).all()  # unconstrained this step, failed next
+    errors = outputs.take_errors()
+    assert "allows no token" in errors["r"] and not outputs.has_matcher("r")
+
+    collected = Collected()
+    failed = CompletionDelta("r", 0, "", [], None, "error", error=errors["r"], error_kind="constraint")
+    collected.add(0, failed, first_of_prompt=True)
+    with pytest.raises(InvalidRequestError, match="could not be followed"):
+        collected.raise_error()

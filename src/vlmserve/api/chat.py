@@ -15,7 +15,7 @@ from collections.abc import AsyncGenerator
 
 from starlette.responses import Response
 
-from vlmserve.api.errors import EngineError, error_json
+from vlmserve.api.errors import error_json
 from vlmserve.api.logprobs import chat_logprobs
 from vlmserve.api.metrics import RequestTracker, ServerMetrics
 from vlmserve.api.protocol import (
@@ -69,8 +69,7 @@ async def _complete(
     finally:
         await deltas.aclose()
         tracker.close(body.n)
-    if collected.error is not None:
-        raise EngineError(f"The engine failed while generating: {collected.error}")
+    collected.raise_error()
     choices = []
     for index in range(body.n):
         c = collected.choices[index]

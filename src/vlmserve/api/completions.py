@@ -15,7 +15,7 @@ from dataclasses import replace
 
 from starlette.responses import Response
 
-from vlmserve.api.errors import EngineError, error_json
+from vlmserve.api.errors import error_json
 from vlmserve.api.logprobs import completion_logprobs
 from vlmserve.api.metrics import RequestTracker, ServerMetrics
 from vlmserve.api.protocol import (
@@ -71,8 +71,7 @@ async def _complete(
     finally:
         await deltas.aclose()
         tracker.close(n * len(engine_requests))
-    if collected.error is not None:
-        raise EngineError(f"The engine failed while generating: {collected.error}")
+    collected.raise_error()
     choices = []
     for index in range(n * len(engine_requests)):
         c = collected.choices[index]

@@ -30,7 +30,7 @@ from typing import Any
 from pydantic import ValidationError
 from starlette.responses import Response
 
-from vlmserve.api.errors import APIError, EngineError, InvalidRequestError, validation_error
+from vlmserve.api.errors import APIError, InvalidRequestError, validation_error
 from vlmserve.api.metrics import RequestTracker, ServerMetrics
 from vlmserve.api.protocol import ChatCompletionRequest, SamplingFields
 from vlmserve.api.responses_protocol import (
@@ -231,8 +231,7 @@ async def _complete(
     finally:
         await deltas.aclose()
         tracker.close(1)
-    if collected.error is not None:
-        raise EngineError(f"The engine failed while generating: {collected.error}")
+    collected.raise_error()
     status, incomplete = _final_status(collected)
     message = OutputMessage(
         id=message_id,

@@ -24,6 +24,7 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 from starlette.types import Message, Send
 
+from vlmserve.api.errors import EngineError, InvalidRequestError
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 
 logger = logging.getLogger(__name__)
@@ -213,6 +214,7 @@ class CollectedChoice:
     stop_reason: int | str | None = None
     num_output_tokens: int = 0
     error: str | None = None
+    error_kind: str | None = None
 
 
 @dataclass
@@ -233,6 +235,7 @@ class Collected:
             choice.stop_reason = delta.stop_reason
             choice.num_output_tokens = delta.num_output_tokens
             choice.error = delta.error
+            choice.error_kind = delta.error_kind
             if first_of_prompt:
                 # Choice 0 of a prompt: its siblings reuse its prompt blocks, so its hit is the request's.
                 self.num_cached_tokens += delta.num_cached_tokens
@@ -249,3 +252,15 @@ class Collected:
         return next(
             (c.error or "engine error" for c in self.choices.values() if c.finish_reason == "error"), None
         )
+
+    def raise_error(self) -> None:
+        """Raise the failure of a choice that ended in error, if any: the client's (a constraint that could
+        not be followed, 400) or the engine's (500)."""
+        failed = next((c for c in self.choices.values() if c.finish_reason == "error"), None)
+        if failed is None:
+            return
+        if failed.error_kind == "constraint":
+            raise InvalidRequestError(
+                f"The output constraint could not be followed: {failed.error}", code="invalid_constraint"
+            )
+        raise EngineError(f"The engine failed while generating: {failed.error or 'engine error'}")

@@ -214,7 +214,9 @@ class EngineCore:
         for rid, message in self.structured.take_errors().items():
             # Failed here, between steps: a scheduled step may have read its blocks until now.
             if rid in self._choices:
-                self._undelivered += self._fail([rid], f"the output constraint failed: {message}")
+                self._undelivered += self._fail(
+                    [rid], f"the output constraint failed: {message}", "constraint"
+                )
         if not self.async_scheduling:
             sched = self._schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
@@ -280,7 +282,7 @@ class EngineCore:
                 req.ready = True
         for rid, message in failed.items():
             if rid in self._choices:
-                self._undelivered += self._fail([rid], f"invalid output constraint: {message}")
+                self._undelivered += self._fail([rid], f"invalid output constraint: {message}", "constraint")
 
     def _needs_known_tokens(self) -> bool:
         """Whether a request with a token still being sampled needs its value to sample its next one."""
@@ -383,7 +385,7 @@ class EngineCore:
         delivered, self._undelivered = self._undelivered, []
         return delivered + self._fail(list(self._choices), message)
 
-    def _fail(self, rids: list[str], message: str) -> list[CompletionDelta]:
+    def _fail(self, rids: list[str], message: str, kind: str | None = None) -> list[CompletionDelta]:
         out = []
         for rid in rids:
             choice = self._choices.pop(rid)
@@ -392,7 +394,11 @@ class EngineCore:
             siblings = self._children.get(choice.request_id, [])
             if all(s not in self._choices for s in siblings):
                 self._children.pop(choice.request_id, None)
-            out.append(CompletionDelta(choice.request_id, choice.index, "", [], None, "error", error=message))
+            out.append(
+                CompletionDelta(
+                    choice.request_id, choice.index, "", [], None, "error", error=message, error_kind=kind
+                )
+            )
         return out
 
     # --- stats -------------------------------------------------------------------------------------------------

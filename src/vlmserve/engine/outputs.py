@@ -27,6 +27,9 @@ class CompletionDelta:
     num_cached_tokens: int = 0
     num_output_tokens: int = 0
     error: str | None = None
+    # What failed, when finish_reason is "error": "constraint" (the request's output constraint could not be
+    # followed: the client's to fix), None (the engine).
+    error_kind: str | None = None
     # Of the prompt tokens: how many are image placeholders, and how many of those the prefix cache held.
     num_image_tokens: int = 0
     num_cached_image_tokens: int = 0

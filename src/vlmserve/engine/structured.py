@@ -301,9 +301,17 @@ class StructuredOutputs:
             self._executor.unsafe_compute_mask_ptr(
                 [(m, i) for i, (m, _) in enumerate(rows)], bits.ctypes.data, words * 4, len(rows)
             )
+        # A row that allows no token: the grammar cannot go on with this model's vocabulary (e.g. a choice of
+        # strings whose bytes no token spells). Sampling from it would pick an arbitrary token.
+        empty = ~bits.any(axis=1)
         for i, (matcher, rid) in enumerate(rows):
-            if matcher.is_error():  # its row allows everything this step; the engine fails it next
-                self._errors[rid] = matcher.get_error()
+            if (
+                matcher.is_error() or empty[i]
+            ):  # its row allows everything this step; the engine fails it next
+                self._errors[rid] = matcher.get_error() or (
+                    "it allows no token of this model's vocabulary here (the grammar cannot be completed "
+                    "with this tokenizer)"
+                )
                 bits[i] = -1
                 del self._matchers[rid]
         return GrammarBitmask([rid for _, rid in rows], bits)
