@@ -60,11 +60,6 @@ class InvalidRequestError(APIError):
     """400: the request itself is wrong; `param` names the field to fix."""
 
 
-class AuthenticationError(APIError):
-    status_code = 401
-    error_type = "authentication_error"
-
-
 class NotFoundError(APIError):
     status_code = 404
 

@@ -14,7 +14,6 @@ the previous step's `StepOutput`.
 from __future__ import annotations
 
 import logging
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -276,11 +275,6 @@ class ModelRunner:
             torch.tensor([[dst for dst, _ in pending], [rows[rid] for _, rid in pending]]), self.device
         )
         ids[index[0]] = prev.sampled.token_ids[index[1]]
-
-    @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> dict[str, SampledToken]:
-        """Run one step and wait for its tokens."""
-        return self.launch(sched).result()
 
     def launch(self, sched: SchedulerOutput, prev: StepOutput | None = None) -> StepOutput:
         """Queue one step; `prev` is the step still running whose sampled tokens this one may need."""
@@ -586,7 +580,3 @@ class CudaGraphDecoder:
             fill_pending(self.ids[:bsz])
         self.graphs[size].replay()
         return self.logits[size][:bsz]
-
-
-def num_blocks_for_memory(memory_bytes: int, per_block: int) -> int:
-    return max(2, math.floor(memory_bytes / per_block))
