@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -35,6 +35,18 @@ from vlmserve.runner.attention import (
 from vlmserve.runner.sampler import SampledBatch, Sampler, build_sampling_batch, make_generator
 
 logger = logging.getLogger(__name__)
+
+
+class DecodeBatch(NamedTuple):
+    """A step where every request computes one text token, as plain ints (the hot path of large decode
+    batches: no per-request tensors)."""
+
+    token_ids: list[int]  # PENDING where the token is still being sampled by the step before
+    positions: list[int]  # text positions: the same on all three M-RoPE axes
+    slots: list[int]  # KV-cache slot of each row's token
+    block_tables: list[list[int]]
+    seq_lens: list[int]
+    pending: list[tuple[int, str]]  # (row, request id) of the PENDING ids
 
 
 @dataclass
@@ -236,9 +248,7 @@ class ModelRunner:
             parts.append((torch.arange(lo, end) + req.mrope_delta).expand(3, -1))
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
 
-    def _prepare_decode(
-        self, sched: SchedulerOutput
-    ) -> tuple[list[int], list[int], list[int], list[list[int]], list[int], list[tuple[int, str]]] | None:
+    def _prepare_decode(self, sched: SchedulerOutput) -> DecodeBatch | None:
         """Inputs of a step where every request computes one text token, built from plain ints (the hot
         path of large decode batches: no per-request tensors). None when the step is anything else."""
         bs = self.block_size
@@ -260,7 +270,7 @@ class ModelRunner:
             slots.append(req.block_ids[i // bs] * bs + i % bs)
             seq_lens.append(i + 1)
             tables.append(req.block_ids)
-        return ids, pos, slots, tables, seq_lens, pending
+        return DecodeBatch(ids, pos, slots, tables, seq_lens, pending)
 
     def _fill_pending(
         self, ids: torch.Tensor, pending: list[tuple[int, str]], prev: StepOutput | None
@@ -297,10 +307,7 @@ class ModelRunner:
             self._set_cpu_threads(sched)
         decode = None if sched.encoder_inputs else self._prepare_decode(sched)
         if decode is not None and self.graphs is not None and self.graphs.fits(len(sched.scheduled)):
-            *inputs, pending = decode
-            return PreparedStep(
-                self._in_mode(lambda: self._run_graph(sched, inputs, pending, prev)), decode_only=True
-            )
+            return PreparedStep(self._in_mode(lambda: self._run_graph(sched, decode, prev)), decode_only=True)
         if decode is not None:  # CPU (or a batch beyond the graphs): the same ints, no per-request tensors
             eager = self._decode_inputs(sched, decode, prev)
             eager.grammar_bitmask = sched.grammar_bitmask
@@ -324,15 +331,16 @@ class ModelRunner:
 
         return run
 
-    def _run_graph(
-        self,
-        sched: SchedulerOutput,
-        inputs: list[Any],
-        pending: list[tuple[int, str]],
-        prev: StepOutput | None,
-    ) -> StepOutput:
+    def _run_graph(self, sched: SchedulerOutput, decode: DecodeBatch, prev: StepOutput | None) -> StepOutput:
         assert self.graphs is not None
-        logits = self.graphs.run(*inputs, fill_pending=lambda ids: self._fill_pending(ids, pending, prev))
+        logits = self.graphs.run(
+            decode.token_ids,
+            decode.positions,
+            decode.slots,
+            decode.block_tables,
+            decode.seq_lens,
+            fill_pending=lambda ids: self._fill_pending(ids, decode.pending, prev),
+        )
         reqs = [s.request for s in sched.scheduled if s.sample]
         rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
         if not reqs:
@@ -406,7 +414,7 @@ class ModelRunner:
         )
 
     def _decode_inputs(
-        self, sched: SchedulerOutput, decode: tuple[Any, ...], prev: StepOutput | None
+        self, sched: SchedulerOutput, decode: DecodeBatch, prev: StepOutput | None
     ) -> EagerInputs:
         """`_eager_inputs` for a step of one-token decodes, from `_prepare_decode`'s plain ints."""
         token_ids, positions, slots, tables, seq_lens, pending = decode
