@@ -1,0 +1,42 @@
+# Measurement aid for served-load runs (not part of vlmserve): stacks on SIGUSR1 in every process, and with
+# VLMSERVE_FRONT_PROFILE=PATH a cProfile of the HTTP front's main thread (its event loop), written at exit.
+import faulthandler
+import os
+import signal
+import sys
+
+faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+
+_path = os.environ.get("VLMSERVE_FRONT_PROFILE")
+if _path and "serve" in sys.argv:
+    import atexit
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    _prof = cProfile.Profile()
+    _t0, _c0 = time.monotonic(), time.thread_time()
+
+    def _dump() -> None:
+        global _prof
+        if not _prof:
+            return
+        _prof.disable()
+        out = io.StringIO()
+        out.write(f"main thread: wall {time.monotonic() - _t0:.1f} s, cpu {time.thread_time() - _c0:.1f} s\n")
+        stats = pstats.Stats(_prof, stream=out)
+        stats.sort_stats("tottime").print_stats(45)
+        stats.sort_stats("cumulative").print_stats(45)
+        with open(_path, "w") as f:
+            f.write(out.getvalue())
+        _prof = None
+
+    atexit.register(_dump)
+
+    def _term(signum, frame) -> None:  # uvicorn re-raises SIGTERM after its shutdown, which skips atexit
+        _dump()
+        os._exit(0)
+
+    signal.signal(signal.SIGTERM, _term)
+    _prof.enable()
