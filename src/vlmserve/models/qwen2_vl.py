@@ -9,6 +9,7 @@ processor's order) and the vision tower uses LayerNorm and a plain fc1 -> act ->
 it does not schedule, sample or own a KV cache (see qwen2_5_vl.py for the contract with the runner).
 Parameter names follow the released checkpoints (`visual.*`, `model.*`, `lm_head.*`) with q/k/v and gate/up
 fused.
+The language model is Qwen2's, shared with the other Qwen2-based family (models/layers/qwen2.py).
 """
 
 from __future__ import annotations
@@ -22,11 +23,9 @@ from torch import nn
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups
-from vlmserve.models.layers.mlp import GatedMLP
-from vlmserve.models.layers.norm import RMSNorm
-from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
+from vlmserve.models.layers.qwen2 import Qwen2Model
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
-from vlmserve.models.layers.weights import CheckpointLoadable, merged_linear
+from vlmserve.models.layers.weights import CheckpointLoadable
 
 ARCHITECTURES = ("Qwen2VLForConditionalGeneration",)
 
@@ -202,67 +201,6 @@ class VisionTransformer(nn.Module):
         for block in self.blocks:
             x = block(x, frames, cos, sin)
         return self.merger(x)  # (N / unit, out_hidden)
-
-
-# ------------------------------------------------------------------------------------- language model
-
-
-class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = merged_linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # (T, Hq, D)
-        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, D)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = attn(self.layer_idx, q, k, v)  # (T, Hq, D)
-        return self.o_proj(out.reshape(t, self.q_size))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
-
-
-class Qwen2Model(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
-        super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
-        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.rotary = MRotaryEmbedding(
-            cfg.head_dim, cfg.rope_theta, list(cfg.mrope_section), cfg.max_position_embeddings
-        )
-
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        """embeds (T, hidden); positions (3, T) multimodal or (T,) text-only -> (T, hidden) final-normed."""
-        cos, sin = self.rotary(positions)  # (T, D) each, computed once for all layers
-        x = embeds
-        for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
 
 
 # ------------------------------------------------------------------------------------------ the model

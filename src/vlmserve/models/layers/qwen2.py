@@ -1,0 +1,97 @@
+"""The Qwen2 language model: GQA attention with qkv bias, sectioned multimodal RoPE, RMSNorm, SwiGLU.
+
+Qwen2-VL and Qwen2.5-VL use the very same language model; their family files own their configs, vision towers
+and the wrapper, and build this one. Parameter names follow the released checkpoints under `model.*`
+(`layers.N.self_attn.qkv_proj` with q/k/v fused, `layers.N.mlp.gate_up_proj`).
+
+Does not know: vision, the KV cache (the attention backend passed per step owns it), sampling.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+import torch
+from torch import nn
+
+from vlmserve.models.layers.attention import AttentionBackend
+from vlmserve.models.layers.mlp import GatedMLP
+from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
+from vlmserve.models.layers.weights import merged_linear
+
+
+class Qwen2TextConfig(Protocol):
+    """What the language model reads of a family's text config."""
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    rms_norm_eps: float
+    rope_theta: float
+    mrope_section: tuple[int, ...]
+    max_position_embeddings: int
+
+    @property
+    def head_dim(self) -> int: ...
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: Qwen2TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+        self.qkv_proj = merged_linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
+        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        t = x.shape[0]
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = apply_rotary(q.view(t, self.num_heads, self.head_dim), cos, sin)  # (T, Hq, D)
+        k = apply_rotary(k.view(t, self.num_kv_heads, self.head_dim), cos, sin)  # (T, Hkv, D)
+        v = v.view(t, self.num_kv_heads, self.head_dim)
+        out = attn(self.layer_idx, q, k, v)  # (T, Hq, D)
+        return self.o_proj(out.reshape(t, self.q_size))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, cfg: Qwen2TextConfig, layer_idx: int) -> None:
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.self_attn = Attention(cfg, layer_idx)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
+    ) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen2Model(nn.Module):
+    def __init__(self, cfg: Qwen2TextConfig) -> None:
+        super().__init__()
+        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
+        self.rotary = MRotaryEmbedding(
+            cfg.head_dim, cfg.rope_theta, list(cfg.mrope_section), cfg.max_position_embeddings
+        )
+
+    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
+        """embeds (T, hidden); positions (3, T) multimodal or (T,) text-only -> (T, hidden) final-normed."""
+        cos, sin = self.rotary(positions)  # (T, D) each, computed once for all layers
+        x = embeds
+        for layer in self.layers:
+            x = layer(x, cos, sin, attn)
+        return self.norm(x)
