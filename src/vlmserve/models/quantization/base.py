@@ -15,6 +15,7 @@ it. This module does not know any model family: the name mapping comes from the 
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
@@ -28,7 +29,7 @@ class QuantizationError(ValueError):
     """A quantization setting or checkpoint layout vlmserve cannot serve; the message says what would work."""
 
 
-class QuantizedLinear(nn.Module):
+class QuantizedLinear(nn.Module, ABC):
     """Base of the methods' linear modules: the attributes models and the loader read off an nn.Linear."""
 
     in_features: int
@@ -37,9 +38,9 @@ class QuantizedLinear(nn.Module):
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
+    @abstractmethod
     def init_random(self, weight: torch.Tensor) -> None:
         """Fill from a float (out, in) weight (random weights for `load_format="dummy"`)."""
-        raise NotImplementedError
 
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
@@ -47,7 +48,7 @@ def frozen(t: torch.Tensor) -> nn.Parameter:
     return nn.Parameter(t, requires_grad=False)
 
 
-class QuantizationMethod:
+class QuantizationMethod(ABC):
     """One quantization format. Subclasses set `name` and implement `make_linear` and `convert`."""
 
     name: str = ""
@@ -90,15 +91,15 @@ class QuantizationMethod:
                 "checkpoint, or the unquantized model"
             )
 
+    @abstractmethod
     def make_linear(self, linear: nn.Linear) -> QuantizedLinear:
         """The quantized module replacing `linear` (same shape and bias, on its device, weights unset)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def convert(self, weights: Weights, is_quantized: Callable[[str], bool]) -> Iterator[tuple[str, Any]]:
         """The loader hook: checkpoint tensors as released -> the tensors this method's modules hold, with
         the same module prefixes (so the model's load_weights maps them). `is_quantized(prefix)` says
         whether the model holds a quantized module for a checkpoint module prefix (`...q_proj`)."""
-        raise NotImplementedError
 
 
 def _matches(entry: str, name: str) -> bool:
