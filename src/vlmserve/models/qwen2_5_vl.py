@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from vlmserve.devices import to_device
-from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups
+from vlmserve.models.layers.attention import VarlenGroups
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.qwen2 import Qwen2Model
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, vision_rotary
-from vlmserve.models.layers.weights import CheckpointLoadable
+from vlmserve.models.layers.vlm import VisionLanguageModel
 
 ARCHITECTURES = ("Qwen2_5_VLForConditionalGeneration",)
 
@@ -250,41 +250,8 @@ class VisionTransformer(nn.Module):
 # ------------------------------------------------------------------------------------------ the model
 
 
-class Qwen2_5_VLForConditionalGeneration(CheckpointLoadable):
+class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
     FAMILY = "Qwen2.5-VL"
 
     def __init__(self, cfg: Qwen2_5_VLConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.visual = VisionTransformer(cfg.vision)
-        self.model = Qwen2Model(cfg.text)
-        if not cfg.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        self.remember_fused_shards()
-
-    def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """All images' patches packed (N, C*T*P*P) -> one (tokens_i, hidden) embedding per image."""
-        out = self.visual(patches, grids)
-        unit = self.config.vision.spatial_merge_size**2
-        return list(out.split([t * h * w // unit for t, h, w in grids]))
-
-    def embed(
-        self,
-        token_ids: torch.Tensor,
-        image_embeds: torch.Tensor | None = None,
-        image_mask: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """token_ids (T,) -> (T, hidden), with rows where image_mask is set replaced by image_embeds in order."""
-        x = self.model.embed_tokens(token_ids)
-        if image_embeds is not None and image_mask is not None:
-            x = x.masked_scatter(image_mask[:, None], image_embeds.to(x.dtype))
-        return x
-
-    def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
-        return self.model(embeds, positions, attn)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.model.embed_tokens.weight if self.config.text.tie_word_embeddings else self.lm_head.weight
-        )
-        return hidden @ weight.t()
+        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen2Model(cfg.text))

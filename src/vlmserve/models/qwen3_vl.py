@@ -34,7 +34,8 @@ from vlmserve.models.layers.moe import SparseMoE
 from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
-from vlmserve.models.layers.weights import CheckpointLoadable, merged_linear
+from vlmserve.models.layers.vlm import VisionLanguageModel
+from vlmserve.models.layers.weights import merged_linear
 
 ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
 MOE_ARCHITECTURES = ("Qwen3VLMoeForConditionalGeneration",)
@@ -343,23 +344,14 @@ class Qwen3Model(nn.Module):
 # ------------------------------------------------------------------------------------------ the model
 
 
-class Qwen3VLForConditionalGeneration(CheckpointLoadable):
+class Qwen3VLForConditionalGeneration(VisionLanguageModel):
+    """Each image's encoder output rows are (1 + n_deepstack) * hidden wide: the merged features, then the
+    DeepStack features that `forward` adds into the first language-model layers."""
+
     FAMILY = "Qwen3-VL"
 
     def __init__(self, cfg: Qwen3VLConfig) -> None:
-        super().__init__()
-        self.config = cfg
-        self.visual = VisionTransformer(cfg.vision)
-        self.model = Qwen3Model(cfg.text)
-        if not cfg.text.tie_word_embeddings:
-            self.lm_head = nn.Linear(cfg.text.hidden_size, cfg.text.vocab_size, bias=False)
-        self.remember_fused_shards()
-
-    def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
-        """All images' patches packed (N, C*T*P*P) -> one (tokens_i, (1 + n_deepstack) * hidden) per image."""
-        out = self.visual(patches, grids)
-        unit = self.config.vision.spatial_merge_size**2
-        return list(out.split([t * h * w // unit for t, h, w in grids]))
+        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen3Model(cfg.text))
 
     def embed(
         self,
@@ -384,12 +376,6 @@ class Qwen3VLForConditionalGeneration(CheckpointLoadable):
         t = embeds.shape[0]
         deepstack = embeds[:, hidden:].view(t, -1, hidden)  # (T, n_deepstack, hidden)
         return self.model(embeds[:, :hidden], positions, attn, deepstack)
-
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        weight = (
-            self.model.embed_tokens.weight if self.config.text.tie_word_embeddings else self.lm_head.weight
-        )
-        return hidden @ weight.t()
 
     def convert_tensor(self, name: str, tensor: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
         # Released MoE checkpoints stack experts as (E, in, out); ours are (E, out, in). Like HF, a tensor
