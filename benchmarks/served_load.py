@@ -5,7 +5,8 @@ what each load got, the CPU time of the server's processes, and whether the serv
         --load w2x8:8:128:384:448x448:512 --load w1c1:1:1:32:1280x720:128 \\
         -- --load-format dummy --dtype bfloat16 --max-model-len 8192 --max-num-seqs 128
 
-A load is NAME:CLIENT_PROCESSES:CONCURRENCY:REQUESTS:WxH:OUTPUT_TOKENS. The server runs the code under --src
+A load is NAME:CLIENT_PROCESSES:CONCURRENCY:REQUESTS:WxH:OUTPUT_TOKENS[:EXTRA BENCH FLAGS], e.g.
+`w2json:8:128:384:448x448:512:--json-schema benchmarks/schemas/long_extraction.json` (the flags split on spaces). The server runs the code under --src
 (default: this checkout's src/), the client always this checkout's bench. Every wait ends when the process
 waited for has died. A server whose /metrics stops answering for --stall-after seconds during a load is
 declared stalled: every process of it is sent SIGUSR1 (the engine process writes its stacks on it; with
@@ -126,7 +127,7 @@ def main() -> int:
         summary["startup_s"] = time.monotonic() - t0
         print(f"[{args.label}] server up in {summary['startup_s']:.0f} s", flush=True)
         for spec in args.load:
-            name, clients, conc, n, size, out_len = spec.split(":")
+            name, clients, conc, n, size, out_len, *extra = spec.split(":", 6)
             jpath = args.out / f"{args.label}-{name}.json"
             bench = [
                 sys.executable, "-m", "vlmserve", "bench", "--base-url", f"{base}/v1", "--model", "m",
@@ -134,6 +135,7 @@ def main() -> int:
                 "--output-len", out_len, "--ignore-eos", "--prompt-words", "8", "--warmup", clients,
                 "--request-timeout", "300", "--duration-limit", str(args.load_timeout), "--no-progress",
                 "--json", str(jpath), "--seed", str(zlib.crc32(spec.encode()) % 1000),
+                *(extra[0].split() if extra else []),
             ]  # fmt: skip
             procs = [server.pid, *children(server.pid)]
             cpu0 = {p: cpu_seconds(p) for p in procs}

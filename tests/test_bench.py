@@ -159,6 +159,17 @@ def test_text_only_completions_endpoint(server: str, tmp_path: Path) -> None:
     assert_consistent(report, output_len=6)
 
 
+def test_json_schema_load_is_constrained_by_the_server(server: str, tmp_path: Path) -> None:
+    """--json-schema sends response_format: a schema that closes after a few tokens ends every request
+    before --output-len even under --ignore-eos (the structure is complete), where free requests run to it."""
+    flags = ["--model", MODEL, "--num-requests", "4", "--concurrency", "2", "--output-len", "24"]
+    flags += ["--ignore-eos", "--image-size", "64x48", "--prompt-words", "4", "--warmup", "0"]
+    code, report, _ = run_bench(server, tmp_path / "out.json", *flags, "--json-schema", '{"const": "yes"}')
+    assert code == 0
+    assert report["config"]["json_schema"] == {"const": "yes"}
+    assert all(0 < r["output_tokens"] < 24 for r in report["requests"]), report["requests"]
+
+
 def test_duration_limit_stops_issuing_and_lets_in_flight_finish(server: str, tmp_path: Path) -> None:
     flags = ["--model", MODEL, "--num-requests", "400", "--concurrency", "2", "--duration-limit", "0.3"]
     flags += ["--output-len", "4", "--ignore-eos", "--image-size", "32x32", "--warmup", "0"]

@@ -565,12 +565,31 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="generate exactly --output-len tokens (vLLM's ignore_eos and min_tokens request fields)",
     )
+    data.add_argument(
+        "--json-schema",
+        type=_json_schema_arg,
+        default=None,
+        metavar="FILE|JSON",
+        help="ask for output following this JSON schema (response_format json_schema): a file or inline JSON",
+    )
     out = p.add_argument_group("output")
     out.add_argument(
         "--json", type=Path, default=None, metavar="PATH", help="write metrics and per-request timings"
     )
     out.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=bench, parser=p)
+
+
+def _json_schema_arg(value: str) -> dict[str, Any]:
+    """--json-schema: inline JSON when it starts with '{', else a file holding it."""
+    try:
+        text = value if value.lstrip().startswith("{") else Path(value).read_text()
+        schema = json.loads(text)
+    except (OSError, json.JSONDecodeError) as e:
+        raise argparse.ArgumentTypeError(f"not a JSON schema file or inline JSON object: {e}") from None
+    if not isinstance(schema, dict):
+        raise argparse.ArgumentTypeError(f"a JSON schema is an object, got {type(schema).__name__}")
+    return schema
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -602,6 +621,7 @@ def bench(args: argparse.Namespace) -> int:
             request_timeout_s=args.request_timeout,
             seed=args.seed,
             num_clients=args.num_clients,
+            json_schema=args.json_schema,
         )
     except ValueError as e:
         # BenchConfig names its fields; the user typed flags.

@@ -23,6 +23,10 @@ concurrency (or the Poisson rate) split between them, every process starting tog
 merged into one report. Each process measures its own CPU time; one that was busy for most of the run is
 reported ("client_cpu_max"), with a note that the client, not the server, may have set the figures.
 
+With `json_schema`, every request asks for output following that schema (OpenAI's `response_format`): the
+load of structured outputs. With `ignore_eos` as well, a schema that cannot close within `output_len` tokens
+keeps the token counts equal to an unconstrained run.
+
 Does not know: vlmserve's engine or server. It speaks HTTP and OpenAI's streaming wire format, plus vLLM's
 `ignore_eos` / `min_tokens` extensions when asked to ignore EOS.
 """
@@ -95,6 +99,7 @@ class BenchConfig:
     request_timeout_s: float = 600.0
     seed: int = 0
     num_clients: int = 1  # client processes the load is spread over
+    json_schema: dict[str, Any] | None = None  # sent as response_format json_schema (structured outputs)
 
     def __post_init__(self) -> None:
         if (self.concurrency is None) == (self.request_rate is None):
@@ -199,6 +204,11 @@ def build_bodies(config: BenchConfig, count: int, seed: int) -> list[bytes]:
             # fields, so leave ignore_eos off when measuring it.
             body["ignore_eos"] = True
             body["min_tokens"] = config.output_len
+        if config.json_schema is not None:
+            body["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": "bench", "schema": config.json_schema},
+            }
         bodies.append(json.dumps(body).encode())
     return bodies
 
