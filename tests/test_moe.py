@@ -107,7 +107,8 @@ def test_block_layout_computes_the_reference() -> None:
 @pytest.mark.parametrize(
     ("tokens", "hidden", "inter", "experts", "top_k"),
     [
-        (1, 2048, 768, 128, 8),  # Qwen3-VL-30B-A3B decode at batch 1
+        (1, 2048, 768, 128, 8),  # Qwen3-VL-30B-A3B decode at batch 1 (one row per block)
+        (4, 2048, 768, 128, 8),  # the largest batch with one row per block
         (64, 2048, 768, 128, 8),  # decode batch
         (700, 256, 96, 8, 2),  # prefill; intermediate size not a multiple of the kernel's 64
         (5, 64, 48, 4, 4),  # every expert on every token
@@ -134,13 +135,14 @@ def test_triton_moe_matches_torch_reference(
 
 @pytest.mark.gpu
 @needs_cuda
-def test_triton_moe_replays_in_a_cuda_graph_with_new_routing() -> None:
+@pytest.mark.parametrize("tokens", [8, 16])  # one row per block (32 rows), aligned blocks (64)
+def test_triton_moe_replays_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
     """The expert layout is built on the device without a host sync and with shapes fixed by the token count,
     so a CUDA graph captured with one routing computes any other routing correctly on replay."""
     from vlmserve.models.layers.moe import fused_moe_triton
 
     moe = _random_moe(256, 128, 16, 4).to("cuda", torch.bfloat16)
-    x = torch.randn(8, 256, device="cuda", dtype=torch.bfloat16)
+    x = torch.randn(tokens, 256, device="cuda", dtype=torch.bfloat16)
     with torch.inference_mode():
         fused_moe_triton(x, moe.experts.gate_up_proj, moe.experts.down_proj, *moe.route(x))  # compile
         graph = torch.cuda.CUDAGraph()

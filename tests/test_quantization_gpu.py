@@ -30,9 +30,9 @@ def _rel(got: torch.Tensor, ref: torch.Tensor) -> float:
 @pytest.mark.parametrize(
     ("n", "k", "group"), [(72, 256, 128), (200, 384, 128), (4096, 1024, 128), (40, 96, 32)]
 )
-@pytest.mark.parametrize("backend", ["gemm", "gemv", "auto"])
+@pytest.mark.parametrize("tiles", [None, {"splits": 1}, {"splits": 3}])
 def test_awq_kernels_match_reference(
-    dtype: torch.dtype, rows: int, n: int, k: int, group: int, backend: str
+    dtype: torch.dtype, rows: int, n: int, k: int, group: int, tiles: dict | None
 ) -> None:
     from vlmserve.models.quantization import awq, kernels
 
@@ -42,9 +42,9 @@ def test_awq_kernels_match_reference(
     x = torch.randn(rows, k, generator=gen).to("cuda", dtype)
     bias = torch.randn(n, generator=gen).to("cuda", dtype)
     ref = kernels.awq_linear_reference(x, qw, qz, s, group, bias)
-    got = kernels.awq_linear(x, qw, qz, s, group, bias, backend=backend)
+    got = kernels.awq_linear(x, qw, qz, s, group, bias, tiles=tiles)  # split K or not
     assert got.dtype == dtype and got.shape == (rows, n)
-    # The kernels round each dequantized weight to the activations' dtype (GEMM) or keep float32 (GEMV).
+    # The kernel rounds each dequantized weight to the activations' dtype.
     assert _rel(got, ref) < 1e-2
 
 
@@ -62,9 +62,11 @@ def test_awq_kernels_match_reference(
         (130, 520, 128),
     ],
 )
-@pytest.mark.parametrize("backend", ["triton", "auto"])
+@pytest.mark.parametrize(
+    ("backend", "tiles"), [("triton", {"splits": 1}), ("triton", {"splits": 3}), ("auto", None)]
+)
 def test_fp8_kernels_match_reference(
-    dtype: torch.dtype, rows: int, n: int, k: int, block: int | None, backend: str
+    dtype: torch.dtype, rows: int, n: int, k: int, block: int | None, backend: str, tiles: dict | None
 ) -> None:
     from vlmserve.models.quantization import fp8, kernels
     from vlmserve.testing.quantized_checkpoint import fp8_block_quantize
@@ -85,7 +87,7 @@ def test_fp8_kernels_match_reference(
     # The Triton kernel scales activations per row and K tile; _scaled_mm per row.
     group = kernels.triton_act_group(scale, block_k) if chosen == "triton" else None
     ref = kernels.fp8_linear_reference(x, q, scale, block_k, bias, group)
-    got = kernels.fp8_linear(x, q, scale, block_k, bias, backend=backend)
+    got = kernels.fp8_linear(x, q, scale, block_k, bias, backend=backend, tiles=tiles)
     assert got.dtype == dtype and got.shape == (rows, n)
     assert _rel(got, ref) < 1e-2
 

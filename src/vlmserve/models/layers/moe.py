@@ -99,6 +99,9 @@ def moe_reference(
 
 # ------------------------------------------------------------------------------------------ GPU kernel
 
+# Up to this many (token, expert) rows, each row is its own block (see fused_moe_triton).
+ONE_ROW_MAX = 32
+
 
 def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Lay out the T*k (token, slot) rows in blocks of `block_m` rows of one expert each.
@@ -149,6 +152,7 @@ if TRITON:
         A_BY_TOKEN: tl.constexpr,
         GATED: tl.constexpr,
         SCALE: tl.constexpr,
+        ONE_ROW: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,
@@ -157,15 +161,21 @@ if TRITON:
         BLOCK_M sorted rows of this program's block and BLOCK_N output columns. A's row is the token
         (row // top_k) when A_BY_TOKEN, else the row itself. GATED: W holds [gate | up] (2 * n_out rows) and
         C = silu(A @ gate.T) * (A @ up.T), both products from the same A tiles (no (rows, 2 * n_out)
-        intermediate, no separate activation launch)."""
+        intermediate, no separate activation launch). ONE_ROW: block b is the single row b, of expert
+        block_expert[b] (small batches: no sorting, each row streams its expert's weights)."""
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         expert = tl.load(block_expert_ptr + pid_m)
         if expert < 0:
             return
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        rows = tl.load(sorted_rows_ptr + offs_m)
-        valid = rows < num_rows
+        if ONE_ROW:
+            offs = tl.arange(0, BLOCK_M)
+            rows = pid_m + offs * 0
+            valid = offs == 0
+        else:
+            offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+            rows = tl.load(sorted_rows_ptr + offs_m)
+            valid = rows < num_rows
         if A_BY_TOKEN:
             a_rows = rows // top_k
         else:
@@ -206,11 +216,19 @@ if TRITON:
         a_by_token: bool,
         gated: bool,
         block_m: int,
+        one_row: bool,
+        tiles: dict[str, int] | None,
     ) -> None:
         num_rows, n_out = out.shape
         k_in = w.shape[2]
-        block_n, block_k = 64, 64
-        grid = (block_expert.numel(), triton.cdiv(n_out, block_n))
+        # Few rows (decode): narrow output tiles, more programs streaming weights at once.
+        cfg = (
+            {"BLOCK_N": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 4}
+            if one_row
+            else {"BLOCK_N": 64, "BLOCK_K": 64}
+        )
+        cfg.update(tiles or {})
+        grid = (block_expert.numel(), triton.cdiv(n_out, cfg["BLOCK_N"]))
         _grouped_gemm_kernel[grid](
             a,
             w,
@@ -229,9 +247,9 @@ if TRITON:
             A_BY_TOKEN=a_by_token,
             GATED=gated,
             SCALE=scale is not None,
+            ONE_ROW=one_row,
             BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
+            **cfg,
         )
 
 
@@ -241,18 +259,26 @@ def fused_moe_triton(
     w2: torch.Tensor,
     topk_weights: torch.Tensor,
     topk_ids: torch.Tensor,
+    tiles: dict[str, int] | None = None,
 ) -> torch.Tensor:
-    """The GPU path: rows aligned to per-expert blocks, one grouped-GEMM launch per projection."""
+    """The GPU path: rows aligned to per-expert blocks, one grouped-GEMM launch per projection. Up to
+    ONE_ROW_MAX rows (decode at a few sequences) each row is its own block: no alignment kernels, and rows
+    rarely share an expert (one token's k experts are distinct), so little weight is read twice."""
     t, k = topk_ids.shape
     num_experts, two_i, hidden = w13.shape
-    # Small batches (decode) put few rows on each expert: small blocks waste less padding.
-    block_m = 16 if t * k <= 32 * num_experts else 64
-    sorted_rows, block_expert = align_rows(topk_ids, num_experts, block_m)
+    one_row = t * k <= ONE_ROW_MAX
+    if one_row:
+        block_m = 16  # tl.dot's smallest tile; one row of it is used
+        sorted_rows, block_expert = topk_ids, topk_ids.flatten().to(torch.int32)
+    else:
+        # Small batches (decode) put few rows on each expert: small blocks waste less padding.
+        block_m = 16 if t * k <= 32 * num_experts else 64
+        sorted_rows, block_expert = align_rows(topk_ids, num_experts, block_m)
     x = x.contiguous()
     w13, w2 = w13.contiguous(), w2.contiguous()
     act = torch.empty(t * k, two_i // 2, dtype=x.dtype, device=x.device)  # (T*k, I) in flat row order
-    _grouped_gemm(x, w13, act, sorted_rows, block_expert, None, k, True, True, block_m)  # silu(gate) * up
+    _grouped_gemm(x, w13, act, sorted_rows, block_expert, None, k, True, True, block_m, one_row, tiles)
     down = torch.empty(t * k, hidden, dtype=x.dtype, device=x.device)
     weights = topk_weights.flatten().contiguous()
-    _grouped_gemm(act, w2, down, sorted_rows, block_expert, weights, k, False, False, block_m)
+    _grouped_gemm(act, w2, down, sorted_rows, block_expert, weights, k, False, False, block_m, one_row, tiles)
     return down.view(t, k, hidden).sum(dim=1)

@@ -4,8 +4,13 @@ and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy
     fp8_linear   a Triton GEMM that quantizes activations in registers (per row and 128 columns), for
                  block and per-channel scales; at prefill sizes with per-channel scales on Hopper+,
                  torch._scaled_mm (cuBLASLt, row-wise scales: activations per token)
-    awq_linear   Triton: a tiled GEMM for M > GEMV_MAX_ROWS, a GEMV (no tensor cores, every weight byte read
-                 once per row) for decode at batch 1-4, where bandwidth is everything
+    awq_linear   a Triton GEMM that unpacks the int4 weights in registers (a tile of packed bytes loaded once,
+                 its two nibbles interleaved back into K order) and multiplies on the tensor cores
+
+Decode is weight streaming: at a batch of a few rows a layer's output has few tiles (o_proj and down_proj of
+a 7B: 56 tiles of 64 rows), far fewer programs than a GPU needs in flight to saturate its bandwidth. Both
+kernels therefore split K across programs when the output has too few tiles (`_split_k`), each writing float32
+partial sums that one small kernel adds up (plus bias, cast); with enough tiles they write the output directly.
 
 Every path is plain device work with no host synchronisation, so CUDA graphs capture it; the first call of a
 shape compiles its kernel, which the graph capture's warm-up run does. The torch references they are tested
@@ -16,6 +21,7 @@ Only used for CUDA tensors.
 from __future__ import annotations
 
 import functools
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -27,9 +33,6 @@ from vlmserve.models.quantization.fp8 import FP8, FP8_MAX, MIN_SCALE
 if TRITON:
     import triton
     import triton.language as tl
-
-# Up to this many rows the AWQ GEMV runs (one weight read per output row and input row).
-GEMV_MAX_ROWS = 4
 
 
 # --- activation quantization (shared by the kernels and the reference) -------------------------------------
@@ -87,6 +90,101 @@ def awq_linear_reference(
     return out.to(x.dtype)
 
 
+# --- tiles and split-K ----------------------------------------------------------------------------------
+
+
+@functools.cache
+def _num_sms(index: int | None) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+class Tiles:
+    """A GEMM's launch shape: tile sizes, warps, pipeline stages and the K splits."""
+
+    __slots__ = ("block_k", "block_m", "block_n", "k_per_split", "num_stages", "num_warps", "splits")
+
+    def __init__(self, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> None:
+        self.block_m, self.block_n, self.block_k = block_m, block_n, block_k
+        self.num_warps, self.num_stages = num_warps, num_stages
+        self.splits, self.k_per_split = 1, 0
+
+
+def _tiles(
+    m: int, n: int, k: int, block_k: int, device: torch.device, override: dict[str, int] | None
+) -> Tiles:
+    """Tiles by batch size: small M (decode) streams weights in narrow tiles split along K until there are
+    about four programs per SM in flight; large M (prefill, big decode batches) uses tensor-core-sized tiles."""
+    if m <= 16:
+        t = Tiles(16, 64, block_k, 4, 4)
+    elif m <= 64:
+        t = Tiles(32 if m <= 32 else 64, 64, block_k, 4, 4)
+    else:
+        t = Tiles(64 if m <= 128 else 128, 128, block_k, 8 if m > 128 else 4, 3)
+    for field, value in (override or {}).items():  # benchmarks and tests pin fields ("splits": 1 or more)
+        if field != "splits":
+            setattr(t, field, value)
+    m_tiles, n_tiles, k_tiles = -(-m // t.block_m), -(-n // t.block_n), -(-k // t.block_k)
+    want = (override or {}).get("splits")
+    if want is None:
+        target = 4 * _num_sms(device.index)
+        want = 1 if m_tiles * n_tiles >= target // 2 else min(k_tiles, target // (m_tiles * n_tiles))
+    per_split = -(-k_tiles // max(1, want))
+    t.k_per_split = per_split * t.block_k
+    t.splits = -(-k_tiles // per_split)
+    return t
+
+
+if TRITON:
+
+    @triton.jit
+    def _splitk_reduce_kernel(part_ptr, bias_ptr, out_ptr, M, N, SPLITS, stride_om, HAS_BIAS: tl.constexpr,
+                              BLOCK: tl.constexpr):  # fmt: skip
+        # out[m, n] = sum_s part[s, m, n] (+ bias[n]), one program per (row, BLOCK columns).
+        row = tl.program_id(0)
+        offs = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+        ok = offs < N
+        acc = tl.zeros((BLOCK,), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            acc += tl.load(part_ptr + (s * M + row) * N + offs, mask=ok, other=0.0)
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
+
+
+def _launch(
+    kernel: Any,
+    x2: torch.Tensor,
+    n: int,
+    t: Tiles,
+    bias: torch.Tensor | None,
+    weights: tuple,
+    tail: tuple,
+    **meta: Any,
+) -> torch.Tensor:
+    """Run a GEMM kernel (x, *weights, bias, out, M, N, K, TILES_PER_SPLIT, stride_xm, stride_cm, *tail) over the
+    grid (M tiles, N tiles, K splits): the output directly when there is one split, else float32 partials
+    that `_splitk_reduce_kernel` adds up (with the bias)."""
+    m = x2.shape[0]
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    split = t.splits > 1
+    part = torch.empty(t.splits, m, n, dtype=torch.float32, device=x2.device) if split else out
+    has_bias = bias is not None
+    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.splits)
+    kernel[grid](
+        x2, *weights, bias if has_bias and not split else out, part, m, n, x2.shape[1], t.k_per_split // t.block_k,
+        x2.stride(0), out.stride(0), *tail,
+        HAS_BIAS=has_bias and not split, SPLIT=split, BLOCK_M=t.block_m, BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k, num_warps=t.num_warps, num_stages=t.num_stages, **meta,
+    )  # fmt: skip
+    if split:
+        block = 1024
+        _splitk_reduce_kernel[(m, triton.cdiv(n, block))](
+            part, bias if has_bias else out, out, m, n, t.splits, out.stride(0),
+            HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
+        )  # fmt: skip
+    return out
+
+
 # --- FP8 -----------------------------------------------------------------------------------------------
 
 if TRITON:
@@ -97,16 +195,18 @@ if TRITON:
         b_ptr,  # (N, K) fp8
         bs_ptr,  # (N, G) float32 weight scales
         bias_ptr,
-        c_ptr,  # (M, N)
+        c_ptr,  # (M, N) output, or (SPLITS, M, N) float32 partials when SPLIT
         M,
         N,
         K,
-        GROUP_K,  # columns per weight scale (block_k; K for per-channel scales)
+        TILES_PER_SPLIT,  # K tiles (of BLOCK_K) per split
         stride_xm,
+        stride_cm,
         stride_bn,
         stride_bsn,
-        stride_cm,
+        GROUP_K,  # columns per weight scale (block_k; K for per-channel scales)
         HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides GROUP_K; also the activation scale group (ACT_GROUP)
@@ -115,28 +215,33 @@ if TRITON:
         # quantization kernels (at decode they would outnumber the GEMMs) and no FP8 copy of x in memory.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
         m_ok = offs_m < M
         n_ok = offs_n < N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
+        # This split's K tiles; the last split's may run past K (masked: no memory traffic).
+        for i in range(0, TILES_PER_SPLIT):
+            k0 = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K
             k = k0 + offs_k
             k_ok = k < K
-            x_mask = m_ok[:, None] & k_ok[None, :]
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_mask, other=0.0)
-            x = x.to(tl.float32)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0).to(tl.float32)  # fmt: skip
             # The scale as quantize_activations computes it (448: e4m3's largest value; 1e-12: MIN_SCALE).
             a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)  # (BLOCK_M,)
             a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv)
-            b_mask = n_ok[:, None] & k_ok[None, :]
-            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=b_mask, other=0.0)
-            b_s = tl.load(bs_ptr + offs_n * stride_bsn + k0 // GROUP_K, mask=n_ok, other=0.0)
+            b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
+            b_s = tl.load(bs_ptr + offs_n * stride_bsn + k0 // GROUP_K, mask=n_ok & (k0 < K), other=0.0)
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        if SPLIT:
+            c = c_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
         tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
@@ -158,7 +263,12 @@ def triton_act_group(scale: torch.Tensor, block_k: int) -> int:
 
 
 def fp8_triton(
-    x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_k: int, bias: torch.Tensor | None
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    block_k: int,
+    bias: torch.Tensor | None,
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     m, k = x2.shape
     n = weight.shape[0]
@@ -168,31 +278,11 @@ def fp8_triton(
         raise ValueError(f"FP8 block size {block_k} along K: the Triton kernel needs a multiple of 32")
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-    block_n = 64 if m <= 16 else 128
-    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-    _fp8_gemm_kernel[grid](
-        x2,
-        weight,
-        scale,
-        bias if bias is not None else out,
-        out,
-        m,
-        n,
-        k,
-        group_k,
-        x2.stride(0),
-        weight.stride(0),
-        scale.stride(0),
-        out.stride(0),
-        HAS_BIAS=bias is not None,
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_K=tile_k,
-        num_warps=4,
-    )
-    return out
+    t = _tiles(m, n, k, tile_k, x2.device, tiles)
+    if t.block_k != tile_k:
+        raise ValueError(f"the FP8 kernel's K tile is its activation group ({tile_k}), got {t.block_k}")
+    tail = (weight.stride(0), scale.stride(0), group_k)
+    return _launch(_fp8_gemm_kernel, x2, n, t, bias, (weight, scale), tail)
 
 
 # Rows up to which the fused Triton kernel runs even where _scaled_mm applies: its activation quantization
@@ -248,9 +338,10 @@ def fp8_linear(
     block_k: int,
     bias: torch.Tensor | None,
     backend: str = "auto",
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ dequant(weight (N, K), scale (N, Kb)).T + bias -> (..., N) in x's dtype.
-    backend: auto | scaled_mm | triton (tests pin one)."""
+    backend: auto | scaled_mm | triton (tests pin one); tiles: the Triton launch shape (benchmarks)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] == 0:
@@ -260,7 +351,7 @@ def fp8_linear(
     if backend == "scaled_mm":
         out = fp8_scaled_mm(x2, weight, scale, bias)
     elif backend == "triton":
-        out = fp8_triton(x2, weight, scale, block_k, bias)
+        out = fp8_triton(x2, weight, scale, block_k, bias, tiles)
     else:  # CUDA without Triton: correct, not fast
         w = (weight.float() * scale.repeat_interleave(block_k, dim=1)[:, : x2.shape[1]]).to(x.dtype)
         out = F.linear(x2, w, bias)
@@ -278,92 +369,56 @@ if TRITON:
         qz_ptr,  # (N, K/GROUP) uint8
         s_ptr,  # (N, K/GROUP) fp16
         bias_ptr,
-        out_ptr,  # (M, N)
+        c_ptr,  # (M, N) output, or (SPLITS, M, N) float32 partials when SPLIT
         M,
         N,
         K,
+        TILES_PER_SPLIT,  # K tiles (of BLOCK_K) per split
         stride_xm,
+        stride_cm,
         stride_qn,
         stride_zn,
         stride_sn,
-        stride_om,
         GROUP: tl.constexpr,
         HAS_BIAS: tl.constexpr,
+        SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides GROUP: one zero / scale per row and K tile
     ):
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
+        pid_s = tl.program_id(2)
         offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
         offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
         offs_k = tl.arange(0, BLOCK_K)
+        offs_j = tl.arange(0, BLOCK_K // 2)
         m_ok = offs_m < M
         n_ok = offs_n < N
-        shift = (offs_k % 2) * 4
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None], other=0.0)
-            # Each byte is loaded for both of its nibbles; the second load hits the cache.
-            packed = tl.load(
-                qw_ptr + offs_n[:, None] * stride_qn + (k // 2)[None, :], mask=n_ok[:, None], other=0
-            )
-            q = (packed >> shift[None, :]) & 0xF  # (BLOCK_N, BLOCK_K)
+        # This split's K tiles (K is a multiple of BLOCK_K); the last split's may run past K (masked).
+        for i in range(0, TILES_PER_SPLIT):
+            k0 = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K
+            in_k = k0 < K
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + (k0 + offs_k)[None, :],
+                        mask=m_ok[:, None] & in_k, other=0.0)  # fmt: skip
+            # The tile's packed bytes, each loaded once; nibbles interleaved back into K order (low = even k).
+            w_ok = n_ok & in_k
+            packed = tl.load(qw_ptr + offs_n[:, None] * stride_qn + (k0 // 2 + offs_j)[None, :],
+                             mask=w_ok[:, None], other=0)  # fmt: skip
+            q = tl.interleave(packed & 0xF, packed >> 4)  # (BLOCK_N, BLOCK_K)
             g = k0 // GROUP
-            z = tl.load(qz_ptr + offs_n * stride_zn + g, mask=n_ok, other=0)
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            w = ((q.to(tl.float32) - z.to(tl.float32)[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
+            z = tl.load(qz_ptr + offs_n * stride_zn + g, mask=w_ok, other=0).to(tl.float32)
+            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=w_ok, other=0.0).to(tl.float32)
+            w = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
             acc += tl.dot(x, tl.trans(w))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-        out = out_ptr + offs_m[:, None] * stride_om + offs_n[None, :]
-        tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-    @triton.jit
-    def _awq_gemv_kernel(
-        x_ptr,  # (M, K), M <= GEMV_MAX_ROWS
-        qw_ptr,
-        qz_ptr,
-        s_ptr,
-        bias_ptr,
-        out_ptr,
-        N,
-        K,
-        stride_xm,
-        stride_qn,
-        stride_zn,
-        stride_sn,
-        stride_om,
-        GROUP: tl.constexpr,
-        HAS_BIAS: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,  # divides GROUP
-    ):
-        # One program per (input row, BLOCK_N output rows): multiply-adds in float32 and a row reduction,
-        # no tensor cores (a 1-row MMA would waste them); the weight bytes stream once.
-        row = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        n_ok = offs_n < N
-        shift = (offs_k % 2) * 4
-        acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-        for k0 in range(0, K, BLOCK_K):
-            k = k0 + offs_k
-            x = tl.load(x_ptr + row * stride_xm + k).to(tl.float32)  # (BLOCK_K,)
-            packed = tl.load(
-                qw_ptr + offs_n[:, None] * stride_qn + (k // 2)[None, :], mask=n_ok[:, None], other=0
-            )
-            q = ((packed >> shift[None, :]) & 0xF).to(tl.float32)
-            g = k0 // GROUP
-            z = tl.load(qz_ptr + offs_n * stride_zn + g, mask=n_ok, other=0).to(tl.float32)
-            s = tl.load(s_ptr + offs_n * stride_sn + g, mask=n_ok, other=0.0).to(tl.float32)
-            # sum_k (q - z) * s * x = s * (sum_k q * x - z * sum_k x): the zero point leaves the inner loop.
-            acc += s * (tl.sum(q * x[None, :], axis=1) - z * tl.sum(x, axis=0))
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)
-        tl.store(out_ptr + row * stride_om + offs_n, acc.to(out_ptr.dtype.element_ty), mask=n_ok)
+        if SPLIT:
+            c = c_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
 def awq_linear(
@@ -373,73 +428,25 @@ def awq_linear(
     scales: torch.Tensor,
     group: int,
     bias: torch.Tensor | None,
-    backend: str = "auto",
+    tiles: dict | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ dequant(qweight (N, K/2), qzeros, scales).T + bias -> (..., N) in x's dtype.
-    backend: auto | gemm | gemv (tests pin one)."""
+    tiles: the launch shape (benchmarks)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     m, k = x2.shape
     n = qweight.shape[0]
     block_k = _pow2_divisor(group, 128)
-    if not TRITON or block_k < 16 or x2.dtype == torch.float32:
+    if not TRITON or block_k < 32 or x2.dtype == torch.float32:
         # Float32 activations (tl.dot would run them as tf32) or a group no power-of-two tile divides.
         return awq_linear_reference(x, qweight, qzeros, scales, group, bias)
+    if m == 0:
+        return x2.new_empty(*shape[:-1], n)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
-    if m == 0:
-        return out.view(*shape[:-1], n)
-    has_bias = bias is not None
-    bias_arg = bias if has_bias else out
-    gemv = backend == "gemv" or (backend == "auto" and m <= GEMV_MAX_ROWS)
-    if gemv:
-        # Enough programs to fill a GPU's SMs on narrow layers (o_proj), each streaming whole weight rows.
-        block_n = 16 if n <= 8192 else 32
-        _awq_gemv_kernel[(m, triton.cdiv(n, block_n))](
-            x2,
-            qweight,
-            qzeros,
-            scales,
-            bias_arg,
-            out,
-            n,
-            k,
-            x2.stride(0),
-            qweight.stride(0),
-            qzeros.stride(0),
-            scales.stride(0),
-            out.stride(0),
-            GROUP=group,
-            HAS_BIAS=has_bias,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=4,
-        )
-    else:
-        block_m = 16 if m <= 16 else 32 if m <= 32 else 64
-        block_n = 64 if m <= 32 else 128
-        grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n))
-        _awq_gemm_kernel[grid](
-            x2,
-            qweight,
-            qzeros,
-            scales,
-            bias_arg,
-            out,
-            m,
-            n,
-            k,
-            x2.stride(0),
-            qweight.stride(0),
-            qzeros.stride(0),
-            scales.stride(0),
-            out.stride(0),
-            GROUP=group,
-            HAS_BIAS=has_bias,
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=4,
-        )
+    t = _tiles(m, n, k, block_k, x2.device, tiles)
+    if group % t.block_k:
+        raise ValueError(f"the AWQ kernel's K tile ({t.block_k}) must divide the group size ({group})")
+    tail = (qweight.stride(0), qzeros.stride(0), scales.stride(0))
+    out = _launch(_awq_gemm_kernel, x2, n, t, bias, (qweight, qzeros, scales), tail, GROUP=group)
     return out.view(*shape[:-1], n)
