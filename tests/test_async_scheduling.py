@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import random_image
-from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from vlmserve.llm import LLM
 from vlmserve.runner.model_runner import StepOutput
 
@@ -62,6 +62,18 @@ def _requests(llm: LLM) -> list:
         # The model's own end-of-sequence token: random weights may or may not sample it, either way
         # the two loops must agree.
         ((plain, []), SamplingParams(temperature=1.0, seed=5, max_tokens=24)),
+        # A grammar's mask depends on every earlier token: sampled only after the last one is applied.
+        (
+            (text, [img]),
+            SamplingParams(
+                temperature=1.0,
+                seed=13,
+                max_tokens=24,
+                structured_outputs=StructuredOutputsParams(
+                    json={"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+                ),
+            ),
+        ),
     ]
     return [
         llm.make_request(p[0], p[1], params, request_id=f"case-{i}") for i, (p, params) in enumerate(cases)
@@ -136,8 +148,8 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
     runner = llm.engine.runner
     prepare = runner.prepare
 
-    def traced_prepare(sched, prev=None):
-        step = prepare(sched, prev)
+    def traced_prepare(sched, prev=None, defer_sampling=False):
+        step = prepare(sched, prev, defer_sampling)
         run = step.run
 
         def traced_run():
@@ -193,6 +205,55 @@ def test_next_step_is_queued_before_the_previous_tokens_are_read(
     assert engine.scheduler.kv.num_used_blocks == 0
 
 
+def test_sampling_that_reads_earlier_tokens_waits_only_in_its_sampling(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A request whose sampling reads its earlier tokens' values (penalties, a grammar): decode step n + 1's
+    forward is still queued before step n's tokens are read (it takes them on the device); only its sampling
+    is queued after they are applied on the host."""
+    _, llm = _engines(tiny_checkpoint)
+    events: list[str] = []
+    runner = llm.engine.runner
+    prepare = runner.prepare
+
+    def traced_prepare(sched, prev=None, defer_sampling=False):
+        step = prepare(sched, prev, defer_sampling)
+        run = step.run
+
+        def traced_run():
+            out = run()
+            if sched.scheduled:
+                events.append("sample" if out.deferred is None else "forward")
+            return out
+
+        step.run = traced_run
+        return step
+
+    result, sample_now = StepOutput.result, StepOutput.sample_now
+
+    def traced_result(self):
+        events.append("wait")
+        return result(self)
+
+    def traced_sample_now(self):
+        if self.deferred is not None:
+            events.append("sample")
+        sample_now(self)
+
+    monkeypatch.setattr(runner, "prepare", traced_prepare)
+    monkeypatch.setattr(StepOutput, "result", traced_result)
+    monkeypatch.setattr(StepOutput, "sample_now", traced_sample_now)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True, repetition_penalty=1.3)
+    out = llm.run([llm.make_request("Count with me", [], params)])
+    assert len(out[0].outputs[0].token_ids) == 6
+    # The prefill samples at once; each decode: forward, then the previous step's wait, then its sampling.
+    assert events[:2] == ["sample", "forward"]
+    assert events[2:14] == ["wait", "sample", "forward"] * 4
+    sync, _ = _engines(tiny_checkpoint)
+    expected = sync.run([sync.make_request("Count with me", [], params)])
+    assert out[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
+
+
 def _tight(ckpt: Path, asyn: bool) -> LLM:
     kw = dict(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=8, num_kv_blocks=40, block_size=16)
     return LLM(str(ckpt), async_scheduling=asyn, **kw)
@@ -208,21 +269,27 @@ def _fail_next(monkeypatch: pytest.MonkeyPatch, obj: object, name: str) -> None:
 def test_a_failure_after_an_early_apply_still_hands_out_the_applied_deltas(
     tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    # X samples with a penalty, so the loop applies the step in flight before scheduling; X finishes there.
-    # The same step() call then fails: X's last delta must still reach the caller (or its stream hangs).
+    # X samples with a penalty: its decode step's forward is queued, the step in flight is applied (X's first
+    # token), then the decode's sampling is queued, and fails. X's applied delta must still reach the caller
+    # before its error (or its stream loses a token it was already told about).
     llm = _tight(tiny_checkpoint, True)
     engine = llm.engine
-    penalized = SamplingParams(temperature=0, max_tokens=2, repetition_penalty=1.5, ignore_eos=True)
+    penalized = SamplingParams(temperature=0, max_tokens=4, repetition_penalty=1.5, ignore_eos=True)
     engine.add_request(llm.make_request("hello there", [], penalized, request_id="X"))
-    got = engine.step() + engine.step()
-    engine.add_request(llm.make_request("another prompt", [], SamplingParams(max_tokens=4), request_id="Y"))
-    _fail_next(monkeypatch, engine.runner, "prepare")
+    got = engine.step()  # queues X's prefill
+    sample_now = StepOutput.sample_now
+
+    def failing_sample_now(self: StepOutput) -> None:
+        if self.deferred is not None:
+            raise RuntimeError("injected fault")
+        sample_now(self)
+
+    monkeypatch.setattr(StepOutput, "sample_now", failing_sample_now)
     with pytest.raises(RuntimeError, match="injected"):
         engine.step()
     got += engine.fail_scheduled("step failed")
-    finished = {d.request_id: d.finish_reason for d in got if d.finished}
-    assert finished == {"X": "length", "Y": "error"}
-    assert sum(len(d.token_ids) for d in got if d.request_id == "X") == 2
+    x = [d for d in got if d.request_id == "X"]
+    assert [len(d.token_ids) for d in x] == [1, 0] and x[-1].finish_reason == "error"
 
 
 def test_a_failed_queued_step_leaves_no_uncomputed_blocks_in_the_prefix_cache(

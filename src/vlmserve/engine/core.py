@@ -231,10 +231,7 @@ class EngineCore:
             self._last_scheduled = [s.request.request_id for s in queued.scheduled]
             self._in_flight = (queued, step.run())
         prev = self._in_flight
-        if prev is not None and self._needs_known_tokens():
-            self._in_flight = None
-            self._undelivered += self._apply(*prev)
-            prev = None
+        known = prev is not None and self._needs_known_tokens()
         sched = self._schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
         if prev is None:
@@ -242,11 +239,14 @@ class EngineCore:
         else:
             self._last_scheduled += [s.request.request_id for s in prev[0].scheduled]
             # Inputs are built before `prev` is applied: applying it may free blocks that they name.
-            step = self.runner.prepare(sched, prev[1])
-            if step.decode_only:
+            # A request whose sampling reads its last token's value (`known`): only the forward is queued
+            # behind `prev`; the sampling is queued once prev's tokens are applied (masks, penalties).
+            step = self.runner.prepare(sched, prev[1], defer_sampling=known)
+            if step.decode_only and (step.sampling_deferred or not known):
                 # A decode step is cheap to queue: queue it behind `prev`, then do prev's host work meanwhile.
                 self._in_flight = (sched, step.run())
                 self._undelivered += self._apply(*prev)
+                self._in_flight[1].sample_now()
             else:
                 # An eager step is thousands of kernel launches: queued now, they would hold the host until
                 # most of `prev` ran, and prev's tokens would wait for that. Hand them out first; the step

@@ -62,12 +62,22 @@ class StepOutput:
 
     request_ids: list[str]  # the requests that sample, in row order
     sampled: SampledBatch | None = None  # None when no request samples
+    # A step launched with `defer_sampling`: its forward is queued, its sampling waits for `sample_now()`.
+    deferred: Callable[[], StepOutput] | None = None
+
+    def sample_now(self) -> None:
+        """Queue this step's sampling if it was deferred (its masks and penalties read the host's token
+        lists as they are now). Whatever reads this step's tokens calls it first."""
+        if self.deferred is not None:
+            sample, self.deferred = self.deferred, None
+            self.sampled = sample().sampled
 
     def rows(self) -> dict[str, int]:
         return {rid: i for i, rid in enumerate(self.request_ids)}
 
     def result(self) -> dict[str, SampledToken]:
         """The sampled tokens by request id; waits for this step's work on the device."""
+        self.sample_now()
         if self.sampled is None:
             return {}
         out = self.sampled.output()
@@ -91,6 +101,8 @@ class PreparedStep:
     # Every row decodes one token (or there are none): a graph replay, or a few kernels per layer, cheap to
     # queue behind a running step. Anything else may be thousands of launches (prefill, vision tower).
     decode_only: bool
+    # run() queues only the forward; the StepOutput samples at its sample_now() (see prepare).
+    sampling_deferred: bool = False
 
 
 @dataclass
@@ -278,6 +290,8 @@ class ModelRunner:
         """Write the pending tokens' ids (rows of `ids`, on the device) from the step that samples them."""
         if not pending:
             return
+        if prev is not None:
+            prev.sample_now()  # queued before this step's forward, which overwrites the graph's logits
         if prev is None or prev.sampled is None:
             raise RuntimeError("a scheduled token is still pending but no running step samples it")
         rows = prev.rows()
@@ -291,12 +305,19 @@ class ModelRunner:
         return self.prepare(sched, prev).run()
 
     @torch.inference_mode()
-    def prepare(self, sched: SchedulerOutput, prev: StepOutput | None = None) -> PreparedStep:
+    def prepare(
+        self, sched: SchedulerOutput, prev: StepOutput | None = None, defer_sampling: bool = False
+    ) -> PreparedStep:
         """Build one step's inputs (host work and host -> device copies); `.run()` queues its kernels.
 
         Split so that the engine can build a step's inputs while the previous step runs and still choose
         when to queue the kernels: a long eager step queued in full would block the host (the launch queue
-        fills up) until most of it ran, delaying the previous step's tokens."""
+        fills up) until most of it ran, delaying the previous step's tokens.
+
+        defer_sampling: for requests whose sampling reads their earlier tokens' values (a grammar's mask,
+        penalties), a decode step queues only its forward (it reads `prev`'s tokens on the device);
+        the engine applies `prev` on the host meanwhile and then calls `sample_now()`. Other steps ignore it
+        (`sampling_deferred` says which happened)."""
         for h in sched.free_encoder_hashes:
             self.encoder_cache.pop(h, None)
         for rid in sched.finished_request_ids:
@@ -307,11 +328,13 @@ class ModelRunner:
             self._set_cpu_threads(sched)
         decode = None if sched.encoder_inputs else self._prepare_decode(sched)
         if decode is not None and self.graphs is not None and self.graphs.fits(len(sched.scheduled)):
-            return PreparedStep(self._in_mode(lambda: self._run_graph(sched, decode, prev)), decode_only=True)
+            run = self._in_mode(lambda: self._run_graph(sched, decode, prev, defer_sampling))
+            return PreparedStep(run, decode_only=True, sampling_deferred=defer_sampling)
         if decode is not None:  # CPU (or a batch beyond the graphs): the same ints, no per-request tensors
             eager = self._decode_inputs(sched, decode, prev)
             eager.grammar_bitmask = sched.grammar_bitmask
-            return PreparedStep(self._in_mode(lambda: self._run_eager(None, eager)), decode_only=True)
+            run = self._in_mode(lambda: self._run_eager(None, eager, defer_sampling))
+            return PreparedStep(run, decode_only=True, sampling_deferred=defer_sampling)
         encoder = self._encoder_inputs(sched)
         eager = self._eager_inputs(sched, prev)
         eager.grammar_bitmask = sched.grammar_bitmask
@@ -331,7 +354,13 @@ class ModelRunner:
 
         return run
 
-    def _run_graph(self, sched: SchedulerOutput, decode: DecodeBatch, prev: StepOutput | None) -> StepOutput:
+    def _run_graph(
+        self,
+        sched: SchedulerOutput,
+        decode: DecodeBatch,
+        prev: StepOutput | None,
+        defer_sampling: bool = False,
+    ) -> StepOutput:
         assert self.graphs is not None
         logits = self.graphs.run(
             decode.token_ids,
@@ -345,9 +374,17 @@ class ModelRunner:
         rows = [i for i, s in enumerate(sched.scheduled) if s.sample]
         if not reqs:
             return StepOutput([])
-        if len(rows) < len(sched.scheduled):
-            logits = logits[to_device(torch.tensor(rows), self.device)]
-        return self._sample(logits.float(), reqs, sched.grammar_bitmask)
+        index = to_device(torch.tensor(rows), self.device) if len(rows) < len(sched.scheduled) else None
+
+        def sample() -> StepOutput:
+            # `logits` is the graph's output buffer: read here before the next replay (stream order).
+            return self._sample(
+                (logits if index is None else logits[index]).float(), reqs, sched.grammar_bitmask
+            )
+
+        if defer_sampling:
+            return StepOutput([r.request_id for r in reqs], deferred=self._in_mode(sample))
+        return sample()
 
     def _eager_inputs(self, sched: SchedulerOutput, prev: StepOutput | None) -> EagerInputs:
         bs = self.block_size
@@ -443,7 +480,12 @@ class ModelRunner:
             sample_reqs=[sched.scheduled[i].request for i in sample],
         )
 
-    def _run_eager(self, encoder: tuple[list[Any], torch.Tensor] | None, inputs: EagerInputs) -> StepOutput:
+    def _run_eager(
+        self,
+        encoder: tuple[list[Any], torch.Tensor] | None,
+        inputs: EagerInputs,
+        defer_sampling: bool = False,
+    ) -> StepOutput:
         if encoder is not None:
             self._encode(*encoder)
         if inputs.image_rows:
@@ -455,6 +497,9 @@ class ModelRunner:
         if inputs.sample_index is None:
             return StepOutput([])
         logits = self.model.compute_logits(hidden[inputs.sample_index]).float()
+        if defer_sampling:
+            sample = self._in_mode(lambda: self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask))
+            return StepOutput([r.request_id for r in inputs.sample_reqs], deferred=sample)
         return self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask)
 
     def _attention(self, meta: PagedAttentionMetadata) -> TorchPagedAttention:
