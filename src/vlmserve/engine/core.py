@@ -48,6 +48,7 @@ from vlmserve.runner.model_runner import (
     StepOutput,
     kv_bytes_per_block,
 )
+from vlmserve.runner.tensor_parallel import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -70,12 +71,19 @@ class EngineCore:
         device = torch.device(config.device)
         self.processor = processor or Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         torch.manual_seed(config.seed)
+        # Tensor parallelism: ranks 1 .. N-1 in worker processes, rank 0 in this one (runner/tensor_parallel.py).
+        self.workers: WorkerGroup | None = None
+        if config.tensor_parallel_size > 1:
+            self.workers = WorkerGroup(config)
+            if device.type == "cuda":
+                device = torch.device("cuda", 0)
         self.model = load_model(
             config.model_path,
             config.dtype,
             device,
             load_format=config.load_format,
             quantization=config.quantization,
+            tp=None if self.workers is None else self.workers.tp,
         )
         self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
         dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
@@ -88,17 +96,25 @@ class EngineCore:
                 f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
                 "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
             )
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks,
-            config.block_size,
-            self.eos_token_ids,
+        runner_kwargs = dict(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            eos_token_ids=self.eos_token_ids,
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
+        )
+        if self.workers is not None:
+            self.workers.start_runners(runner_kwargs)
+        self.runner = ModelRunner(
+            self.model,
             patchify=self.processor.patchify,
             kv_cache_dtype=dtype,
+            workers=self.workers,
+            **runner_kwargs,  # type: ignore[arg-type]
         )
+        if self.workers is not None:
+            self.workers.wait_ready()
         # On a GPU, requests carry resized uint8 pixels and the runner patchifies them there: an eighth of the
         # bytes of float32 patches to copy, and no normalise / patchify pass on the host.
         self.processor.patchify_on_device = device.type == "cuda"
@@ -402,6 +418,11 @@ class EngineCore:
         return out
 
     # --- stats -------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (nothing else here holds a process or a thread)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def stats(self) -> dict[str, float]:
         s = self.scheduler.stats()
