@@ -91,3 +91,140 @@ def test_tp2_matches_tp1(checkpoint: str, request: pytest.FixtureRequest) -> Non
         assert ref[-1][0][0] > 0  # the repeated image prompt did hit the prefix cache
     finally:
         gen.close()
+
+
+# --- sharded loading ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "few_kv_heads", "qwen3_moe"])
+def test_each_rank_reads_only_its_shards(
+    checkpoint: str, request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Loading is local to a rank (no collective): each rank of two loads with a group-less TensorParallel.
+    Every byte read is counted; a rank reads half of every sharded tensor, and the two ranks' shards put
+    together are the one-device model's weights."""
+    from vlmserve.models import loader
+    from vlmserve.models.layers.parallel import TensorParallel
+    from vlmserve.models.loader import load_model
+
+    path = request.getfixturevalue(checkpoint)
+    full = load_model(path, "float32", "cpu", progress=False)
+    real_read = loader.read_checkpoint_slice
+    sizes = {name: t.numel() for name, t in loader.iter_weights(loader.safetensors_files(path), False)}
+    total = sum(sizes.values())
+    shards = []
+    for rank in range(2):
+        read: list[int] = []
+
+        def counting(part, dim=None, ranges=None, read=read):  # type: ignore[no-untyped-def]
+            t = real_read(part, dim, ranges)
+            read.append(t.numel())
+            return t
+
+        monkeypatch.setattr(loader, "read_checkpoint_slice", counting)
+        shards.append(load_model(path, "float32", "cpu", progress=False, tp=TensorParallel(rank, 2)))
+        # Sharded: every attention and MLP projection of the language model and the embedding / head, which
+        # hold most of the weights; the vision tower and the norms are replicated.
+        replicated = sum(
+            n
+            for name, n in sizes.items()
+            if "visual" in name
+            or "norm" in name
+            or "mlp.gate." in name  # the MoE router
+            # One KV head for two ranks: both hold it.
+            or (checkpoint == "few_kv_heads" and (".k_proj." in name or ".v_proj." in name))
+        )
+        assert len(read) == len(sizes)
+        assert sum(read) <= replicated + (total - replicated) // 2 + 8 * 64  # + padding rows of a head shard
+        assert sum(read) < total
+    state = dict(full.named_parameters())
+    for name, p0 in shards[0].named_parameters():
+        p1 = dict(shards[1].named_parameters())[name]
+        ref = state[name]
+        if p0.shape == ref.shape:
+            assert torch.equal(p0, ref) and torch.equal(p1, ref), name  # replicated
+            continue
+        dim = next(d for d in range(ref.dim()) if p0.shape[d] != ref.shape[d])
+        owner = name.rsplit(".", 1)[0]
+        if owner in full.fused_shards:  # q/k/v or gate/up: each rank's rows of each part, in order
+            for shard in (shards[0], shards[1]):
+                ranges = dict(shard.named_modules())[owner].row_ranges
+                parts = [ref[sl][a:b] for sl, (a, b) in zip(full.fused_shards[owner], ranges, strict=True)]
+                assert torch.equal(dict(shard.named_parameters())[name], torch.cat(parts)), name
+            continue
+        if "experts.gate_up" in name:
+            continue  # [gate | up] halves per rank: checked through the forward (test_tp2_matches_tp1)
+        joined = torch.cat([p0, p1], dim=dim).narrow(dim, 0, ref.shape[dim])  # vocab shards: padding dropped
+        assert torch.equal(joined, ref), name
+
+
+def test_quantized_checkpoint_with_tensor_parallelism_is_refused(tiny_checkpoint: Path) -> None:
+    from vlmserve.models.layers.parallel import TensorParallel
+    from vlmserve.models.loader import CheckpointError, load_model
+
+    with pytest.raises(CheckpointError, match="tensor_parallel_size 2 is not supported yet"):
+        load_model(tiny_checkpoint, "float32", "cpu", quantization="fp8", tp=TensorParallel(0, 2))
+
+
+def test_sizes_that_do_not_divide_are_refused(tiny_checkpoint: Path) -> None:
+    with pytest.raises(ValueError, match="tensor_parallel_size 3 does not divide num_attention_heads"):
+        LLM(str(tiny_checkpoint), tensor_parallel_size=3, **ENGINE)
+
+
+# --- supervision --------------------------------------------------------------------------------------------
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is `pid` (Linux /proc)."""
+    out = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat = (entry / "stat").read_text()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                out.append(int(entry.name))
+    return out
+
+
+def test_a_killed_worker_fails_open_streams_and_health(tiny_checkpoint: Path) -> None:
+    """A worker of the server's engine process dies (kill -9): the stream in flight ends with an SSE error
+    and [DONE], /health turns 503 engine_dead, new requests get 503; the engine process exits."""
+    import asyncio
+    import json
+    import os
+    import signal
+
+    import httpx
+
+    from tests.stress.soak import LiveServer, wait_until
+    from tests.test_reliability import chat, long_stream, make_server, sse_events
+    from vlmserve.api.server import build_app
+    from vlmserve.engine.engine_process import EngineProcess
+
+    server = make_server(tiny_checkpoint, tensor_parallel_size=2)
+    assert isinstance(server.engine, EngineProcess) and server.engine.pid is not None
+    [worker] = [p for p in _children(server.engine.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
+    try:
+        with (
+            LiveServer(build_app(server, shutdown_servers=False)) as live,
+            httpx.Client(base_url=live.base_url, timeout=60) as http,
+        ):
+            with http.stream("POST", "/v1/chat/completions", json=long_stream(2000)) as victim:
+                lines = victim.iter_lines()
+                assert next(lines).startswith("data: ")
+                os.kill(worker, signal.SIGKILL)
+                events = sse_events(lines)
+            assert events[-1] == "[DONE]"
+            error = json.loads(events[-2])["error"]
+            assert "tensor-parallel worker 1" in error["message"] and "exit code -9" in error["message"], (
+                error
+            )
+            assert wait_until(lambda: not server.is_alive, 10)
+            health = http.get("/health")
+            assert health.status_code == 503 and health.json()["error"]["code"] == "engine_dead"
+            r = http.post("/v1/chat/completions", json=chat(max_tokens=3))
+            assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        asyncio.run(server.aclose())

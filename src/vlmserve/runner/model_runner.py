@@ -575,8 +575,11 @@ class ModelRunner:
         assert workers is not None
 
         def run() -> StepOutput:
-            workers.send(step)
-            logits = self.execute(step)
+            try:
+                workers.send(step)
+                logits = self.execute(step)
+            except Exception as e:  # the ranks may be out of step now: fatal (see WorkerGroup.failure)
+                raise workers.failure(e) from e
             if logits is None:
                 return StepOutput([])
             return self._sample(logits, reqs, sched.grammar_bitmask)

@@ -33,6 +33,7 @@ import os
 import pickle
 import socket
 import threading
+import time
 import weakref
 from multiprocessing.connection import Connection, wait
 from typing import Any
@@ -155,6 +156,25 @@ class WorkerGroup:
         if self.dead_reason is not None:
             raise WorkerDiedError(self.dead_reason)
 
+    def failure(self, error: Exception, grace_s: float = 2.0) -> WorkerDiedError:
+        """The fatal error to raise for `error`, raised by rank 0's part of a step: a collective with a
+        rank that died fails (gloo) shortly before its process is seen gone, so wait a moment for that;
+        whatever the cause, a step the ranks did not all finish leaves them out of step."""
+        if isinstance(error, WorkerDiedError):
+            return error
+        deadline = time.monotonic() + grace_s
+        while self.dead_reason is None and time.monotonic() < deadline:
+            try:
+                self.check()
+            except WorkerDiedError as e:
+                return e
+            time.sleep(0.05)
+        reason = (
+            self.dead_reason or f"a tensor-parallel step failed on rank 0: {type(error).__name__}: {error}"
+        )
+        self.dead_reason = reason
+        return WorkerDiedError(reason)
+
     def _describe_death(self, rank: int) -> str:
         proc = self._procs[rank - 1]
         proc.join(timeout=1.0)
@@ -162,6 +182,8 @@ class WorkerGroup:
 
     def _watch(self) -> None:
         sentinels = {p.sentinel: rank for rank, p in enumerate(self._procs, start=1)}
+        if not sentinels:
+            return  # a world of one
         ready = wait(list(sentinels))
         if self._closing:
             return
@@ -170,10 +192,9 @@ class WorkerGroup:
         logger.error("%s; the engine cannot step any more", self.dead_reason)
         # A collective rank 0 is blocked in would wait for the dead peer: NCCL's is aborted here (gloo's
         # fails by itself when the peer's connection closes).
-        abort = getattr(self.tp.group, "abort", None)
-        if abort is not None and self.tp.group.name() == "nccl":
-            with contextlib.suppress(Exception):
-                abort()
+        with contextlib.suppress(Exception):
+            if self.tp.group.name() == "nccl":
+                self.tp.group.abort()
 
     def shutdown(self) -> None:
         self._closing = True

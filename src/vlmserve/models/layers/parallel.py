@@ -209,3 +209,14 @@ def embedding(vocab_size: int, hidden_size: int, tp: TensorParallel | None) -> n
     if tp is None:
         return nn.Embedding(vocab_size, hidden_size)
     return VocabParallelEmbedding(vocab_size, hidden_size, tp)
+
+
+def check_tensor_parallel(text: Any, size: int) -> None:
+    """Raise, naming the field, when `size` ranks cannot split a language model of config `text` (before any
+    process starts)."""
+    tp = TensorParallel(0, size)
+    tp.split(text.num_attention_heads, "num_attention_heads")
+    kv_heads_per_rank(text.num_key_value_heads, tp)
+    tp.split(text.intermediate_size, "intermediate_size")
+    if getattr(text, "num_experts", 0):
+        tp.split(text.moe_intermediate_size, "moe_intermediate_size")
