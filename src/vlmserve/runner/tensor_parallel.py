@@ -35,7 +35,7 @@ import socket
 import threading
 import time
 import weakref
-from multiprocessing.connection import Connection, wait
+from multiprocessing.connection import Connection, Listener, wait
 from typing import Any
 
 import torch
@@ -75,47 +75,190 @@ def make_group(backend: str, rank: int, size: int, port: int, host: str = "127.0
     return TensorParallel(rank, size, group)
 
 
-def device_of_rank(config: EngineConfig, rank: int) -> torch.device:
-    return torch.device("cuda", rank) if config.device == "cuda" else torch.device("cpu")
+def device_of_rank(config: EngineConfig, rank: int, one_gpu_visible: bool = False) -> torch.device:
+    """Rank r's device: GPU r of the ones this process sees, or its only one (a Ray actor sees just its
+    bundle's GPU)."""
+    if config.device != "cuda":
+        return torch.device("cpu")
+    return torch.device("cuda", 0 if one_gpu_visible else rank)
+
+
+class _LocalWorker:
+    """A worker process started here (multiprocessing, spawn), talking over a pipe."""
+
+    def __init__(self, config: EngineConfig, rank: int, host: str, port: int) -> None:
+        ctx = mp.get_context("spawn")
+        self.conn, child = ctx.Pipe()
+        self.proc = ctx.Process(
+            target=worker_main,
+            args=(config, rank, host, port, child),
+            name=f"vlmserve-tp-worker-{rank}",
+            daemon=True,  # ended with the driver's process whatever way it exits
+        )
+        with _children_allowed():
+            self.proc.start()
+        child.close()
+        self.rank = rank
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.is_alive()
+
+    def describe_death(self) -> str:
+        self.proc.join(timeout=1.0)
+        return f"tensor-parallel worker {self.rank} (pid {self.proc.pid}) exited (exit code {self.proc.exitcode})"
+
+    def wait_any(self, workers: list[Any]) -> Any:
+        ready = wait([w.proc.sentinel for w in workers])
+        return next(w for w in workers if w.proc.sentinel in ready)
+
+    def stop(self) -> None:
+        self.proc.join(timeout=10.0)
+        if self.proc.is_alive():
+            self.proc.kill()
+            self.proc.join(timeout=5.0)
+
+
+class _RayWorker:
+    """A worker as a Ray actor in bundle `rank` of the replica's placement group, talking over a socket
+    (multiprocessing's Connection, authenticated) to the driver's listener."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        rank: int,
+        host: str,
+        port: int,
+        listener: Listener,
+        authkey: bytes,
+        pg: Any,
+    ) -> None:
+        import ray
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        bundle = pg.bundle_specs[rank]
+        self.rank = rank
+        self.actor = (
+            ray.remote(_RayWorkerActor)
+            .options(
+                num_cpus=bundle.get("CPU", 0),
+                num_gpus=bundle.get("GPU", 0),
+                scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
+                name=None,
+            )
+            .remote()
+        )
+        self.done = self.actor.run.remote(config, rank, host, port, listener.address, authkey)
+        self.conn = listener.accept()  # this actor's: the next one is created after it connected
+        self.pid = None
+
+    def alive(self) -> bool:
+        import ray
+
+        ready, _ = ray.wait([self.done], timeout=0)
+        return not ready
+
+    def describe_death(self) -> str:
+        import ray
+
+        try:
+            ray.get(self.done, timeout=1.0)
+            how = "returned"
+        except Exception as e:  # the actor died: Ray's error says how
+            how = f"died: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        return f"tensor-parallel worker {self.rank} (Ray actor) {how}"
+
+    def wait_any(self, workers: list[Any]) -> Any:
+        import ray
+
+        ready, _ = ray.wait([w.done for w in workers], num_returns=1)
+        return next(w for w in workers if w.done in ready)
+
+    def stop(self) -> None:
+        import ray
+
+        ready, _ = ray.wait([self.done], timeout=10.0)
+        if not ready:
+            ray.kill(self.actor)
+
+
+class _RayWorkerActor:
+    """The Ray actor class of a worker: one call, `run`, that lasts as long as the worker."""
+
+    def run(
+        self, config: EngineConfig, rank: int, host: str, port: int, address: Any, authkey: bytes
+    ) -> None:
+        from multiprocessing.connection import Client
+
+        worker_main(config, rank, host, port, Client(address, authkey=authkey), one_gpu_visible=True)
+
+
+def _ray_placement_group() -> Any:
+    """The placement group this process runs in, when it is a Ray actor in one (a Ray Serve replica with
+    placement_group_bundles); None otherwise."""
+    try:
+        import ray
+        from ray.util.placement_group import get_current_placement_group
+    except ImportError:
+        return None
+    if not ray.is_initialized():
+        return None
+    return get_current_placement_group()
 
 
 class WorkerGroup:
     """The driver's side: starts ranks 1 .. N-1, joins the process group as rank 0 (`tp`), sends each step's
-    inputs, watches the workers."""
+    inputs, watches the workers.
+
+    Where the workers run: in a Ray placement group (a Ray Serve replica deployed with
+    placement_group_bundles, deploy/builder.py), as Ray actors in bundles 1 .. N-1, each with its bundle's
+    GPU; otherwise as processes started here, rank r on GPU r."""
 
     def __init__(self, config: EngineConfig) -> None:
         self.size = config.tensor_parallel_size
         self.dead_reason: str | None = None
-        backend = "nccl" if config.device == "cuda" else "gloo"
-        port = _free_port()
-        ctx = mp.get_context("spawn")
-        self._conns: list[Connection] = []
-        self._procs: list[Any] = []
-        for rank in range(1, self.size):
-            parent, child = ctx.Pipe()
-            proc = ctx.Process(
-                target=worker_main,
-                args=(config, rank, port, child),
-                name=f"vlmserve-tp-worker-{rank}",
-                daemon=True,  # ended with the driver's process whatever way it exits
-            )
-            with _children_allowed():
-                proc.start()
-            child.close()
-            self._conns.append(parent)
-            self._procs.append(proc)
         self._closing = False
+        backend = "nccl" if config.device == "cuda" else "gloo"
+        pg = _ray_placement_group() if self.size > 1 else None
+        self._workers: list[Any] = []
+        if pg is not None:
+            import ray
+
+            if len(pg.bundle_specs) < self.size:
+                raise ValueError(
+                    f"tensor_parallel_size {self.size} needs {self.size} placement group bundles, the replica's "
+                    f"group has {len(pg.bundle_specs)}; give placement_group_config one bundle per rank"
+                )
+            host = ray.util.get_node_ip_address()
+            port = _free_port()
+            authkey = os.urandom(32)
+            listener = Listener((host, 0), authkey=authkey)
+            try:
+                for rank in range(1, self.size):
+                    self._workers.append(_RayWorker(config, rank, host, port, listener, authkey, pg))
+            finally:
+                listener.close()
+            one_gpu_visible = True
+        else:
+            host, port = "127.0.0.1", _free_port()
+            for rank in range(1, self.size):
+                self._workers.append(_LocalWorker(config, rank, host, port))
+            one_gpu_visible = False
         # Stop the workers when this group is dropped without shutdown() (an engine that failed to start).
-        self._finalizer = weakref.finalize(self, _stop_workers, list(self._conns), list(self._procs))
+        self._finalizer = weakref.finalize(self, _stop_workers, list(self._workers))
         if config.device == "cuda":
-            torch.cuda.set_device(0)
-        self.tp = make_group(backend, 0, self.size, port)
+            torch.cuda.set_device(device_of_rank(config, 0, one_gpu_visible))
+        self.tp = make_group(backend, 0, self.size, port, host)
         self._watcher = threading.Thread(target=self._watch, name="vlmserve-tp-watch", daemon=True)
         self._watcher.start()
 
     @property
-    def pids(self) -> list[int]:
-        return [p.pid for p in self._procs]
+    def pids(self) -> list[int | None]:
+        """The workers' process ids (None for Ray actors)."""
+        return [w.pid for w in self._workers]
 
     def start_runners(self, runner_kwargs: dict[str, Any]) -> None:
         """Tell every worker to build its runner (same KV cache size as rank 0's); the caller builds rank
@@ -123,17 +266,17 @@ class WorkerGroup:
         self._send_all(pickle.dumps(runner_kwargs))
 
     def wait_ready(self) -> None:
-        for rank, conn in enumerate(self._conns, start=1):
-            if not conn.poll(STARTUP_TIMEOUT_S):
+        for w in self._workers:
+            if not w.conn.poll(STARTUP_TIMEOUT_S):
                 raise WorkerDiedError(
-                    f"tensor-parallel worker {rank} did not start in {STARTUP_TIMEOUT_S:.0f}s"
+                    f"tensor-parallel worker {w.rank} did not start in {STARTUP_TIMEOUT_S:.0f}s"
                 )
             try:
-                status, detail = conn.recv()
+                status, detail = w.conn.recv()
             except (EOFError, OSError):
-                raise WorkerDiedError(self._describe_death(rank)) from None
+                raise WorkerDiedError(w.describe_death()) from None
             if status != "ready":
-                raise WorkerDiedError(f"tensor-parallel worker {rank} failed to start: {detail}")
+                raise WorkerDiedError(f"tensor-parallel worker {w.rank} failed to start: {detail}")
 
     def send(self, step: Any) -> None:
         """Send one step's inputs to every worker (pickled once)."""
@@ -141,18 +284,19 @@ class WorkerGroup:
 
     def _send_all(self, data: bytes) -> None:
         self.check()
-        for rank, conn in enumerate(self._conns, start=1):
+        for w in self._workers:
             try:
-                conn.send_bytes(data)
+                w.conn.send_bytes(data)
             except (BrokenPipeError, OSError):
-                raise WorkerDiedError(self._describe_death(rank)) from None
+                raise WorkerDiedError(w.describe_death()) from None
 
     def check(self) -> None:
         """Raise WorkerDiedError when a worker is gone."""
         if self.dead_reason is None:
-            for rank, proc in enumerate(self._procs, start=1):
-                if not proc.is_alive():
-                    self.dead_reason = self._describe_death(rank)
+            for w in self._workers:
+                if not w.alive():
+                    self.dead_reason = w.describe_death()
+                    break
         if self.dead_reason is not None:
             raise WorkerDiedError(self.dead_reason)
 
@@ -175,20 +319,13 @@ class WorkerGroup:
         self.dead_reason = reason
         return WorkerDiedError(reason)
 
-    def _describe_death(self, rank: int) -> str:
-        proc = self._procs[rank - 1]
-        proc.join(timeout=1.0)
-        return f"tensor-parallel worker {rank} (pid {proc.pid}) exited (exit code {proc.exitcode})"
-
     def _watch(self) -> None:
-        sentinels = {p.sentinel: rank for rank, p in enumerate(self._procs, start=1)}
-        if not sentinels:
+        if not self._workers:
             return  # a world of one
-        ready = wait(list(sentinels))
+        gone = self._workers[0].wait_any(self._workers)
         if self._closing:
             return
-        rank = sentinels[ready[0]]
-        self.dead_reason = self._describe_death(rank)
+        self.dead_reason = gone.describe_death()
         logger.error("%s; the engine cannot step any more", self.dead_reason)
         # A collective rank 0 is blocked in would wait for the dead peer: NCCL's is aborted here (gloo's
         # fails by itself when the peer's connection closes).
@@ -216,19 +353,19 @@ def _children_allowed() -> Any:
         config["daemon"] = was
 
 
-def _stop_workers(conns: list[Connection], procs: list[Any]) -> None:
-    for conn in conns:
+def _stop_workers(workers: list[Any]) -> None:
+    for w in workers:
         with contextlib.suppress(Exception):
-            conn.send_bytes(pickle.dumps(None))
-            conn.close()
-    for proc in procs:
-        proc.join(timeout=10.0)
-        if proc.is_alive():
-            proc.kill()
-            proc.join(timeout=5.0)
+            w.conn.send_bytes(pickle.dumps(None))
+            w.conn.close()
+    for w in workers:
+        with contextlib.suppress(Exception):
+            w.stop()
 
 
-def worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) -> None:
+def worker_main(
+    config: EngineConfig, rank: int, host: str, port: int, conn: Connection, one_gpu_visible: bool = False
+) -> None:
     """A worker process: join the group, load this rank's shard, build the runner, then run every step the
     driver sends until it sends None or its pipe closes. Any failure exits the process (the driver's
     watcher fails the engine): a rank that skipped a step would leave the others' collectives waiting."""
@@ -239,14 +376,14 @@ def worker_main(config: EngineConfig, rank: int, port: int, conn: Connection) ->
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
-        device = device_of_rank(config, rank)
+        device = device_of_rank(config, rank, one_gpu_visible)
         if device.type == "cuda":
             torch.cuda.set_device(device)
         else:
             # The ranks share the machine's cores.
             torch.set_num_threads(max(1, (os.cpu_count() or 1) // config.tensor_parallel_size))
         backend = "nccl" if device.type == "cuda" else "gloo"
-        tp = make_group(backend, rank, config.tensor_parallel_size, port)
+        tp = make_group(backend, rank, config.tensor_parallel_size, port, host)
         torch.manual_seed(config.seed)
         model = load_model(
             config.model_path,
