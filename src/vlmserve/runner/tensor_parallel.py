@@ -147,7 +147,9 @@ class _RayWorker:
                 num_cpus=bundle.get("CPU", 0),
                 num_gpus=bundle.get("GPU", 0),
                 scheduling_strategy=PlacementGroupSchedulingStrategy(pg, placement_group_bundle_index=rank),
-                name=None,
+                # Named so that operators (and tests) can find the ranks; owned by the replica actor, so Ray
+                # ends them with it.
+                name=f"vlmserve-tp-worker-{rank}-{os.urandom(4).hex()}",
             )
             .remote()
         )
