@@ -228,3 +228,63 @@ def test_a_killed_worker_fails_open_streams_and_health(tiny_checkpoint: Path) ->
             assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
     finally:
         asyncio.run(server.aclose())
+
+
+# --- a world of one: the tensor-parallel path (parallel layers, collectives, step inputs) on one device -------
+
+
+def _world_of_one(path: Path, **engine: object) -> tuple[list, list]:
+    """(plain engine's outputs, the same engine forced onto the tensor-parallel path with one rank)."""
+    from vlmserve.engine.core import EngineCore
+
+    llm = LLM(str(path), **engine)  # type: ignore[arg-type]
+    ref = _run(llm)
+    plain_graphs = llm.engine.runner.graphs is not None
+    llm.engine = EngineCore(llm.config, llm.processor, force_tensor_parallel=True)
+    try:
+        assert llm.engine.workers is not None and llm.engine.model.tp is not None
+        assert (llm.engine.runner.graphs is not None) == plain_graphs
+        return ref, _run(llm)
+    finally:
+        llm.engine.shutdown()
+
+
+def test_world_of_one_over_gloo_matches_the_plain_engine(tiny_checkpoint: Path) -> None:
+    ref, tp = _world_of_one(tiny_checkpoint, **ENGINE)
+    _compare(ref, tp)
+
+
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.gpu
+@GPU
+@pytest.mark.parametrize("checkpoint", ["tiny_checkpoint", "qwen3_moe"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_world_of_one_over_nccl_with_cuda_graphs(
+    checkpoint: str, dtype: str, request: pytest.FixtureRequest
+) -> None:
+    """The NCCL path on one GPU: the all-reduces and the logits gather captured in the decode CUDA graphs,
+    pixels patchified on the device; greedy tokens identical to the plain engine's (a world of one changes
+    no arithmetic). Async scheduling off on both: tensor parallelism steps synchronously."""
+    engine = {**ENGINE, "device": "cuda", "dtype": dtype, "async_scheduling": False}
+    ref, tp = _world_of_one(request.getfixturevalue(checkpoint), **engine)
+    for (ids1, lp1), (ids2, lp2) in zip(ref, tp, strict=True):
+        assert ids1 == ids2
+        assert torch.allclose(
+            torch.tensor(lp1), torch.tensor(lp2), atol=1e-2 if dtype == "bfloat16" else 1e-4
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+def test_tp2_over_nccl_matches_tp1(tiny_checkpoint: Path) -> None:
+    """Two GPUs: a worker process on GPU 1, NCCL, CUDA graphs; float32 so that greedy tokens must match."""
+    engine = {**ENGINE, "device": "cuda", "async_scheduling": False}
+    ref = _run(LLM(str(tiny_checkpoint), **engine))  # type: ignore[arg-type]
+    llm = LLM(str(tiny_checkpoint), tensor_parallel_size=2, **engine)  # type: ignore[arg-type]
+    try:
+        assert llm.engine.runner.graphs is not None
+        _compare(ref, _run(llm))
+    finally:
+        llm.engine.shutdown()
