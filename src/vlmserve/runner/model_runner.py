@@ -358,10 +358,10 @@ class ModelRunner:
             self._unsent_free.extend(sched.free_encoder_hashes)
         if not sched.scheduled:
             return PreparedStep(lambda: StepOutput([]), decode_only=True)
-        if self.workers is not None:
-            return self._prepare_parallel(sched)
         if self.device.type == "cpu":
             self._set_cpu_threads(sched)
+        if self.workers is not None:
+            return self._prepare_parallel(sched)
         decode = None if sched.encoder_inputs else self._prepare_decode(sched)
         if decode is not None and self.graphs is not None and self.graphs.fits(len(sched.scheduled)):
             return PreparedStep(self._in_mode(lambda: self._run_graph(sched, decode, prev)), decode_only=True)
