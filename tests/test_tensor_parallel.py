@@ -290,3 +290,31 @@ def test_tp2_over_nccl_matches_tp1(tiny_checkpoint: Path) -> None:
         _compare(ref, _run(llm))
     finally:
         llm.engine.shutdown()
+
+
+def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoint: Path) -> None:
+    """The engine process dies (kill -9, no cleanup of its own): its worker sees the pipe close and exits."""
+    import os
+    import signal
+    import time
+
+    from vlmserve.config import EngineArgs
+    from vlmserve.engine.engine_process import EngineProcess
+    from vlmserve.llm import build_engine_config
+
+    engine = EngineProcess(
+        build_engine_config(EngineArgs(model=str(tiny_checkpoint), tensor_parallel_size=2, **ENGINE))
+    )
+    try:
+        assert engine.pid is not None
+        [worker] = [p for p in _children(engine.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
+        os.kill(engine.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 30
+        while (
+            Path(f"/proc/{worker}").exists()
+            and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]
+        ):
+            assert time.monotonic() < deadline, "the worker outlived its engine process"
+            time.sleep(0.1)
+    finally:
+        engine.shutdown()
