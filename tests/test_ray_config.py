@@ -405,3 +405,63 @@ def test_windowed_forwarding_passes_on_a_failure_and_stops_the_source_when_close
 
     asyncio.run(take_two())
     assert closed == [True]
+
+
+# --------------------------------------------------------------------------------------------- tensor parallelism
+
+
+def test_tensor_parallel_replicas_get_one_gpu_bundle_per_rank_strict_pack() -> None:
+    options, engine_args = server_deployment_options(
+        config(accelerator_type="H100", engine_kwargs={"tensor_parallel_size": 4}), gpus_in_cluster=True
+    )
+    gpu = {"GPU": 1, "accelerator_type:H100": 0.001}
+    assert options["placement_group_bundles"] == [gpu] * 4
+    assert options["placement_group_strategy"] == "STRICT_PACK"
+    # The replica (rank 0) runs in bundle 0: its resources are that bundle's.
+    assert options["ray_actor_options"] == {"accelerator_type": "H100", "num_gpus": 1, "num_cpus": 0}
+    assert (engine_args.tensor_parallel_size, engine_args.device, engine_args.engine_process) == (
+        4,
+        "cuda",
+        False,
+    )
+
+
+def test_placement_group_config_as_ray_serve_llm_takes_it() -> None:
+    pg = {"bundles": [{"CPU": 2}, {"CPU": 1}], "strategy": "PACK"}
+    options, engine_args = server_deployment_options(
+        config(placement_group_config=pg, engine_kwargs={"tensor_parallel_size": 2}), gpus_in_cluster=False
+    )
+    assert options["placement_group_bundles"] == pg["bundles"]
+    assert options["placement_group_strategy"] == "PACK"
+    assert options["ray_actor_options"] == {"num_gpus": 0, "num_cpus": 2}
+    assert engine_args.device == "cpu"
+    # Without tensor parallelism a CPU cluster gets one CPU bundle per rank, too.
+    options, _ = server_deployment_options(
+        config(engine_kwargs={"tensor_parallel_size": 2}), gpus_in_cluster=False
+    )
+    assert options["placement_group_bundles"] == [{"CPU": 1}, {"CPU": 1}]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        (
+            {
+                "placement_group_config": {"bundles": [{"GPU": 1}]},
+                "engine_kwargs": {"tensor_parallel_size": 2},
+            },
+            r"placement_group_config has 1 bundle\(s\) for engine_kwargs.tensor_parallel_size 2",
+        ),
+        (
+            {"placement_group_config": {"bundles": [{"GPU": 1}], "strategy": "TIGHT"}},
+            "strategy 'TIGHT' is not",
+        ),
+        ({"placement_group_config": {"bundles": []}}, "bundles must be a non-empty list"),
+        ({"placement_group_config": {"bundles": [{"GPU": -1}]}}, r"bundles\[0\]\.GPU must be a number >= 0"),
+        ({"placement_group_config": {"bundle": [{"GPU": 1}]}}, "did you mean 'bundles'"),
+        ({"engine_kwargs": {"tensor_parallel_size": 2, "async_scheduling": True}}, "async_scheduling is not"),
+    ],
+)
+def test_bad_placement_group_configs_are_refused(fields: dict, message: str) -> None:
+    with pytest.raises(ValidationError, match=message):
+        config(**fields)

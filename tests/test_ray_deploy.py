@@ -373,6 +373,48 @@ def test_killed_replica_is_replaced_while_the_app_answers(
     assert reply.usage is not None and reply.usage.completion_tokens >= 1
 
 
+# --------------------------------------------------------------------------------------------- tensor parallelism
+
+
+def _tp_worker_actors() -> int:
+    """Live tensor-parallel worker actors (runner/tensor_parallel.py names them)."""
+    names = ray.util.list_named_actors(all_namespaces=True)
+    return sum(1 for a in names if a["name"].startswith("vlmserve-tp-worker-"))
+
+
+def test_tensor_parallel_replica_on_cpu_bundles(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
+    """tensor_parallel_size=2 with two half-CPU bundles: the replica holds rank 0, a Ray actor in the second
+    bundle rank 1; the app answers (an image, so the replicated vision tower runs on both), then deleting it
+    stops the worker actor too."""
+    config = LLMConfig(
+        model_loading_config={"model_id": "tp", "model_source": str(tiny_checkpoint)},
+        engine_kwargs={**ENGINE, "tensor_parallel_size": 2},
+        placement_group_config={"bundles": [{"CPU": 0.5}, {"CPU": 0.5}], "strategy": "STRICT_PACK"},
+    )
+    serve.run(build_openai_app({"llm_configs": [config]}), name="tp", route_prefix="/tp")
+    try:
+        client = openai.OpenAI(base_url=ray_cluster.url("/tp/v1"), api_key="x", max_retries=0, timeout=120)
+        reply = client.chat.completions.create(
+            model="tp",
+            messages=[
+                {
+                    "role": "user",
+                    "content": [
+                        {"type": "image_url", "image_url": {"url": image_data_url()}},
+                        {"type": "text", "text": "What is in this image?"},
+                    ],
+                }
+            ],
+            max_tokens=6,
+            extra_body=NO_EOS,
+        )
+        assert reply.usage is not None and reply.usage.completion_tokens == 6
+        assert _tp_worker_actors() == 1
+    finally:
+        serve.delete("tp")
+    wait_for(lambda: _tp_worker_actors() == 0, timeout=60, what="the worker actor to stop")
+
+
 # --------------------------------------------------------------------------------------------- autoscaling
 
 

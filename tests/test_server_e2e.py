@@ -79,10 +79,34 @@ def base_url(
     assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
 
 
+@pytest.fixture(scope="module")
+def tp2_base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The same server with the model sharded over two ranks (`-tp 2`: a worker process, gloo)."""
+    log = tmp_path_factory.mktemp("server-tp2") / "server.log"
+    process, url = start_vlmserve(
+        tiny_checkpoint,
+        log,
+        "-tp", "2",
+        "--model-id", MODEL,
+        "--max-model-len", "2048",
+        "--num-kv-blocks", "300",
+        "--log-level", "warning",
+    )  # fmt: skip
+    yield url
+    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+
+
 @pytest.fixture
 def client(base_url: str) -> openai.OpenAI:
     # max_retries=0: an error must surface as it is, not be retried away.
     return openai.OpenAI(base_url=f"{base_url}/v1", api_key="FAKE_KEY", max_retries=0)
+
+
+@pytest.fixture(params=["base_url", "tp2_base_url"], ids=["tp1", "tp2"])
+def any_client(request: pytest.FixtureRequest) -> openai.OpenAI:
+    """`client` of the server without and with tensor parallelism."""
+    url = request.getfixturevalue(request.param)
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="FAKE_KEY", max_retries=0)
 
 
 def metric(base_url: str, name: str, **labels: str) -> float:
@@ -97,7 +121,8 @@ def metric(base_url: str, name: str, **labels: str) -> float:
 # ------------------------------------------------------------------------------------------ openai client
 
 
-def test_sync_client_chat_with_data_url_image(client: openai.OpenAI, image_dir: Path) -> None:
+def test_sync_client_chat_with_data_url_image(any_client: openai.OpenAI, image_dir: Path) -> None:
+    client = any_client
     assert [m.id for m in client.models.list().data] == [MODEL]
     url = "data:image/png;base64," + base64.b64encode((image_dir / "red.png").read_bytes()).decode()
     out = client.chat.completions.create(
@@ -112,7 +137,8 @@ def test_sync_client_chat_with_data_url_image(client: openai.OpenAI, image_dir: 
     assert isinstance(out.choices[0].message.content, str)
 
 
-def test_sync_client_stream_with_usage_and_two_choices(client: openai.OpenAI) -> None:
+def test_sync_client_stream_with_usage_and_two_choices(any_client: openai.OpenAI) -> None:
+    client = any_client
     stream = client.chat.completions.create(
         model=MODEL,
         messages=[{"role": "user", "content": "Count to three."}],

@@ -35,6 +35,7 @@ logger = logging.getLogger("vlmserve")
 _FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "served_model_name": ("--served-model-name", "--model-id"),
     "quantization": ("--quantization", "-q"),
+    "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
 }
 _LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
 # MediaConfig field -> the flag that sets it, to name the flag in MediaConfig's errors.

@@ -56,6 +56,12 @@ class EngineArgs(BaseModel):
         None, ge=1, description="waiting requests before 503; None: no cap"
     )
     seed: int = 0
+    tensor_parallel_size: int = Field(
+        1,
+        ge=1,
+        description="shard the model over this many devices (GPUs; CPU processes on a CPU): one driver "
+        "and N-1 worker processes",
+    )
     enforce_eager: bool = False
     async_scheduling: bool | None = Field(
         None,
@@ -119,6 +125,10 @@ class EngineArgs(BaseModel):
             raise ValueError(
                 f"mm_processor_kwargs.min_pixels ({mp['min_pixels']}) exceeds max_pixels ({mp['max_pixels']})"
             )
+        if self.tensor_parallel_size > 1 and self.async_scheduling:
+            raise ValueError(
+                "async_scheduling is not supported with tensor_parallel_size > 1 yet; drop async_scheduling"
+            )
         if self.enable_auto_tool_choice and self.tool_call_parser is None:
             raise ValueError("enable_auto_tool_choice needs tool_call_parser (hermes for Qwen2.5-VL)")
         return self
@@ -154,3 +164,4 @@ class EngineConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     engine_stall_timeout_s: float = 60.0
+    tensor_parallel_size: int = 1  # ranks 1 .. N-1 are worker processes (runner/tensor_parallel.py)

@@ -76,11 +76,15 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         max_queued_requests=args.max_queued_requests,
         seed=args.seed,
         enforce_eager=args.enforce_eager,
-        async_scheduling=device == "cuda" if args.async_scheduling is None else args.async_scheduling,
+        # Tensor parallelism steps synchronously (its ranks get each step's tokens from the host).
+        async_scheduling=device == "cuda" and args.tensor_parallel_size == 1
+        if args.async_scheduling is None
+        else args.async_scheduling,
         engine_process=args.engine_process,
         enable_auto_tool_choice=args.enable_auto_tool_choice,
         tool_call_parser=args.tool_call_parser,
         engine_stall_timeout_s=args.engine_stall_timeout_s,
+        tensor_parallel_size=args.tensor_parallel_size,
     )
 
 

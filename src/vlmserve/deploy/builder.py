@@ -21,6 +21,13 @@ what was left out:
   next one starts (loading weights takes minutes for a 7B model), and a replica is removed only when the
   others can absorb its load.
 - the replicas' runtime_env: ray_actor_options.runtime_env merged with LLMConfig.runtime_env (which wins).
+- tensor parallelism (engine_kwargs.tensor_parallel_size N > 1): each replica gets a placement group, as
+  Ray Serve LLM gives one: LLMConfig.placement_group_config as given, else N bundles of one GPU each (one CPU
+  each on a CPU cluster), STRICT_PACK (one node: the ranks all-reduce every layer). accelerator_type adds its
+  resource to every bundle. The replica actor runs in bundle 0 with rank 0 (its resources are bundle 0's);
+  ranks 1 .. N-1 are Ray actors in the other bundles (runner/tensor_parallel.py). The engine then runs on a
+  thread of the replica (engine_process off): the rank-0 driver must be in the Ray actor that owns the
+  placement group to place its workers there.
 
 The ingress `OpenAiIngress` gets one replica that asks for no CPU (it only parses JSON and relays tokens:
 requests wait in the model deployments' queues, not here), overridable with `ingress_deployment_config`.
@@ -102,6 +109,11 @@ def server_deployment_options(
             "accelerator_type (e.g. 'L40S') or deployment_config.ray_actor_options.num_gpus, or drop device"
         )
 
+    if engine_args.tensor_parallel_size > 1 or config.placement_group_config is not None:
+        actor = _placement_group(options, actor, config, engine_args.tensor_parallel_size, num_gpus > 0)
+        if engine_args.tensor_parallel_size > 1:
+            engine_args = config.engine_args(device=engine_args.device, engine_process=False)
+
     options.setdefault("max_ongoing_requests", DEFAULT_ONGOING_BATCHES * engine_args.max_num_seqs)
     if options.get("autoscaling_config") is not None or options.get("num_replicas") == "auto":
         autoscaling = dict(options.get("autoscaling_config") or {})
@@ -113,6 +125,35 @@ def server_deployment_options(
     options.setdefault("name", deployment_name(config.model_id))
     options["ray_actor_options"] = actor
     return options, engine_args
+
+
+def _placement_group(
+    options: dict[str, Any], actor: dict[str, Any], config: LLMConfig, tp: int, gpus: bool
+) -> dict[str, Any]:
+    """Set the replica's placement group options (bundles, strategy); the replica actor's resources become
+    bundle 0's (Ray Serve runs the replica in the first bundle and requires they fit there)."""
+    pg = config.placement_group_config
+    if pg is not None:
+        bundles = [dict(b) for b in pg["bundles"]]
+        strategy = pg["strategy"]
+    else:
+        bundles = [{"GPU": 1} if gpus else {"CPU": 1} for _ in range(tp)]
+        strategy = "STRICT_PACK"
+    if config.accelerator_type is not None:
+        for bundle in bundles:
+            bundle.setdefault(f"accelerator_type:{config.accelerator_type}", 0.001)
+    options["placement_group_bundles"] = bundles
+    options["placement_group_strategy"] = strategy
+    first = bundles[0]
+    actor = {k: v for k, v in actor.items() if k not in ("num_gpus", "num_cpus", "resources")}
+    actor["num_gpus"] = first.get("GPU", 0)
+    actor["num_cpus"] = first.get("CPU", 0)
+    custom = {
+        k: v for k, v in first.items() if k not in ("GPU", "CPU") and not k.startswith("accelerator_type:")
+    }
+    if custom:
+        actor["resources"] = custom
+    return actor
 
 
 def ingress_deployment_options(args: LLMServingArgs) -> dict[str, Any]:

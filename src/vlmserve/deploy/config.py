@@ -110,10 +110,13 @@ DEPLOYMENT_CONFIG_KEYS = frozenset(
 )
 _DEPLOYMENT_UNSUPPORTED = {
     "user_config": "the vlmserve server deployment has no reconfigure(); put engine options in engine_kwargs",
-    "placement_group_bundles": "vlmserve runs one replica per GPU; set accelerator_type or "
-    "ray_actor_options (num_gpus, resources) instead",
-    "placement_group_strategy": "vlmserve runs one replica per GPU; remove placement_group_strategy",
+    "placement_group_bundles": "give the replica's bundles as LLMConfig.placement_group_config.bundles "
+    "(as in Ray Serve LLM)",
+    "placement_group_strategy": "give the strategy as LLMConfig.placement_group_config.strategy (as in Ray "
+    "Serve LLM)",
 }
+
+PLACEMENT_STRATEGIES = ("PACK", "STRICT_PACK", "SPREAD", "STRICT_SPREAD")
 
 
 def validate_deployment_config(value: Any, where: str) -> dict[str, Any]:
@@ -205,8 +208,6 @@ DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50
 
 _LLM_CONFIG_UNSUPPORTED = {
     "lora_config": "LoRA adapters are not supported by vlmserve; remove lora_config",
-    "placement_group_config": "vlmserve runs one replica per GPU (no tensor parallelism yet); remove "
-    "placement_group_config and use accelerator_type or deployment_config.ray_actor_options",
     "accelerator_config": "give the GPU type as accelerator_type (e.g. 'L40S') instead",
     "server_cls": "the server deployment is vlmserve's own (vlmserve.deploy.server.LLMServer); remove server_cls",
     "log_engine_metrics": "engine metrics are always exported on the app's /metrics; remove log_engine_metrics",
@@ -233,6 +234,13 @@ class LLMConfig(BaseModel):
     )
     runtime_env: dict[str, Any] | None = Field(
         None, description="Ray runtime_env of the replicas, e.g. {'env_vars': {'HF_TOKEN': ...}}"
+    )
+    placement_group_config: dict[str, Any] | None = Field(
+        None,
+        description="a replica's placement group, as in Ray Serve LLM: {'bundles': [{'GPU': 1}, ...], "
+        "'strategy': 'STRICT_PACK'}, one bundle per tensor-parallel rank (the replica runs in the first); "
+        "default with engine_kwargs.tensor_parallel_size N > 1: N bundles of one GPU (one CPU on a CPU "
+        "cluster), STRICT_PACK",
     )
     llm_engine: str = Field(
         "vlmserve", description="accepted so that Ray Serve LLM files load unchanged: 'vLLM' or 'vlmserve'"
@@ -309,6 +317,40 @@ class LLMConfig(BaseModel):
     def _deployment(cls, value: Any) -> dict[str, Any]:
         return validate_deployment_config(value or {}, "deployment_config")
 
+    @field_validator("placement_group_config", mode="before")
+    @classmethod
+    def _placement(cls, value: Any) -> dict[str, Any] | None:
+        if value is None:
+            return None
+        if not isinstance(value, Mapping):
+            raise ValueError(
+                "placement_group_config must be a mapping such as {'bundles': [{'GPU': 1}, {'GPU': 1}], "
+                f"'strategy': 'STRICT_PACK'}}, got {value!r}"
+            )
+        reject_unknown_keys("placement_group_config", value, ("bundles", "strategy"))
+        bundles = value.get("bundles")
+        if not isinstance(bundles, list) or not bundles:
+            raise ValueError(
+                f"placement_group_config.bundles must be a non-empty list of mappings, got {bundles!r}"
+            )
+        for i, bundle in enumerate(bundles):
+            if not isinstance(bundle, Mapping) or not bundle:
+                raise ValueError(
+                    f"placement_group_config.bundles[{i}] must map resources to amounts, e.g. {{'GPU': 1}}, "
+                    f"got {bundle!r}"
+                )
+            for name, amount in bundle.items():
+                if isinstance(amount, bool) or not isinstance(amount, (int, float)) or amount < 0:
+                    raise ValueError(
+                        f"placement_group_config.bundles[{i}].{name} must be a number >= 0, got {amount!r}"
+                    )
+        strategy = value.get("strategy", "PACK")
+        if strategy not in PLACEMENT_STRATEGIES:
+            raise ValueError(
+                f"placement_group_config.strategy {strategy!r} is not one of {', '.join(PLACEMENT_STRATEGIES)}"
+            )
+        return {"bundles": [dict(b) for b in bundles], "strategy": strategy}
+
     @field_validator("runtime_env", mode="before")
     @classmethod
     def _runtime_env(cls, value: Any) -> dict[str, Any] | None:
@@ -333,7 +375,13 @@ class LLMConfig(BaseModel):
         ):
             if key in self.engine_kwargs:
                 raise ValueError(f"engine_kwargs.{key}: set it as {where} instead")
-        self.engine_args()
+        args = self.engine_args()
+        pg = self.placement_group_config
+        if pg is not None and len(pg["bundles"]) < args.tensor_parallel_size:
+            raise ValueError(
+                f"placement_group_config has {len(pg['bundles'])} bundle(s) for engine_kwargs."
+                f"tensor_parallel_size {args.tensor_parallel_size}: give one bundle per rank"
+            )
         return self
 
     @property

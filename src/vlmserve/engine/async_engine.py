@@ -70,7 +70,8 @@ def step_or_fail(core: EngineCore, failures: int) -> tuple[list[CompletionDelta]
         failures += 1
         logger.exception("engine step failed (%d in a row)", failures)
         deltas = core.fail_scheduled(f"engine step failed: {type(e).__name__}: {e}")
-        if failures < MAX_CONSECUTIVE_STEP_FAILURES:
+        # A fatal error (a tensor-parallel worker died) kills the engine at once: no later step can run.
+        if failures < MAX_CONSECUTIVE_STEP_FAILURES and not getattr(e, "fatal", False):
             return deltas, failures, None
         reason = f"{failures} consecutive step failures, last: {e!r}"
         return deltas + core.fail_all(reason), failures, reason
@@ -158,6 +159,8 @@ class AsyncEngine:
         self._stop.set()
         self._commands.put(None)
         self._thread.join(timeout)
+        if hasattr(self.core, "shutdown"):  # tensor-parallel workers
+            self.core.shutdown()
 
     # --- loop thread ------------------------------------------------------------------------------------
 

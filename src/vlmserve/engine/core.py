@@ -28,6 +28,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -38,7 +39,8 @@ from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 from vlmserve.engine.request import Request, RequestStatus, requests_from_engine_request
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
 from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
-from vlmserve.models.loader import load_model
+from vlmserve.models.layers.parallel import check_tensor_parallel
+from vlmserve.models.loader import load_model, read_config
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.runner.kv_quant import kv_storage_dtype
 from vlmserve.runner.model_runner import (
@@ -48,6 +50,7 @@ from vlmserve.runner.model_runner import (
     StepOutput,
     kv_bytes_per_block,
 )
+from vlmserve.runner.tensor_parallel import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -65,40 +68,30 @@ class _Choice:
 
 
 class EngineCore:
-    def __init__(self, config: EngineConfig, processor: Qwen2_5_VLProcessor | None = None) -> None:
+    def __init__(
+        self,
+        config: EngineConfig,
+        processor: Qwen2_5_VLProcessor | None = None,
+        force_tensor_parallel: bool = False,
+    ) -> None:
+        """`force_tensor_parallel`: take the tensor-parallel path (parallel layers, collectives, a worker
+        group) even for one rank: a world of one checks the NCCL path on a single GPU."""
         self.config = config
         device = torch.device(config.device)
         self.processor = processor or Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         torch.manual_seed(config.seed)
-        self.model = load_model(
-            config.model_path,
-            config.dtype,
-            device,
-            load_format=config.load_format,
-            quantization=config.quantization,
-        )
-        self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
-        dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
-        per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
-        min_blocks = -(-config.max_model_len // config.block_size) + 1
-        if num_blocks < min_blocks:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
-                f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
-                "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
-            )
-        self.runner = ModelRunner(
-            self.model,
-            num_blocks,
-            config.block_size,
-            self.eos_token_ids,
-            max_model_len=config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            enforce_eager=config.enforce_eager,
-            patchify=self.processor.patchify,
-            kv_cache_dtype=dtype,
-        )
+        # Tensor parallelism: ranks 1 .. N-1 in worker processes, rank 0 in this one (runner/tensor_parallel.py).
+        self.workers: WorkerGroup | None = None
+        if config.tensor_parallel_size > 1 or force_tensor_parallel:
+            check_tensor_parallel(read_config(Path(config.model_path)).text, config.tensor_parallel_size)
+            self.workers = WorkerGroup(config)
+            if device.type == "cuda":
+                device = torch.device("cuda", 0)
+        try:
+            num_blocks, per_block = self._load(device)
+        except BaseException:
+            self.shutdown()
+            raise
         # On a GPU, requests carry resized uint8 pixels and the runner patchifies them there: an eighth of the
         # bytes of float32 patches to copy, and no normalise / patchify pass on the host.
         self.processor.patchify_on_device = device.type == "cuda"
@@ -147,6 +140,50 @@ class EngineCore:
             config.block_size,
             num_blocks * per_block / 2**20,
         )
+
+    def _load(self, device: torch.device) -> tuple[int, int]:
+        """Load the model (this rank's shard) and build the runner (with the workers' runners);
+        (KV blocks, bytes per block)."""
+        config = self.config
+        self.model = load_model(
+            config.model_path,
+            config.dtype,
+            device,
+            load_format=config.load_format,
+            quantization=config.quantization,
+            tp=None if self.workers is None else self.workers.tp,
+        )
+        self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
+        dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
+        per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
+        num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
+        min_blocks = -(-config.max_model_len // config.block_size) + 1
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
+                "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
+            )
+        runner_kwargs = dict(
+            num_blocks=num_blocks,
+            block_size=config.block_size,
+            eos_token_ids=self.eos_token_ids,
+            max_model_len=config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            enforce_eager=config.enforce_eager,
+        )
+        if self.workers is not None:
+            self.workers.start_runners(runner_kwargs)
+        self.runner = ModelRunner(
+            self.model,
+            patchify=self.processor.patchify,
+            kv_cache_dtype=dtype,
+            workers=self.workers,
+            **runner_kwargs,  # type: ignore[arg-type]
+        )
+        if self.workers is not None:
+            self.workers.wait_ready()
+        return num_blocks, per_block
 
     def _blocks_from_memory(self, per_block: int, device: torch.device) -> int:
         if device.type == "cuda":
@@ -402,6 +439,11 @@ class EngineCore:
         return out
 
     # --- stats -------------------------------------------------------------------------------------------------
+
+    def shutdown(self) -> None:
+        """Stop the tensor-parallel workers, if any (nothing else here holds a process or a thread)."""
+        if self.workers is not None:
+            self.workers.shutdown()
 
     def stats(self) -> dict[str, float]:
         s = self.scheduler.stats()

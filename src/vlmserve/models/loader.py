@@ -19,6 +19,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
+from vlmserve.models.layers.parallel import TensorParallel
 from vlmserve.models.quantization import (
     QuantizationError,
     QuantizationMethod,
@@ -160,6 +161,40 @@ def iter_weights(files: list[Path], progress: bool = True) -> Iterator[tuple[str
             bar.update(1)
 
 
+def read_checkpoint_slice(
+    part: Any, dim: int | None = None, ranges: list[tuple[int, int]] | None = None
+) -> torch.Tensor:
+    """Read ranges of one dimension of a safetensors tensor (`safe_open(...).get_slice(name)`), concatenated;
+    the whole tensor when `dim` is None. Only the bytes of those ranges are read from the file."""
+    if dim is None or ranges is None:
+        return part[:]
+    lead = (slice(None),) * dim
+    pieces = [part[(*lead, slice(a, b))] for a, b in ranges]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, dim=dim)
+
+
+class CheckpointSlice:
+    """A tensor of an open safetensors file, read when (and as far as) the model asks (`LazyTensor`)."""
+
+    def __init__(self, part: Any) -> None:
+        self.part = part
+        self.shape = tuple(part.get_shape())
+
+    def read(self, dim: int | None = None, ranges: list[tuple[int, int]] | None = None) -> torch.Tensor:
+        return read_checkpoint_slice(self.part, dim, ranges)
+
+
+def iter_weight_slices(files: list[Path], progress: bool = True) -> Iterator[tuple[str, CheckpointSlice]]:
+    """Like iter_weights, but nothing is read until the model reads its part of each tensor (a tensor-parallel
+    rank reads only its shard: a 72B checkpoint does not pass whole through every rank's memory)."""
+    with tqdm(total=len(files), desc="Loading weights", unit="file", disable=not progress) as bar:
+        for f in files:
+            with safe_open(str(f), framework="pt") as st:
+                for name in st.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                    yield name, CheckpointSlice(st.get_slice(name))
+            bar.update(1)
+
+
 def cpu_has_native_bf16() -> bool:
     """Whether this CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); without it bf16 is emulated and
     slower than float32."""
@@ -212,21 +247,28 @@ def load_model(
     progress: bool = True,
     load_format: str = "auto",
     quantization: str | None = None,
+    tp: TensorParallel | None = None,
 ) -> Any:
     """Build the model of the checkpoint's family (models/registry.py) from `path`/config.json and fill it
     from the safetensors in `path`.
 
     load_format="dummy" fills random weights on the device instead (benchmarks of an architecture whose
     weights are not at hand; what vLLM calls --load-format dummy). `quantization` names the method (vLLM's
-    names); None uses the checkpoint's quantization_config, if it has one."""
+    names); None uses the checkpoint's quantization_config, if it has one. `tp`: build and load this rank's
+    shard of a tensor-parallel model (each weight read only as far as this rank holds it)."""
     path = Path(path)
     device = torch.device(device)
     config = read_config(path)
     method = quantization_method(path, config.raw, quantization, device)
     torch_dtype = resolve_dtype(dtype, config, device)
     family = family_for_config(config.raw)
+    if tp is not None and method is not None:
+        raise CheckpointError(
+            f"{path}: quantization {method.describe()} with tensor_parallel_size {tp.size} is not supported "
+            "yet; serve the float checkpoint with tensor parallelism, or the quantized one on one device"
+        )
     with torch.device("meta"):
-        model = family.model_class(config).to(torch_dtype)
+        model = (family.model_class(config) if tp is None else family.model_class(config, tp)).to(torch_dtype)
     if method is not None:
         # On the meta device still: a float copy of the weights the method replaces is never allocated.
         swapped = replace_linears(model, method)
@@ -239,7 +281,7 @@ def load_model(
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not supported; use auto or dummy")
     files = safetensors_files(path)
-    weights = iter_weights(files, progress)
+    weights: Any = iter_weights(files, progress) if tp is None else iter_weight_slices(files, progress)
     if method is not None:
         # The conversions (unpacking, transposes, online quantization) run where the weights go: on a GPU,
         # a 72B checkpoint's are seconds instead of minutes of CPU time.

@@ -25,6 +25,7 @@ from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import VarlenGroups
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.parallel import TensorParallel
 from vlmserve.models.layers.qwen2 import Qwen2Model
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, vision_rotary
 from vlmserve.models.layers.vlm import VisionLanguageModel
@@ -253,5 +254,5 @@ class VisionTransformer(nn.Module):
 class Qwen2_5_VLForConditionalGeneration(VisionLanguageModel):
     FAMILY = "Qwen2.5-VL"
 
-    def __init__(self, cfg: Qwen2_5_VLConfig) -> None:
-        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen2Model(cfg.text))
+    def __init__(self, cfg: Qwen2_5_VLConfig, tp: TensorParallel | None = None) -> None:
+        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen2Model(cfg.text, tp), tp)

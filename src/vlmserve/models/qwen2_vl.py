@@ -23,6 +23,7 @@ from torch import nn
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import VarlenGroups
+from vlmserve.models.layers.parallel import TensorParallel
 from vlmserve.models.layers.qwen2 import Qwen2Model
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
 from vlmserve.models.layers.vlm import VisionLanguageModel
@@ -209,5 +210,5 @@ class VisionTransformer(nn.Module):
 class Qwen2VLForConditionalGeneration(VisionLanguageModel):
     FAMILY = "Qwen2-VL"
 
-    def __init__(self, cfg: Qwen2VLConfig) -> None:
-        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen2Model(cfg.text))
+    def __init__(self, cfg: Qwen2VLConfig, tp: TensorParallel | None = None) -> None:
+        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen2Model(cfg.text, tp), tp)

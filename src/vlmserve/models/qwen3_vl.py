@@ -32,10 +32,16 @@ from vlmserve.models.layers.attention import AttentionBackend, VarlenGroups
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.moe import SparseMoE
 from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.parallel import (
+    TensorParallel,
+    embedding,
+    kv_heads_per_rank,
+    qkv_linear,
+    row_linear,
+)
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
 from vlmserve.models.layers.vlm import VisionLanguageModel
-from vlmserve.models.layers.weights import merged_linear
 
 ARCHITECTURES = ("Qwen3VLForConditionalGeneration",)
 MOE_ARCHITECTURES = ("Qwen3VLMoeForConditionalGeneration",)
@@ -260,18 +266,17 @@ class VisionTransformer(nn.Module):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: TextConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.num_heads = heads if tp is None else tp.split(heads, "num_attention_heads")
+        self.num_kv_heads = kv_heads if tp is None else kv_heads_per_rank(kv_heads, tp)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = merged_linear(
-            cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=cfg.attention_bias
-        )
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
+        self.qkv_proj = qkv_linear(cfg.hidden_size, heads, kv_heads, self.head_dim, cfg.attention_bias, tp)
+        self.o_proj = row_linear(heads * self.head_dim, cfg.hidden_size, cfg.attention_bias, tp)
         self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
 
@@ -289,18 +294,18 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: TextConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.mlp: nn.Module
         if cfg.is_sparse(layer_idx):
             self.mlp = SparseMoE(
-                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok
+                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, tp
             )
         else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp=tp)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
@@ -310,10 +315,10 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen3Model(nn.Module):
-    def __init__(self, cfg: TextConfig) -> None:
+    def __init__(self, cfg: TextConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(
             cfg.head_dim,
@@ -350,8 +355,8 @@ class Qwen3VLForConditionalGeneration(VisionLanguageModel):
 
     FAMILY = "Qwen3-VL"
 
-    def __init__(self, cfg: Qwen3VLConfig) -> None:
-        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen3Model(cfg.text))
+    def __init__(self, cfg: Qwen3VLConfig, tp: TensorParallel | None = None) -> None:
+        super().__init__(cfg, VisionTransformer(cfg.vision), Qwen3Model(cfg.text, tp), tp)
 
     def embed(
         self,

@@ -9,6 +9,11 @@ On a GPU nothing in `launch` waits for the device: it queues the step's work and
 whose `result()` waits for that step only. The next step can then be prepared and queued while this one
 runs; a token it needs that is still being sampled (a request's pending token) is read on the device from
 the previous step's `StepOutput`.
+
+Under tensor parallelism (runner/tensor_parallel.py) the runner of rank 0 builds each step's plain inputs
+(`StepInputs`: token ids, positions, KV slots, block tables, images to encode), sends them to the other ranks'
+runners, and every rank runs `execute` on them: the same forward on its shard. Rank 0 alone samples. Without
+tensor parallelism none of that exists: `prepare` builds the device tensors straight away, as before.
 """
 
 from __future__ import annotations
@@ -16,7 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import torch
@@ -33,6 +38,10 @@ from vlmserve.runner.attention import (
     token_slots,
 )
 from vlmserve.runner.sampler import SampledBatch, Sampler, build_sampling_batch, make_generator
+
+if TYPE_CHECKING:
+    from vlmserve.runner.cuda_graph import CudaGraphDecoder
+    from vlmserve.runner.tensor_parallel import WorkerGroup
 
 logger = logging.getLogger(__name__)
 
@@ -106,6 +115,35 @@ class PreparedStep:
 
 
 @dataclass
+class HostInputs:
+    """An eager step's inputs on the host, before any device copy (what tensor-parallel ranks receive)."""
+
+    token_ids: list[int]
+    pending: list[tuple[int, str]]  # (row, request id) of the PENDING ids
+    positions: torch.Tensor  # (3, T)
+    slots: np.ndarray  # (T,)
+    query_lens: list[int]
+    seq_lens: list[int]
+    block_tables: list[list[int]]
+    image_rows: list[tuple[str, int, int]]  # (mm_hash, first row, end row) of the image's embedding
+    image_spans: list[tuple[int, int]]  # (flat start, flat end) of rows replaced by image rows
+    sample_index: list[int]  # rows whose hidden state samples
+    sample_rows: list[int]  # the scheduled requests (by position) that sample, in the same order
+
+
+@dataclass
+class StepInputs:
+    """One step as plain data, the same for every tensor-parallel rank: one of `decode` (every row decodes a
+    text token) or `eager` (anything else), the images to encode first, and encoder outputs to drop."""
+
+    free_encoder_hashes: list[str]
+    images: list[Any]  # ImageFeature of each image to encode (with its pixels or patches)
+    decode: DecodeBatch | None = None
+    eager: HostInputs | None = None
+    sample_rows: list[int] | None = None  # decode: the rows that sample
+
+
+@dataclass
 class EagerInputs:
     """An eager step's inputs, on the device, with what to fetch from the encoder cache once it ran."""
 
@@ -133,9 +171,10 @@ GPU_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
 
 
 def kv_bytes_per_block(model: Qwen2_5_VLForConditionalGeneration, block_size: int, dtype: torch.dtype) -> int:
+    """Bytes of one KV block on this rank (its KV heads only, under tensor parallelism)."""
     t = model.config.text
     elem = torch.tensor([], dtype=dtype).element_size()
-    return 2 * t.num_hidden_layers * block_size * t.num_key_value_heads * t.head_dim * elem
+    return 2 * t.num_hidden_layers * block_size * model.num_kv_heads * t.head_dim * elem
 
 
 class ModelRunner:
@@ -150,8 +189,12 @@ class ModelRunner:
         enforce_eager: bool = False,
         patchify: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
         kv_cache_dtype: torch.dtype | None = None,
+        workers: WorkerGroup | None = None,
     ) -> None:
         self.model = model
+        # The other tensor-parallel ranks (rank 0, this runner, sends them each step); None without.
+        self.workers = workers
+        self._unsent_free: list[str] = []  # encoder outputs freed here, not yet freed on the other ranks
         # Resized (H, W, 3) uint8 pixels -> float32 patches, on the pixels' device (the processor's); images
         # may arrive as those pixels instead of patches.
         self.patchify = patchify
@@ -163,7 +206,7 @@ class ModelRunner:
         self.num_blocks = num_blocks
         self.eos_token_ids = list(eos_token_ids)
         t = model.config.text
-        shape = (num_blocks, block_size, t.num_key_value_heads, t.head_dim)
+        shape = (num_blocks, block_size, model.num_kv_heads, t.head_dim)
         kv_dtype = kv_cache_dtype or self.dtype  # FP8 (runner/kv_quant.py) or the model's dtype
         self.kv_caches = [
             (
@@ -184,12 +227,17 @@ class ModelRunner:
 
             self.max_partitions = -(-max_model_len // PARTITION)
             if not enforce_eager:
+                from vlmserve.runner.cuda_graph import CudaGraphDecoder
+
                 self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
 
     # --- encoder ---------------------------------------------------------------------------------------
 
     def _encoder_inputs(self, sched: SchedulerOutput) -> tuple[list[Any], torch.Tensor] | None:
         """The images to encode this step (not cached yet, each once) and their patches, on the device."""
+        return self._encoder_patches(self._images_to_encode(sched))
+
+    def _images_to_encode(self, sched: SchedulerOutput) -> list[Any]:
         todo: dict[str, Any] = {}
         for req, idx in sched.encoder_inputs:
             img = req.images[idx]
@@ -203,9 +251,11 @@ class ModelRunner:
                 if overlaps and img.mm_hash not in self.encoder_cache and img.mm_hash not in todo:
                     logger.warning("image %s was never encoded (a failed step); encoding it now", img.mm_hash)
                     todo[img.mm_hash] = img
-        if not todo:
+        return list(todo.values())
+
+    def _encoder_patches(self, imgs: list[Any]) -> tuple[list[Any], torch.Tensor] | None:
+        if not imgs:
             return None
-        imgs = list(todo.values())
         # Each image's patches straight to the device (a host-side cat would copy them once more first).
         parts = [self._patches(img.data[0]) for img in imgs]
         return imgs, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
@@ -240,6 +290,9 @@ class ModelRunner:
         else:
             tokens = sum(s.num_tokens for s in sched.scheduled)
             small = tokens <= SMALL_CPU_STEP_TOKENS or tokens == len(sched.scheduled)
+        self._use_threads(small)
+
+    def _use_threads(self, small: bool) -> None:
         want = 1 if small else CPU_THREADS
         if torch.get_num_threads() != want:
             torch.set_num_threads(want)
@@ -322,10 +375,14 @@ class ModelRunner:
             self.encoder_cache.pop(h, None)
         for rid in sched.finished_request_ids:
             self.generators.pop(rid, None)
+        if self.workers is not None:
+            self._unsent_free.extend(sched.free_encoder_hashes)
         if not sched.scheduled:
             return PreparedStep(lambda: StepOutput([]), decode_only=True)
         if self.device.type == "cpu":
             self._set_cpu_threads(sched)
+        if self.workers is not None:
+            return self._prepare_parallel(sched)
         decode = None if sched.encoder_inputs else self._prepare_decode(sched)
         if decode is not None and self.graphs is not None and self.graphs.fits(len(sched.scheduled)):
             run = self._in_mode(lambda: self._run_graph(sched, decode, prev, defer_sampling))
@@ -387,6 +444,10 @@ class ModelRunner:
         return sample()
 
     def _eager_inputs(self, sched: SchedulerOutput, prev: StepOutput | None) -> EagerInputs:
+        host = self._eager_host(sched)
+        return self._eager_device(host, [sched.scheduled[i].request for i in host.sample_rows], prev)
+
+    def _eager_host(self, sched: SchedulerOutput) -> HostInputs:
         bs = self.block_size
         token_ids: list[int] = []
         pending: list[tuple[int, str]] = []
@@ -398,9 +459,9 @@ class ModelRunner:
         image_rows: list[tuple[str, int, int]] = []  # (mm_hash, first row, end row) of the image's embedding
         image_spans: list[tuple[int, int]] = []  # (flat start, flat end) of rows replaced by image rows
         sample_index: list[int] = []
-        sample_reqs = []
+        sample_rows: list[int] = []
         flat = 0
-        for s in sched.scheduled:
+        for row, s in enumerate(sched.scheduled):
             req, start, n = s.request, s.start, s.num_tokens
             end = start + n
             token_ids.extend(req.all_token_ids[start:end])
@@ -420,33 +481,53 @@ class ModelRunner:
             flat += n
             if s.sample:
                 sample_index.append(flat - 1)
-                sample_reqs.append(req)
-
-        dev = self.device
-        ids = to_device(torch.tensor(token_ids), dev)
-        self._fill_pending(ids, pending, prev)
-        meta = PagedAttentionMetadata(
-            slot_mapping=to_device(torch.from_numpy(np.concatenate(slots)), dev),
+                sample_rows.append(row)
+        host = HostInputs(
+            token_ids=token_ids,
+            pending=pending,
+            positions=torch.cat(positions, dim=1),
+            slots=np.concatenate(slots),
             query_lens=query_lens,
             seq_lens=seq_lens,
-            block_tables=to_device(torch.from_numpy(padded_block_tables(tables)), dev),
+            block_tables=tables,
+            image_rows=image_rows,
+            image_spans=image_spans,
+            sample_index=sample_index,
+            sample_rows=sample_rows,
+        )
+        return host
+
+    def _eager_device(
+        self, host: HostInputs, sample_reqs: list[Request], prev: StepOutput | None
+    ) -> EagerInputs:
+        """The device tensors of `host`; `sample_reqs` are the requests of its sampled rows (empty on the
+        ranks that do not sample, which still compute those rows' logits for the gather)."""
+        dev = self.device
+        ids = to_device(torch.tensor(host.token_ids), dev)
+        self._fill_pending(ids, host.pending, prev)
+        query_lens = host.query_lens
+        meta = PagedAttentionMetadata(
+            slot_mapping=to_device(torch.from_numpy(host.slots), dev),
+            query_lens=query_lens,
+            seq_lens=host.seq_lens,
+            block_tables=to_device(torch.from_numpy(padded_block_tables(host.block_tables)), dev),
             decode_rows=[i for i, n in enumerate(query_lens) if n == 1],
             prefill_rows=[i for i, n in enumerate(query_lens) if n > 1],
-            host_block_tables=tables,
+            host_block_tables=host.block_tables,
         )
         image_mask = None
-        if image_rows:
-            mask = torch.zeros(len(token_ids), dtype=torch.bool)
-            for a, b in image_spans:
+        if host.image_rows:
+            mask = torch.zeros(len(host.token_ids), dtype=torch.bool)
+            for a, b in host.image_spans:
                 mask[a:b] = True
             image_mask = to_device(mask, dev)
         return EagerInputs(
             ids=ids,
-            positions=to_device(torch.cat(positions, dim=1), dev),
+            positions=to_device(host.positions, dev),
             attn=self._attention(meta),
-            image_rows=image_rows,
+            image_rows=host.image_rows,
             image_mask=image_mask,
-            sample_index=to_device(torch.tensor(sample_index), dev) if sample_reqs else None,
+            sample_index=to_device(torch.tensor(host.sample_index), dev) if host.sample_index else None,
             sample_reqs=sample_reqs,
         )
 
@@ -454,6 +535,12 @@ class ModelRunner:
         self, sched: SchedulerOutput, decode: DecodeBatch, prev: StepOutput | None
     ) -> EagerInputs:
         """`_eager_inputs` for a step of one-token decodes, from `_prepare_decode`'s plain ints."""
+        sample = [i for i, s in enumerate(sched.scheduled) if s.sample]
+        return self._decode_device(decode, sample, [sched.scheduled[i].request for i in sample], prev)
+
+    def _decode_device(
+        self, decode: DecodeBatch, sample: list[int], sample_reqs: list[Request], prev: StepOutput | None
+    ) -> EagerInputs:
         token_ids, positions, slots, tables, seq_lens, pending = decode
         dev = self.device
         ids = to_device(torch.tensor(token_ids), dev)
@@ -468,7 +555,6 @@ class ModelRunner:
             prefill_rows=[],
             host_block_tables=tables,
         )
-        sample = [i for i, s in enumerate(sched.scheduled) if s.sample]
         text_positions = torch.tensor(positions).expand(3, -1).contiguous()  # the same on all three axes
         return EagerInputs(
             ids=ids,
@@ -477,7 +563,7 @@ class ModelRunner:
             image_rows=[],
             image_mask=None,
             sample_index=to_device(torch.tensor(sample), dev) if sample else None,
-            sample_reqs=[sched.scheduled[i].request for i in sample],
+            sample_reqs=sample_reqs,
         )
 
     def _run_eager(
@@ -486,6 +572,18 @@ class ModelRunner:
         inputs: EagerInputs,
         defer_sampling: bool = False,
     ) -> StepOutput:
+        logits = self._forward(encoder, inputs)
+        if logits is None:
+            return StepOutput([])
+        if defer_sampling:
+            sample = self._in_mode(lambda: self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask))
+            return StepOutput([r.request_id for r in inputs.sample_reqs], deferred=sample)
+        return self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask)
+
+    def _forward(
+        self, encoder: tuple[list[Any], torch.Tensor] | None, inputs: EagerInputs
+    ) -> torch.Tensor | None:
+        """Encode, embed, run the model; float32 logits of the sampled rows (None when no row samples)."""
         if encoder is not None:
             self._encode(*encoder)
         if inputs.image_rows:
@@ -495,12 +593,78 @@ class ModelRunner:
             x = self.model.embed(inputs.ids)
         hidden = self.model(x, inputs.positions, inputs.attn)
         if inputs.sample_index is None:
+            return None
+        return self.model.compute_logits(hidden[inputs.sample_index]).float()
+
+    # --- tensor parallelism ------------------------------------------------------------------------------
+
+    def _prepare_parallel(self, sched: SchedulerOutput) -> PreparedStep:
+        """Rank 0's step: plain inputs, sent to the other ranks when it runs; the same `execute` everywhere."""
+        decode = None if sched.encoder_inputs else self._prepare_decode(sched)
+        free, self._unsent_free = self._unsent_free, []
+        if decode is not None:
+            sample = [i for i, s in enumerate(sched.scheduled) if s.sample]
+            step = StepInputs(free, [], decode=decode, sample_rows=sample)
+            pending = decode.pending
+        else:
+            host = self._eager_host(sched)
+            sample = host.sample_rows
+            step = StepInputs(free, self._images_to_encode(sched), eager=host)
+            pending = host.pending
+        if pending:
+            raise RuntimeError(
+                "a scheduled token is still being sampled: tensor parallelism runs without async scheduling"
+            )
+        reqs = [sched.scheduled[i].request for i in sample]
+        workers = self.workers
+        assert workers is not None
+
+        def run() -> StepOutput:
+            try:
+                workers.send(step)
+                logits = self.execute(step)
+            except Exception as e:  # the ranks may be out of step now: fatal (see WorkerGroup.failure)
+                raise workers.failure(e) from e
+            if logits is None:
+                return StepOutput([])
+            return self._sample(logits, reqs, sched.grammar_bitmask)
+
+        return PreparedStep(self._in_mode(run), decode_only=decode is not None)
+
+    def execute(self, step: StepInputs) -> torch.Tensor | None:
+        """One step's forward from its plain inputs, on this rank's shard (every rank runs it, in the same
+        order, so their collectives meet): (rows that sample, V) float32 logits on rank 0, None when no row
+        samples; the other ranks' return value means nothing."""
+        for h in step.free_encoder_hashes:
+            self.encoder_cache.pop(h, None)
+        decode = step.decode
+        if decode is not None:
+            sample = step.sample_rows or []
+            if self.graphs is not None and self.graphs.fits(len(decode.token_ids)):
+                logits = self.graphs.run(
+                    decode.token_ids, decode.positions, decode.slots, decode.block_tables, decode.seq_lens
+                )
+                if not sample:
+                    return None
+                if len(sample) < len(decode.token_ids):
+                    logits = logits[to_device(torch.tensor(sample), self.device)]
+                return logits.float()
+            return self._forward(None, self._decode_device(decode, sample, [], None))
+        assert step.eager is not None
+        return self._forward(self._encoder_patches(step.images), self._eager_device(step.eager, [], None))
+
+    def run_worker_step(self, step: StepInputs) -> None:
+        """A rank other than 0: `execute` under the same modes as rank 0's step."""
+        if self.device.type == "cpu":
+            tokens = len(step.eager.token_ids) if step.eager is not None else 0
+            small = step.decode is not None or (not step.images and tokens <= SMALL_CPU_STEP_TOKENS)
+            self._use_threads(self.one_thread_small_steps and small)
+
+        def run() -> StepOutput:
+            self.execute(step)
             return StepOutput([])
-        logits = self.model.compute_logits(hidden[inputs.sample_index]).float()
-        if defer_sampling:
-            sample = self._in_mode(lambda: self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask))
-            return StepOutput([r.request_id for r in inputs.sample_reqs], deferred=sample)
-        return self._sample(logits, inputs.sample_reqs, inputs.grammar_bitmask)
+
+        self._in_mode(run)()
 
     def _attention(self, meta: PagedAttentionMetadata) -> TorchPagedAttention:
         if self.device.type == "cuda":
@@ -538,98 +702,3 @@ class ModelRunner:
             num_earlier_pending=[r.num_pending_tokens - 1 for r in reqs],
         )
         return StepOutput([r.request_id for r in reqs], self.sampler.sample(logits, batch))
-
-
-class CudaGraphDecoder:
-    """Decode steps (one new token per sequence, no images) replayed from CUDA graphs, one per batch size.
-
-    Kernel launches, not math, dominate a decode step at small batch: a graph replays the whole model
-    forward (embedding -> 28 layers with paged Triton attention -> logits) as one launch. Inputs go through
-    static device buffers; a batch is padded up to the next captured size with rows that write to the
-    reserved null block 0 and read one token.
-    """
-
-    def __init__(self, runner: ModelRunner, max_num_seqs: int, max_model_len: int) -> None:
-        from vlmserve.runner.triton_attention import TritonDecodeAttention
-
-        self.runner = runner
-        model, dev = runner.model, runner.device
-        self.max_blocks = -(-max_model_len // runner.block_size)
-        self.num_partitions = runner.max_partitions
-        self.sizes = sorted(
-            {b for b in (1, 2, 4, 8, *range(16, 257, 16)) if b <= max_num_seqs} | {max_num_seqs}
-        )
-        n = self.sizes[-1]
-        self.ids = torch.zeros(n, dtype=torch.long, device=dev)
-        self.pos = torch.zeros(3, n, dtype=torch.long, device=dev)
-        self.slots = torch.zeros(n, dtype=torch.long, device=dev)
-        self.tables = torch.zeros(n, self.max_blocks, dtype=torch.int32, device=dev)
-        self.seq_lens = torch.ones(n, dtype=torch.int32, device=dev)
-        self.logits: dict[int, torch.Tensor] = {}
-        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        pool = None
-        for b in reversed(self.sizes):  # largest first: smaller graphs reuse its memory pool
-            attn = TritonDecodeAttention(
-                runner.kv_caches,
-                self.slots[:b],
-                self.tables[:b],
-                self.seq_lens[:b],
-                runner.scale,
-                self.num_partitions,
-            )
-
-            def forward(b: int = b, attn: TritonDecodeAttention = attn) -> torch.Tensor:
-                hidden = model(model.embed(self.ids[:b]), self.pos[:, :b], attn)
-                return model.compute_logits(hidden)
-
-            with torch.inference_mode():
-                stream = torch.cuda.Stream()
-                stream.wait_stream(torch.cuda.current_stream())
-                with torch.cuda.stream(stream):
-                    forward()  # warm-up: Triton compilation, cuBLAS handles
-                torch.cuda.current_stream().wait_stream(stream)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=pool):
-                    self.logits[b] = forward()
-            pool = graph.pool()
-            self.graphs[b] = graph
-        torch.cuda.synchronize()
-        logger.info("captured CUDA graphs for decode batch sizes %s", self.sizes)
-
-    def fits(self, batch_size: int) -> bool:
-        return batch_size <= self.sizes[-1]
-
-    def run(
-        self,
-        token_ids: list[int],
-        positions: list[int],  # text positions: the same on all three M-RoPE axes
-        slots: list[int],
-        tables: list[list[int]],
-        seq_lens: list[int],
-        fill_pending: Callable[[torch.Tensor], None] | None = None,
-    ) -> torch.Tensor:
-        """(B, V) logits; the batch must `fit`. `fill_pending` gets the token-id input buffer after the
-        host's ids are copied in, to write the ids still on the device."""
-        bsz = len(token_ids)
-        size = next(s for s in self.sizes if s >= bsz)
-        table = padded_block_tables(tables, np.int32)
-        width = table.shape[1]
-        # Padding rows: token 0 at position 0, written into the null block, attending to one token.
-        self.ids[bsz:size].zero_()
-        self.pos[:, bsz:size].zero_()
-        self.slots[bsz:size].zero_()
-        self.seq_lens[bsz:size].fill_(1)
-        self.tables[bsz:size, :1].zero_()
-        # One pinned host buffer, one copy for the four int64 inputs (from pageable memory a copy may wait
-        # for the queued kernels to finish).
-        packed = torch.tensor([token_ids, positions, slots, seq_lens]).pin_memory()
-        dev = packed.to(self.ids.device, non_blocking=True)
-        self.ids[:bsz].copy_(dev[0])
-        self.pos[:, :bsz].copy_(dev[1].expand(3, -1))
-        self.slots[:bsz].copy_(dev[2])
-        self.seq_lens[:bsz].copy_(dev[3])
-        self.tables[:bsz, :width].copy_(torch.from_numpy(table).pin_memory(), non_blocking=True)
-        if fill_pending is not None:
-            fill_pending(self.ids[:bsz])
-        self.graphs[size].replay()
-        return self.logits[size][:bsz]

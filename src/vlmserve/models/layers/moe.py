@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vlmserve.models.layers.activation import silu_and_mul
+from vlmserve.models.layers.parallel import ShardRead, TensorParallel
 
 try:
     import triton
@@ -31,20 +32,49 @@ except ImportError:  # CPU-only installs: the torch reference is used
 
 
 class Experts(nn.Module):
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int) -> None:
+    """Stacked expert weights; under tensor parallelism each rank holds every expert's slice [start, start +
+    intermediate_size) of the intermediate dimension (so gate/up are column- and down row-parallel)."""
+
+    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, start: int = 0) -> None:
         super().__init__()
         self.gate_up_proj = nn.Parameter(torch.empty(num_experts, 2 * intermediate_size, hidden_size))
         self.down_proj = nn.Parameter(torch.empty(num_experts, hidden_size, intermediate_size))
+        self.start = start
+
+    def checkpoint_read(self, param: str, shard: int | None, shape: tuple[int, ...]) -> ShardRead:
+        """Our layout is (E, 2I, H) / (E, H, I); released checkpoints store (E, H, 2I) / (E, I, H). The
+        intermediate dimension is the one whose full size matches; [gate | up] reads this rank's rows of each
+        half."""
+        n = self.down_proj.shape[2]  # I on this rank
+        hidden = self.down_proj.shape[1]
+        if param == "gate_up_proj":
+            dim = 1 if shape[2] == hidden else 2
+            full = shape[dim] // 2
+            return dim, [(self.start, self.start + n), (full + self.start, full + self.start + n)]
+        dim = 2 if shape[1] == hidden else 1
+        return dim, [(self.start, self.start + n)]
 
 
 class SparseMoE(nn.Module):
     """x (T, H) -> (T, H): route each token to its top-k experts, weights renormalised to sum to 1."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        num_experts: int,
+        top_k: int,
+        tp: TensorParallel | None = None,
+    ) -> None:
         super().__init__()
         self.top_k = top_k
-        self.gate = nn.Linear(hidden_size, num_experts, bias=False)
-        self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        self.tp = tp
+        self.gate = nn.Linear(hidden_size, num_experts, bias=False)  # the router: replicated
+        if tp is None:
+            self.experts = Experts(num_experts, hidden_size, intermediate_size)
+        else:
+            n = tp.split(intermediate_size, "moe_intermediate_size")
+            self.experts = Experts(num_experts, hidden_size, n, tp.rank * n)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(T, H) -> routing weights (T, k) in x's dtype and expert ids (T, k) int64."""
@@ -56,7 +86,10 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         weights, ids = self.route(x)
-        return fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        out = fused_moe(x, self.experts.gate_up_proj, self.experts.down_proj, weights, ids)
+        if self.tp is not None:  # each rank summed its slice of every expert's intermediate dimension
+            out = self.tp.all_reduce(out)
+        return out
 
 
 def fused_moe(

@@ -17,8 +17,14 @@ from torch import nn
 from vlmserve.models.layers.attention import AttentionBackend
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
+from vlmserve.models.layers.parallel import (
+    TensorParallel,
+    embedding,
+    kv_heads_per_rank,
+    qkv_linear,
+    row_linear,
+)
 from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
-from vlmserve.models.layers.weights import merged_linear
 
 
 class Qwen2TextConfig(Protocol):
@@ -40,16 +46,19 @@ class Qwen2TextConfig(Protocol):
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: Qwen2TextConfig, layer_idx: int) -> None:
+    """With `tp`, this rank's query heads and the KV heads they read (models/layers/parallel.py)."""
+
+    def __init__(self, cfg: Qwen2TextConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.layer_idx = layer_idx
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = cfg.num_key_value_heads
+        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
+        self.num_heads = heads if tp is None else tp.split(heads, "num_attention_heads")
+        self.num_kv_heads = kv_heads if tp is None else kv_heads_per_rank(kv_heads, tp)
         self.head_dim = cfg.head_dim
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = merged_linear(cfg.hidden_size, [self.q_size, self.kv_size, self.kv_size], bias=True)
-        self.o_proj = nn.Linear(self.q_size, cfg.hidden_size, bias=False)
+        self.qkv_proj = qkv_linear(cfg.hidden_size, heads, kv_heads, self.head_dim, True, tp)
+        self.o_proj = row_linear(heads * self.head_dim, cfg.hidden_size, False, tp)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
@@ -64,12 +73,12 @@ class Attention(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: Qwen2TextConfig, layer_idx: int) -> None:
+    def __init__(self, cfg: Qwen2TextConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = Attention(cfg, layer_idx, tp)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size)
+        self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp=tp)
 
     def forward(
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
@@ -79,10 +88,10 @@ class DecoderLayer(nn.Module):
 
 
 class Qwen2Model(nn.Module):
-    def __init__(self, cfg: Qwen2TextConfig) -> None:
+    def __init__(self, cfg: Qwen2TextConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
-        self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers)])
+        self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, tp)
+        self.layers = nn.ModuleList([DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(
             cfg.head_dim, cfg.rope_theta, list(cfg.mrope_section), cfg.max_position_embeddings

@@ -15,18 +15,29 @@ import torch
 from torch import nn
 
 from vlmserve.models.layers.attention import AttentionBackend
+from vlmserve.models.layers.parallel import TensorParallel, VocabParallelHead, kv_heads_per_rank, vocab_logits
 from vlmserve.models.layers.weights import CheckpointLoadable
 
 
 class VisionLanguageModel(CheckpointLoadable):
-    def __init__(self, config: Any, visual: nn.Module, model: nn.Module) -> None:
+    def __init__(
+        self, config: Any, visual: nn.Module, model: nn.Module, tp: TensorParallel | None = None
+    ) -> None:
         super().__init__()
         self.config = config
-        self.visual = visual
+        self.visual = visual  # replicated on every rank under tensor parallelism
         self.model = model
+        self.tp = tp
         text = config.text
+        # KV heads this rank's cache holds (all of them without tensor parallelism).
+        self.num_kv_heads = (
+            text.num_key_value_heads if tp is None else kv_heads_per_rank(text.num_key_value_heads, tp)
+        )
         if not text.tie_word_embeddings:
-            self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+            if tp is None:
+                self.lm_head = nn.Linear(text.hidden_size, text.vocab_size, bias=False)
+            else:
+                self.lm_head = VocabParallelHead(text.hidden_size, text.vocab_size, tp)
         self.remember_fused_shards()
 
     def encode_images(self, patches: torch.Tensor, grids: list[tuple[int, int, int]]) -> list[torch.Tensor]:
@@ -54,4 +65,6 @@ class VisionLanguageModel(CheckpointLoadable):
         weight = (
             self.model.embed_tokens.weight if self.config.text.tie_word_embeddings else self.lm_head.weight
         )
+        if self.tp is not None:  # (T, V) on rank 0 only: the ranks' vocabulary columns gathered
+            return vocab_logits(hidden, weight, self.config.text.vocab_size, self.tp)
         return hidden @ weight.t()

@@ -10,9 +10,19 @@ into ours (`convert_tensor`). Does not know about files (models/loader.py reads 
 from __future__ import annotations
 
 from collections.abc import Iterable
+from typing import Protocol
 
 import torch
 from torch import nn
+
+
+class LazyTensor(Protocol):
+    """A checkpoint tensor not read yet (models/loader.py's `CheckpointSlice`): its full shape, and a read of
+    some ranges of one dimension. Tensor-parallel ranks load from these, reading only their shard."""
+
+    shape: tuple[int, ...]
+
+    def read(self, dim: int | None = None, ranges: list[tuple[int, int]] | None = None) -> torch.Tensor: ...
 
 
 def merged_linear(in_features: int, shard_sizes: list[int], bias: bool) -> nn.Linear:
@@ -76,10 +86,12 @@ class CheckpointLoadable(nn.Module):
     def _tied(self) -> bool:
         return bool(self.config.text.tie_word_embeddings)  # type: ignore[attr-defined]
 
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor | LazyTensor]]) -> set[str]:
         """Copy checkpoint tensors into parameters (casting dtype). Returns the parameter names written;
-        raises on an unexpected tensor or a shape mismatch."""
+        raises on an unexpected tensor or a shape mismatch. A lazy tensor is read here, only the part the
+        parameter's module holds (its `checkpoint_read`, models/layers/parallel.py), whole otherwise."""
         params = dict(self.named_parameters())
+        modules = dict(self.named_modules())
         written: set[str] = set()
         for raw_name, tensor in weights:
             name = self.canonical_name(raw_name)
@@ -101,6 +113,16 @@ class CheckpointLoadable(nn.Module):
                     "(is the config.json from the same model as the weights?)"
                 )
             dest = param.data[rows]
+            if not isinstance(tensor, torch.Tensor):
+                owner, _, leaf = target.rpartition(".")
+                reader = getattr(modules.get(owner), "checkpoint_read", None)
+                shard = None if rows == slice(None) else self.shard_slices(target).index(rows)
+                spec = None if reader is None else reader(leaf, shard, tuple(tensor.shape))
+                tensor = tensor.read() if spec is None else tensor.read(*spec)
+                if tensor.dim() and tensor.shape[0] < dest.shape[0] and tensor.shape[1:] == dest.shape[1:]:
+                    # A vocabulary shard's zero padding past the vocabulary (the last rank's tail).
+                    dest[tensor.shape[0] :].zero_()
+                    dest = dest[: tensor.shape[0]]
             tensor = self.convert_tensor(target, tensor, dest)
             if dest.shape != tensor.shape:
                 raise ValueError(
