@@ -88,6 +88,10 @@ def main() -> None:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 r: dict[str, float] = {}
                 r["bf16"] = graph_time_us(lambda: F.linear(x, w))
+                if m <= 16:  # the split-K Triton kernel unquantized, against cuBLAS
+                    r["bf16_triton_err"] = rel(kernels.dense_linear(x, w, None), F.linear(x.float(), w.float()))
+                    for name_t, t in (("", None), ("_n32k256", {"block_n": 32, "block_k": 256}), ("_n128k64", {"block_n": 128, "block_k": 64}), ("_n64k128s6", {"num_stages": 6})):
+                        r["bf16_triton" + name_t] = graph_time_us(lambda: kernels.dense_linear(x, w, None, tiles=t))
                 ref = kernels.fp8_linear_reference(x, qb, sb, 128, None, 128)
                 r["fp8_block_err"] = rel(kernels.fp8_linear(x, qb, sb, 128, None), ref)
                 r["fp8_block"] = graph_time_us(lambda: kernels.fp8_linear(x, qb, sb, 128, None))
