@@ -19,7 +19,9 @@ from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
 from vlmserve.testing.checkpoint import write_checkpoint
 
-ENGINE = dict(max_model_len=512, max_num_batched_tokens=128, max_num_seqs=8, device="cpu", dtype="float32")
+ENGINE = dict(
+    max_model_len=512, max_num_batched_tokens=128, max_num_seqs=8, device="cpu", dtype="float32", num_kv_blocks=96
+)
 
 
 def _prompts(llm: LLM) -> list[tuple[str, list]]:
