@@ -190,6 +190,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_killed_worker_fails_open_streams_and_health(tiny_checkpoint: Path) -> None:
     """A worker of the server's engine process dies (kill -9): the stream in flight ends with an SSE error
     and [DONE], /health turns 503 engine_dead, new requests get 503; the engine process exits."""
@@ -310,10 +318,7 @@ def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoint: Path) -
         [worker] = [p for p in _children(engine.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
         os.kill(engine.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (
-            Path(f"/proc/{worker}").exists()
-            and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]
-        ):
+        while _running(worker):
             assert time.monotonic() < deadline, "the worker outlived its engine process"
             time.sleep(0.1)
     finally:
