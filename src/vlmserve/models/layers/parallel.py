@@ -155,12 +155,10 @@ class VocabParallelHead(nn.Module):
         return 0, [(self.start, self.stop)]
 
 
-def vocab_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, tp: TensorParallel
-) -> torch.Tensor:
-    """hidden (T, H) @ this rank's vocabulary rows -> (T, V) logits on rank 0 (the padding columns dropped);
-    the other ranks get their local (T, V / size) columns."""
-    logits = tp.gather_columns(hidden @ weight.t())
+def vocab_logits(local: torch.Tensor, vocab_size: int, tp: TensorParallel) -> torch.Tensor:
+    """This rank's logits (T, V / size) -> (T, V) on rank 0 (the padding columns dropped); the other ranks
+    get their local columns back."""
+    logits = tp.gather_columns(local)
     return logits[:, :vocab_size] if tp.rank == 0 else logits
 
 
