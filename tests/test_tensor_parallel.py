@@ -250,6 +250,9 @@ def _world_of_one(path: Path, **engine: object) -> tuple[list, list]:
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     ref = _run(llm)
     plain_graphs = llm.engine.runner.graphs is not None
+    del llm.engine  # its KV cache and graphs: the next engine sizes nothing from memory, but frees it all
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     llm.engine = EngineCore(llm.config, llm.processor, force_tensor_parallel=True)
     try:
         assert llm.engine.workers is not None and llm.engine.model.tp is not None
@@ -277,7 +280,7 @@ def test_world_of_one_over_nccl_with_cuda_graphs(
     """The NCCL path on one GPU: the all-reduces and the logits gather captured in the decode CUDA graphs,
     pixels patchified on the device; greedy tokens identical to the plain engine's (a world of one changes
     no arithmetic). Async scheduling off on both: tensor parallelism steps synchronously."""
-    engine = {**ENGINE, "device": "cuda", "dtype": dtype, "async_scheduling": False}
+    engine = {**ENGINE, "device": "cuda", "dtype": dtype, "async_scheduling": False, "num_kv_blocks": 256}
     ref, tp = _world_of_one(request.getfixturevalue(checkpoint), **engine)
     for (ids1, lp1), (ids2, lp2) in zip(ref, tp, strict=True):
         assert ids1 == ids2
@@ -290,7 +293,7 @@ def test_world_of_one_over_nccl_with_cuda_graphs(
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_tp2_over_nccl_matches_tp1(tiny_checkpoint: Path) -> None:
     """Two GPUs: a worker process on GPU 1, NCCL, CUDA graphs; float32 so that greedy tokens must match."""
-    engine = {**ENGINE, "device": "cuda", "async_scheduling": False}
+    engine = {**ENGINE, "device": "cuda", "async_scheduling": False, "num_kv_blocks": 256}
     ref = _run(LLM(str(tiny_checkpoint), **engine))  # type: ignore[arg-type]
     llm = LLM(str(tiny_checkpoint), tensor_parallel_size=2, **engine)  # type: ignore[arg-type]
     try:

@@ -182,9 +182,8 @@ class _RayWorker:
     def stop(self) -> None:
         import ray
 
-        ready, _ = ray.wait([self.done], timeout=10.0)
-        if not ready:
-            ray.kill(self.actor)
+        ray.wait([self.done], timeout=10.0)  # a clean exit first (it was sent None)
+        ray.kill(self.actor)
 
 
 class _RayWorkerActor:
