@@ -111,10 +111,6 @@ class _LocalWorker:
         self.proc.join(timeout=1.0)
         return f"tensor-parallel worker {self.rank} (pid {self.proc.pid}) exited (exit code {self.proc.exitcode})"
 
-    def wait_any(self, workers: list[Any]) -> Any:
-        ready = wait([w.proc.sentinel for w in workers])
-        return next(w for w in workers if w.proc.sentinel in ready)
-
     def stop(self) -> None:
         self.proc.join(timeout=10.0)
         if self.proc.is_alive():
@@ -172,12 +168,6 @@ class _RayWorker:
         except Exception as e:  # the actor died: Ray's error says how
             how = f"died: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return f"tensor-parallel worker {self.rank} (Ray actor) {how}"
-
-    def wait_any(self, workers: list[Any]) -> Any:
-        import ray
-
-        ready, _ = ray.wait([w.done for w in workers], num_returns=1)
-        return next(w for w in workers if w.done in ready)
 
     def stop(self) -> None:
         import ray
@@ -323,7 +313,7 @@ class WorkerGroup:
     def _watch(self) -> None:
         if not self._workers:
             return  # a world of one
-        gone = self._workers[0].wait_any(self._workers)
+        gone = _first_to_exit(self._workers)
         if self._closing:
             return
         self.dead_reason = gone.describe_death()
@@ -337,6 +327,17 @@ class WorkerGroup:
     def shutdown(self) -> None:
         self._closing = True
         self._finalizer()
+
+
+def _first_to_exit(workers: list[Any]) -> Any:
+    """Block until one of the workers is gone (all of one kind); return it."""
+    if isinstance(workers[0], _RayWorker):
+        import ray
+
+        ready, _ = ray.wait([w.done for w in workers], num_returns=1)
+        return next(w for w in workers if w.done in ready)
+    sentinels = wait([w.proc.sentinel for w in workers])
+    return next(w for w in workers if w.proc.sentinel in sentinels)
 
 
 @contextlib.contextmanager
