@@ -11,14 +11,20 @@ output never crosses a process boundary, only the step's plain inputs (token ids
 tables, images to encode) do, once per step, to each worker. Every rank runs the same forward on the same
 inputs in the same order, so their collectives meet; rank 0 alone samples (the logits are gathered to it).
 
+Where workers run: spawned processes on this machine (rank r on GPU r), or, when the driver is a Ray actor in
+a placement group (a Ray Serve replica with placement_group_bundles, deploy/builder.py), Ray actors in
+bundles 1 .. N-1, each seeing its bundle's GPU, connected to the driver by an authenticated socket
+(multiprocessing's Listener / Client) instead of a pipe. The loop they run is the same `worker_main`.
+
 Process group: a TCPStore hosted by the driver and one gloo / NCCL ProcessGroup object per rank, used directly
 (not torch.distributed's global default group), so several engines may live in one process.
 
-Supervision: a thread watches the workers' process sentinels. A worker that dies (killed, out of memory, or a
+Supervision: a thread watches the workers (process sentinels; a Ray actor's one long `run` call). A worker that dies (killed, out of memory, or a
 step that raised: a worker exits rather than fall out of step with the others) marks the group dead; the
 driver's next step, or the collective it is blocked in, fails with `WorkerDiedError`, which the engine treats
 as fatal (engine/async_engine.py `step_or_fail`): every open request ends with an error and /health reports
-the engine dead. Workers exit when the driver's pipe closes, so a killed driver leaves no orphans.
+the engine dead. Workers exit when the driver's pipe closes, so a killed driver leaves no orphans (Ray
+actors are owned by the replica and end with it).
 
 Does not know the scheduler or requests; the runner decides what a step's inputs are.
 """
