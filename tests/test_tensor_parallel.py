@@ -58,12 +58,12 @@ def _compare(tp1: list, tp2: list) -> None:
 @pytest.fixture(scope="module")
 def few_kv_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One KV head, two ranks: the KV head is replicated on both. Tied embeddings: the vocab-parallel
-    # embedding is the head.
+    # embedding is the head. An odd vocabulary: the last rank's shard ends in a padding row.
     return write_checkpoint(
         tmp_path_factory.mktemp("tp-kv1"),
         preset="tiny",
         seed=3,
-        text=dict(num_attention_heads=4, num_key_value_heads=1),
+        text=dict(num_attention_heads=4, num_key_value_heads=1, vocab_size=1023),
         tie_word_embeddings=True,
     )
 
