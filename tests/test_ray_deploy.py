@@ -410,6 +410,19 @@ def test_tensor_parallel_replica_on_cpu_bundles(ray_cluster: Cluster, tiny_check
         )
         assert reply.usage is not None and reply.usage.completion_tokens == 6
         assert _tp_worker_actors() == 1
+        # The worker actor dies: the replica's engine is dead (a request fails at once, never hangs), so
+        # Ray Serve's health check replaces the replica.
+        [(name, namespace)] = [
+            (a["name"], a["namespace"])
+            for a in ray.util.list_named_actors(all_namespaces=True)
+            if a["name"].startswith("vlmserve-tp-worker-")
+        ]
+        ray.kill(ray.get_actor(name, namespace=namespace), no_restart=True)
+        with pytest.raises(openai.APIStatusError) as failed:
+            client.chat.completions.create(
+                model="tp", messages=[{"role": "user", "content": "x"}], max_tokens=2, extra_body=NO_EOS
+            )
+        assert failed.value.status_code >= 500
     finally:
         serve.delete("tp")
     wait_for(lambda: _tp_worker_actors() == 0, timeout=60, what="the worker actor to stop")

@@ -60,12 +60,12 @@ def _compare(tp1: list, tp2: list) -> None:
 @pytest.fixture(scope="module")
 def few_kv_heads(tmp_path_factory: pytest.TempPathFactory) -> Path:
     # One KV head, two ranks: the KV head is replicated on both. Tied embeddings: the vocab-parallel
-    # embedding is the head.
+    # embedding is the head. An odd vocabulary: the last rank's shard ends in a padding row.
     return write_checkpoint(
         tmp_path_factory.mktemp("tp-kv1"),
         preset="tiny",
         seed=3,
-        text=dict(num_attention_heads=4, num_key_value_heads=1),
+        text=dict(num_attention_heads=4, num_key_value_heads=1, vocab_size=1023),
         tie_word_embeddings=True,
     )
 
@@ -192,6 +192,14 @@ def _children(pid: int) -> list[int]:
     return out
 
 
+def _running(pid: int) -> bool:
+    """`pid` exists and is not a zombie."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
 def test_a_killed_worker_fails_open_streams_and_health(tiny_checkpoint: Path) -> None:
     """A worker of the server's engine process dies (kill -9): the stream in flight ends with an SSE error
     and [DONE], /health turns 503 engine_dead, new requests get 503; the engine process exits."""
@@ -244,6 +252,9 @@ def _world_of_one(path: Path, **engine: object) -> tuple[list, list]:
     llm = LLM(str(path), **engine)  # type: ignore[arg-type]
     ref = _run(llm)
     plain_graphs = llm.engine.runner.graphs is not None
+    del llm.engine  # its KV cache and graphs: the next engine sizes nothing from memory, but frees it all
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
     llm.engine = EngineCore(llm.config, llm.processor, force_tensor_parallel=True)
     try:
         assert llm.engine.workers is not None and llm.engine.model.tp is not None
@@ -271,7 +282,7 @@ def test_world_of_one_over_nccl_with_cuda_graphs(
     """The NCCL path on one GPU: the all-reduces and the logits gather captured in the decode CUDA graphs,
     pixels patchified on the device; greedy tokens identical to the plain engine's (a world of one changes
     no arithmetic). Async scheduling off on both: tensor parallelism steps synchronously."""
-    engine = {**ENGINE, "device": "cuda", "dtype": dtype, "async_scheduling": False}
+    engine = {**ENGINE, "device": "cuda", "dtype": dtype, "async_scheduling": False, "num_kv_blocks": 256}
     ref, tp = _world_of_one(request.getfixturevalue(checkpoint), **engine)
     for (ids1, lp1), (ids2, lp2) in zip(ref, tp, strict=True):
         assert ids1 == ids2
@@ -284,7 +295,7 @@ def test_world_of_one_over_nccl_with_cuda_graphs(
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
 def test_tp2_over_nccl_matches_tp1(tiny_checkpoint: Path) -> None:
     """Two GPUs: a worker process on GPU 1, NCCL, CUDA graphs; float32 so that greedy tokens must match."""
-    engine = {**ENGINE, "device": "cuda", "async_scheduling": False}
+    engine = {**ENGINE, "device": "cuda", "async_scheduling": False, "num_kv_blocks": 256}
     ref = _run(LLM(str(tiny_checkpoint), **engine))  # type: ignore[arg-type]
     llm = LLM(str(tiny_checkpoint), tensor_parallel_size=2, **engine)  # type: ignore[arg-type]
     try:
@@ -312,10 +323,7 @@ def test_workers_exit_when_the_engine_process_is_killed(tiny_checkpoint: Path) -
         [worker] = [p for p in _children(engine.pid) if "spawn" in Path(f"/proc/{p}/cmdline").read_text()]
         os.kill(engine.pid, signal.SIGKILL)
         deadline = time.monotonic() + 30
-        while (
-            Path(f"/proc/{worker}").exists()
-            and "Z" not in Path(f"/proc/{worker}/stat").read_text().split()[2]
-        ):
+        while _running(worker):
             assert time.monotonic() < deadline, "the worker outlived its engine process"
             time.sleep(0.1)
     finally:

@@ -151,14 +151,6 @@ def run_engine(
         reports.send_bytes(dumps(LoadFailed(_picklable(e))))
         return
     reports.send_bytes(dumps(Ready(core.stats())))
-    try:
-        _step_loop(core, commands, reports)
-    finally:
-        if hasattr(core, "shutdown"):  # tensor-parallel workers
-            core.shutdown()
-
-
-def _step_loop(core: Any, commands: Connection, reports: Connection) -> None:
     inbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
     threading.Thread(
         target=_read_commands, args=(commands, inbox), name="vlmserve-engine-commands", daemon=True

@@ -62,7 +62,9 @@ class CudaGraphDecoder:
 
             def forward(b: int = b, attn: TritonDecodeAttention = attn) -> torch.Tensor:
                 hidden = model(model.embed(self.ids[:b]), self.pos[:, :b], attn)
-                return model.compute_logits(hidden)
+                # Under tensor parallelism each rank's vocabulary columns: the gather runs after the replay
+                # (the all-reduces inside the layers are captured; a gather to one rank is left out).
+                return model.compute_logits(hidden, gather=False)
 
             with torch.inference_mode():
                 stream = torch.cuda.Stream()
@@ -114,4 +116,5 @@ class CudaGraphDecoder:
         if fill_pending is not None:
             fill_pending(self.ids[:bsz])
         self.graphs[size].replay()
-        return self.logits[size][:bsz]
+        logits = self.logits[size][:bsz]
+        return logits if self.runner.model.tp is None else self.runner.model.gather_logits(logits)

@@ -11,14 +11,20 @@ output never crosses a process boundary, only the step's plain inputs (token ids
 tables, images to encode) do, once per step, to each worker. Every rank runs the same forward on the same
 inputs in the same order, so their collectives meet; rank 0 alone samples (the logits are gathered to it).
 
+Where workers run: spawned processes on this machine (rank r on GPU r), or, when the driver is a Ray actor in
+a placement group (a Ray Serve replica with placement_group_bundles, deploy/builder.py), Ray actors in
+bundles 1 .. N-1, each seeing its bundle's GPU, connected to the driver by an authenticated socket
+(multiprocessing's Listener / Client) instead of a pipe. The loop they run is the same `worker_main`.
+
 Process group: a TCPStore hosted by the driver and one gloo / NCCL ProcessGroup object per rank, used directly
 (not torch.distributed's global default group), so several engines may live in one process.
 
-Supervision: a thread watches the workers' process sentinels. A worker that dies (killed, out of memory, or a
+Supervision: a thread watches the workers (process sentinels; a Ray actor's one long `run` call). A worker that dies (killed, out of memory, or a
 step that raised: a worker exits rather than fall out of step with the others) marks the group dead; the
 driver's next step, or the collective it is blocked in, fails with `WorkerDiedError`, which the engine treats
 as fatal (engine/async_engine.py `step_or_fail`): every open request ends with an error and /health reports
-the engine dead. Workers exit when the driver's pipe closes, so a killed driver leaves no orphans.
+the engine dead. Workers exit when the driver's pipe closes, so a killed driver leaves no orphans (Ray
+actors are owned by the replica and end with it).
 
 Does not know the scheduler or requests; the runner decides what a step's inputs are.
 """
@@ -111,10 +117,6 @@ class _LocalWorker:
         self.proc.join(timeout=1.0)
         return f"tensor-parallel worker {self.rank} (pid {self.proc.pid}) exited (exit code {self.proc.exitcode})"
 
-    def wait_any(self, workers: list[Any]) -> Any:
-        ready = wait([w.proc.sentinel for w in workers])
-        return next(w for w in workers if w.proc.sentinel in ready)
-
     def stop(self) -> None:
         self.proc.join(timeout=10.0)
         if self.proc.is_alive():
@@ -173,18 +175,11 @@ class _RayWorker:
             how = f"died: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         return f"tensor-parallel worker {self.rank} (Ray actor) {how}"
 
-    def wait_any(self, workers: list[Any]) -> Any:
-        import ray
-
-        ready, _ = ray.wait([w.done for w in workers], num_returns=1)
-        return next(w for w in workers if w.done in ready)
-
     def stop(self) -> None:
         import ray
 
-        ready, _ = ray.wait([self.done], timeout=10.0)
-        if not ready:
-            ray.kill(self.actor)
+        ray.wait([self.done], timeout=10.0)  # a clean exit first (it was sent None)
+        ray.kill(self.actor)
 
 
 class _RayWorkerActor:
@@ -324,7 +319,7 @@ class WorkerGroup:
     def _watch(self) -> None:
         if not self._workers:
             return  # a world of one
-        gone = self._workers[0].wait_any(self._workers)
+        gone = _first_to_exit(self._workers)
         if self._closing:
             return
         self.dead_reason = gone.describe_death()
@@ -338,6 +333,17 @@ class WorkerGroup:
     def shutdown(self) -> None:
         self._closing = True
         self._finalizer()
+
+
+def _first_to_exit(workers: list[Any]) -> Any:
+    """Block until one of the workers is gone (all of one kind); return it."""
+    if isinstance(workers[0], _RayWorker):
+        import ray
+
+        ready, _ = ray.wait([w.done for w in workers], num_returns=1)
+        return next(w for w in workers if w.done in ready)
+    sentinels = wait([w.proc.sentinel for w in workers])
+    return next(w for w in workers if w.proc.sentinel in sentinels)
 
 
 @contextlib.contextmanager

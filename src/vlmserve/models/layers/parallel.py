@@ -90,15 +90,23 @@ def first_kv_head(num_kv_heads: int, tp: TensorParallel) -> int:
 
 class ColumnParallelLinear(nn.Linear):
     """A linear layer holding some output rows of the full layer: for each fused checkpoint projection (q, k,
-    v or gate, up), the rows `row_ranges[i]` of it. Stays an nn.Linear; `shard_sizes` are the local sizes."""
+    v or gate, up; `full_sizes` rows each in the full layer), the rows `row_ranges[i]` of it. Stays an
+    nn.Linear; `shard_sizes` are the local sizes."""
 
-    def __init__(self, in_features: int, row_ranges: list[tuple[int, int]], bias: bool) -> None:
+    def __init__(
+        self, in_features: int, full_sizes: list[int], row_ranges: list[tuple[int, int]], bias: bool
+    ) -> None:
         super().__init__(in_features, sum(b - a for a, b in row_ranges), bias=bias)
+        self.full_sizes = full_sizes
         self.row_ranges = row_ranges
         self.shard_sizes = [b - a for a, b in row_ranges]
 
     def checkpoint_read(self, param: str, shard: int | None, shape: tuple[int, ...]) -> ShardRead:
-        return 0, [self.row_ranges[0 if shard is None else shard]]
+        if shard is not None:  # one projection stored on its own (q_proj, ...)
+            return 0, [self.row_ranges[shard]]
+        # The projections stored fused, in order: each one's rows, offset by the ones before it.
+        offsets = [sum(self.full_sizes[:i]) for i in range(len(self.full_sizes))]
+        return 0, [(off + a, off + b) for off, (a, b) in zip(offsets, self.row_ranges, strict=True)]
 
 
 class RowParallelLinear(nn.Linear):
@@ -155,12 +163,10 @@ class VocabParallelHead(nn.Module):
         return 0, [(self.start, self.stop)]
 
 
-def vocab_logits(
-    hidden: torch.Tensor, weight: torch.Tensor, vocab_size: int, tp: TensorParallel
-) -> torch.Tensor:
-    """hidden (T, H) @ this rank's vocabulary rows -> (T, V) logits on rank 0 (the padding columns dropped);
-    the other ranks get their local (T, V / size) columns."""
-    logits = tp.gather_columns(hidden @ weight.t())
+def vocab_logits(local: torch.Tensor, vocab_size: int, tp: TensorParallel) -> torch.Tensor:
+    """This rank's logits (T, V / size) -> (T, V) on rank 0 (the padding columns dropped); the other ranks
+    get their local columns back."""
+    logits = tp.gather_columns(local)
     return logits[:, :vocab_size] if tp.rank == 0 else logits
 
 
@@ -180,6 +186,7 @@ def qkv_linear(
     kv_start = first_kv_head(num_kv_heads, tp) * head_dim
     return ColumnParallelLinear(
         hidden_size,
+        [num_heads * head_dim, num_kv_heads * head_dim, num_kv_heads * head_dim],
         [(tp.rank * q, (tp.rank + 1) * q), (kv_start, kv_start + kv), (kv_start, kv_start + kv)],
         bias,
     )
@@ -193,7 +200,7 @@ def gate_up_linear(
         return merged_linear(hidden_size, [intermediate_size, intermediate_size], bias=bias)
     n = tp.split(intermediate_size, "intermediate_size")
     rows = (tp.rank * n, (tp.rank + 1) * n)
-    return ColumnParallelLinear(hidden_size, [rows, rows], bias)
+    return ColumnParallelLinear(hidden_size, [intermediate_size, intermediate_size], [rows, rows], bias)
 
 
 def row_linear(in_features: int, out_features: int, bias: bool, tp: TensorParallel | None) -> nn.Linear:

@@ -15,7 +15,12 @@ import torch
 from torch import nn
 
 from vlmserve.models.layers.attention import AttentionBackend
-from vlmserve.models.layers.parallel import TensorParallel, VocabParallelHead, kv_heads_per_rank, vocab_logits
+from vlmserve.models.layers.parallel import (
+    TensorParallel,
+    VocabParallelHead,
+    kv_heads_per_rank,
+    vocab_logits,
+)
 from vlmserve.models.layers.weights import CheckpointLoadable
 
 
@@ -61,10 +66,21 @@ class VisionLanguageModel(CheckpointLoadable):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         return self.model(embeds, positions, attn)
 
-    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def compute_logits(self, hidden: torch.Tensor, gather: bool = True) -> torch.Tensor:
+        """(T, hidden) -> (T, V). Under tensor parallelism: (T, V) on rank 0 (the ranks' vocabulary columns
+        gathered), this rank's columns elsewhere; `gather=False` leaves the gather to `gather_logits` (the
+        CUDA graphs capture the matmul and run the gather after the replay)."""
         weight = (
             self.model.embed_tokens.weight if self.config.text.tie_word_embeddings else self.lm_head.weight
         )
-        if self.tp is not None:  # (T, V) on rank 0 only: the ranks' vocabulary columns gathered
-            return vocab_logits(hidden, weight, self.config.text.vocab_size, self.tp)
-        return hidden @ weight.t()
+        logits = hidden @ weight.t()
+        if self.tp is not None and gather:
+            return self.gather_logits(logits)
+        return logits
+
+    def gather_logits(self, local: torch.Tensor) -> torch.Tensor:
+        """This rank's vocabulary columns (T, V / size) -> (T, V) on rank 0; identity without tensor
+        parallelism."""
+        if self.tp is None:
+            return local
+        return vocab_logits(local, self.config.text.vocab_size, self.tp)
