@@ -264,6 +264,34 @@ def test_generator_is_deterministic_and_covers_every_category() -> None:
                 assert data.answer_key(qa.kind, qa.answer) == data.expected_key(s.scene, qa.kind)
 
 
+def test_json_answers_are_what_a_schema_constraint_writes() -> None:
+    """Training's JSON answers are the very text that decoding under their keys' JSON schema can write (the
+    grammar allows no free whitespace and keeps the schema's key order), token for token with the demo
+    tokenizer, and they hold the scene's values."""
+    import jsonschema
+    import llguidance
+
+    from vlmserve.engine.sampling_params import StructuredOutputsParams
+    from vlmserve.engine.structured import grammar_for
+
+    tokenizer = llguidance.LLTokenizer((PACKAGED / "tokenizer.json").read_text())
+    samples = [data.make_sample(TEST_SEED, i, json_share=1.0) for i in range(60)]
+    turns = [(s.scene, qa) for s in samples for qa in s.turns if qa.kind == data.JSON_KIND]
+    assert len(turns) == len(samples)  # json_share 1: one JSON question in every conversation
+    assert {k for _, qa in turns for k in json.loads(qa.answer)} == set(data.JSON_KEYS)
+    for scene, qa in turns:
+        document = json.loads(qa.answer)
+        keys = list(document)
+        assert document == {k: data.json_value(scene, k) for k in keys}
+        schema = data.json_schema(keys)
+        jsonschema.validate(document, schema)
+        matcher = llguidance.LLMatcher(tokenizer, grammar_for(StructuredOutputsParams(json=schema)))
+        assert matcher.consume_tokens(tokenizer.tokenize_str(qa.answer)), (qa.answer, matcher.get_error())
+        assert matcher.is_accepting(), qa.answer
+    # Without json_share the streams are the prose ones the first two stages were trained on.
+    assert all(qa.kind != data.JSON_KIND for i in range(60) for qa in data.make_sample(TEST_SEED, i).turns)
+
+
 def test_answer_key_reads_free_form_answers() -> None:
     assert data.answer_key("colour", "It is Red.") == "red"
     assert data.answer_key("shape", "Three blue stars.") == "star"
