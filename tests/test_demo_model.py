@@ -206,10 +206,11 @@ def test_says_where_the_object_is(llm: LLM) -> None:
 
 def test_heldout_accuracy_floors(llm: LLM) -> None:
     """The evaluation the README reports, on 25 held-out questions per category: what a broken resize,
-    normalisation, position encoding or cache would pull towards chance (12.5 to 25%)."""
-    table = summarize(run_eval(llm, 25, data.KINDS))
+    normalisation, position encoding or cache would pull towards chance (12.5 to 25%). JSON questions are
+    asked under their keys' schema and must give the whole object right."""
+    table = summarize(run_eval(llm, 25, (*data.KINDS, data.JSON_KIND)))
     accuracy = {kind: row["accuracy"] for kind, row in table.items()}
-    floors = {"colour": 0.96, "shape": 0.88, "count": 0.92, "position": 0.92, "describe": 0.8}
+    floors = {"colour": 0.96, "shape": 0.88, "count": 0.92, "position": 0.92, "describe": 0.8, "json": 0.8}
     assert all(accuracy[k] >= floor for k, floor in floors.items()), accuracy
 
 
@@ -372,9 +373,15 @@ def test_make_demo_model_commands_parse() -> None:
         check=True,
     ).stdout.splitlines()
     stages = [shlex.split(line) for line in dry if "vlmserve.training.train" in line]
-    assert len(stages) == 2, dry
-    first, second = (parse_args(cmd[cmd.index("vlmserve.training.train") + 1 :]) for cmd in stages)
+    assert len(stages) == 3, dry
+    first, second, third = (parse_args(cmd[cmd.index("vlmserve.training.train") + 1 :]) for cmd in stages)
     assert (first.init, first.vision_minutes, first.minutes, first.lr) == (None, 4.0, 4.2, 1e-3)
     assert (second.init, second.seed, second.vision_minutes, second.minutes) == ("demo_stage1", 2, 3.0, 5.5)
     assert first.device == second.device == "cuda"
+    # The JSON-answer fine-tune, as the shipped training.json records it.
+    shipped = json.loads((PACKAGED / "training.json").read_text())["stage3"]["args"]
+    assert (third.init, third.out) == (second.out, "demo_model")
+    for name in ("seed", "device", "threads", "batch_size", "lr", "warmup", "json_share", "freeze_vision"):
+        assert getattr(third, name) == shipped[name], name
+    assert (third.steps, third.minutes) == (shipped["steps"], shipped["minutes"])
     assert any("vlmserve.training.evaluate" in line for line in dry)
