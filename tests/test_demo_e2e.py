@@ -3,7 +3,7 @@ a data URL, an http URL from a local server the operator allowed, and a file ins
 
 What this catches: a transport that alters the image (the three must give the same answers to every
 question), and a broken resize, normalisation, channel order, position encoding or cache (the colour, shape
-and count answers, right on 98 to 100% of held-out images, turn into guesses: chance is 1/8, 1/5 and 1/4). The images come from the project's generator with seeds
+and count answers, right on 97 to 100% of held-out images, turn into guesses: chance is 1/8, 1/5 and 1/4). The images come from the project's generator with seeds
 neither training nor the held-out evaluation uses, in sizes that take every resize path.
 """
 
