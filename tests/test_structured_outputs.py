@@ -268,6 +268,39 @@ def test_a_compile_past_the_time_limit_fails_only_its_request(
     time.sleep(1.0)  # the abandoned compile ends on its pool thread before the next test
 
 
+def test_a_cached_grammar_is_not_rebuilt(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second use of a constraint is a cache hit: no grammar build or validation again, a fresh matcher
+    of its own (at its start, whatever the first one consumed)."""
+    import vlmserve.engine.structured as structured
+
+    calls: list[StructuredOutputsParams] = []
+    real = structured.check_structured_outputs
+
+    def counted(params: StructuredOutputsParams) -> str:
+        calls.append(params)
+        return real(params)
+
+    monkeypatch.setattr(structured, "check_structured_outputs", counted)
+    from tokenizers import Tokenizer
+
+    tokenizer_json = (tiny_checkpoint / "tokenizer.json").read_text()
+    vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    compiler = structured.GrammarCompiler(tokenizer_json, vocab, [vocab - 1], threads=1)
+    try:
+        params = StructuredOutputsParams(
+            json={"type": "object", "properties": {"cache_probe": {"type": "integer"}}}
+        )
+        first = compiler.compile(params)
+        assert first.consume_tokens(compiler.tokenizer.tokenize_str('{"cache_probe":'))
+        second = compiler.compile(StructuredOutputsParams(json=json.loads(params.json or "")))
+        assert len(calls) == 1
+        assert second is not first and second.consume_tokens(
+            compiler.tokenizer.tokenize_str('{"cache_probe":')
+        )
+    finally:
+        compiler.shutdown()
+
+
 def test_constraints_beyond_the_size_limit_are_refused() -> None:
     """A schema, regex or grammar longer than MAX_SPEC_CHARS is refused before any compile, naming the limit."""
     from vlmserve.engine.structured import MAX_SPEC_CHARS
