@@ -346,6 +346,30 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert (proc.min_pixels, proc.max_pixels) == (DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
 
 
+def test_json_stage_trains_the_language_model_only(tmp_path: Path) -> None:
+    """The third stage's options: --freeze-vision leaves every vision weight as it was while the language
+    model moves, and --json-share puts JSON questions in the held-out accuracy."""
+    out = tmp_path / "json-stage"
+    summary = train(
+        TrainArgs(
+            out=str(out),
+            init=str(PACKAGED),
+            steps=2,
+            batch_size=2,
+            lr=1e-3,
+            eval_per_category=1,
+            json_share=1.0,
+            freeze_vision=True,
+        )
+    )
+    assert "json" in summary["heldout_teacher_forced"][-1]
+    before, after = PACKAGED / "model.safetensors", out / "model.safetensors"
+    with safe_open(str(before), framework="pt") as a, safe_open(str(after), framework="pt") as b:
+        same = {n: torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in a.keys()}  # noqa: SIM118
+    assert all(v for n, v in same.items() if n.startswith("visual.")), "a vision weight changed"
+    assert not all(v for n, v in same.items() if n.startswith("model.")), "the language model did not train"
+
+
 def test_vision_warm_up_loss_is_finite_without_single_objects() -> None:
     """Position is a label only of one-object scenes; a batch of many-object scenes must not give NaN."""
     model_dir = Path(PACKAGED)
