@@ -206,10 +206,11 @@ def test_says_where_the_object_is(llm: LLM) -> None:
 
 def test_heldout_accuracy_floors(llm: LLM) -> None:
     """The evaluation the README reports, on 25 held-out questions per category: what a broken resize,
-    normalisation, position encoding or cache would pull towards chance (12.5 to 25%)."""
-    table = summarize(run_eval(llm, 25, data.KINDS))
+    normalisation, position encoding or cache would pull towards chance (12.5 to 25%). JSON questions are
+    asked under their keys' schema and must give the whole object right."""
+    table = summarize(run_eval(llm, 25, (*data.KINDS, data.JSON_KIND)))
     accuracy = {kind: row["accuracy"] for kind, row in table.items()}
-    floors = {"colour": 0.96, "shape": 0.88, "count": 0.92, "position": 0.92, "describe": 0.8}
+    floors = {"colour": 0.96, "shape": 0.88, "count": 0.92, "position": 0.92, "describe": 0.8, "json": 0.8}
     assert all(accuracy[k] >= floor for k, floor in floors.items()), accuracy
 
 
@@ -262,6 +263,34 @@ def test_generator_is_deterministic_and_covers_every_category() -> None:
             if qa.kind in data.CATEGORIES:
                 # Canonical answers carry their key word, which the evaluation reads back.
                 assert data.answer_key(qa.kind, qa.answer) == data.expected_key(s.scene, qa.kind)
+
+
+def test_json_answers_are_what_a_schema_constraint_writes() -> None:
+    """Training's JSON answers are the very text that decoding under their keys' JSON schema can write (the
+    grammar allows no free whitespace and keeps the schema's key order), token for token with the demo
+    tokenizer, and they hold the scene's values."""
+    import jsonschema
+    import llguidance
+
+    from vlmserve.engine.sampling_params import StructuredOutputsParams
+    from vlmserve.engine.structured import grammar_for
+
+    tokenizer = llguidance.LLTokenizer((PACKAGED / "tokenizer.json").read_text())
+    samples = [data.make_sample(TEST_SEED, i, json_share=1.0) for i in range(60)]
+    turns = [(s.scene, qa) for s in samples for qa in s.turns if qa.kind == data.JSON_KIND]
+    assert len(turns) == len(samples)  # json_share 1: one JSON question in every conversation
+    assert {k for _, qa in turns for k in json.loads(qa.answer)} == set(data.JSON_KEYS)
+    for scene, qa in turns:
+        document = json.loads(qa.answer)
+        keys = list(document)
+        assert document == {k: data.json_value(scene, k) for k in keys}
+        schema = data.json_schema(keys)
+        jsonschema.validate(document, schema)
+        matcher = llguidance.LLMatcher(tokenizer, grammar_for(StructuredOutputsParams(json=schema)))
+        assert matcher.consume_tokens(tokenizer.tokenize_str(qa.answer)), (qa.answer, matcher.get_error())
+        assert matcher.is_accepting(), qa.answer
+    # Without json_share the streams are the prose ones the first two stages were trained on.
+    assert all(qa.kind != data.JSON_KIND for i in range(60) for qa in data.make_sample(TEST_SEED, i).turns)
 
 
 def test_answer_key_reads_free_form_answers() -> None:
@@ -317,6 +346,30 @@ def test_training_script_writes_a_loadable_checkpoint(tmp_path: Path) -> None:
     assert (proc.min_pixels, proc.max_pixels) == (DEMO_MIN_PIXELS, DEMO_MAX_PIXELS)
 
 
+def test_json_stage_trains_the_language_model_only(tmp_path: Path) -> None:
+    """The third stage's options: --freeze-vision leaves every vision weight as it was while the language
+    model moves, and --json-share puts JSON questions in the held-out accuracy."""
+    out = tmp_path / "json-stage"
+    summary = train(
+        TrainArgs(
+            out=str(out),
+            init=str(PACKAGED),
+            steps=2,
+            batch_size=2,
+            lr=1e-3,
+            eval_per_category=1,
+            json_share=1.0,
+            freeze_vision=True,
+        )
+    )
+    assert "json" in summary["heldout_teacher_forced"][-1]
+    before, after = PACKAGED / "model.safetensors", out / "model.safetensors"
+    with safe_open(str(before), framework="pt") as a, safe_open(str(after), framework="pt") as b:
+        same = {n: torch.equal(a.get_tensor(n), b.get_tensor(n)) for n in a.keys()}  # noqa: SIM118
+    assert all(v for n, v in same.items() if n.startswith("visual.")), "a vision weight changed"
+    assert not all(v for n, v in same.items() if n.startswith("model.")), "the language model did not train"
+
+
 def test_vision_warm_up_loss_is_finite_without_single_objects() -> None:
     """Position is a label only of one-object scenes; a batch of many-object scenes must not give NaN."""
     model_dir = Path(PACKAGED)
@@ -344,9 +397,15 @@ def test_make_demo_model_commands_parse() -> None:
         check=True,
     ).stdout.splitlines()
     stages = [shlex.split(line) for line in dry if "vlmserve.training.train" in line]
-    assert len(stages) == 2, dry
-    first, second = (parse_args(cmd[cmd.index("vlmserve.training.train") + 1 :]) for cmd in stages)
+    assert len(stages) == 3, dry
+    first, second, third = (parse_args(cmd[cmd.index("vlmserve.training.train") + 1 :]) for cmd in stages)
     assert (first.init, first.vision_minutes, first.minutes, first.lr) == (None, 4.0, 4.2, 1e-3)
     assert (second.init, second.seed, second.vision_minutes, second.minutes) == ("demo_stage1", 2, 3.0, 5.5)
     assert first.device == second.device == "cuda"
+    # The JSON-answer fine-tune, as the shipped training.json records it.
+    shipped = json.loads((PACKAGED / "training.json").read_text())["stage3"]["args"]
+    assert (third.init, third.out) == (second.out, "demo_model")
+    for name in ("seed", "device", "threads", "batch_size", "lr", "warmup", "json_share", "freeze_vision"):
+        assert getattr(third, name) == shipped[name], name
+    assert (third.steps, third.minutes) == (shipped["steps"], shipped["minutes"])
     assert any("vlmserve.training.evaluate" in line for line in dry)

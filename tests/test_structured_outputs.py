@@ -232,6 +232,91 @@ def test_compiling_grammar_does_not_stall_others(llm: LLM, monkeypatch: pytest.M
     assert order == ["free2", "slow"]
 
 
+def test_a_compile_past_the_time_limit_fails_only_its_request(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """COMPILE_TIMEOUT_S bounds the wait: a grammar still compiling after it fails its request with an error
+    naming the limit, a free request finishes as usual, and nothing stays tracked."""
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "COMPILE_TIMEOUT_S", 0.2)
+    compiler = llm.engine.structured.compiler
+    real = compiler.compile
+
+    def slow(params: StructuredOutputsParams) -> object:
+        time.sleep(1.0)
+        return real(params)
+
+    monkeypatch.setattr(compiler, "compile", slow)
+    engine = llm.engine
+    constraint = StructuredOutputsParams(regex="[a-z]{3}")
+    late = llm.make_request(
+        "a", [], SamplingParams(max_tokens=4, structured_outputs=constraint), request_id="late"
+    )
+    free = llm.make_request("b", [], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True), "free3")
+    engine.add_request(late)
+    engine.add_request(free)
+    finished = {}
+    while engine.has_unfinished_requests():
+        for d in engine.step():
+            if d.finished:
+                finished[d.request_id] = d
+    assert finished["late"].finish_reason == "error"
+    assert "to compile" in (finished["late"].error or "")
+    assert finished["free3"].finish_reason == "length"
+    assert engine.structured.num_tracked == 0
+    time.sleep(1.0)  # the abandoned compile ends on its pool thread before the next test
+
+
+def test_a_cached_grammar_is_not_rebuilt(tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The second use of a constraint is a cache hit: no grammar build or validation again, a fresh matcher
+    of its own (at its start, whatever the first one consumed)."""
+    import vlmserve.engine.structured as structured
+
+    calls: list[StructuredOutputsParams] = []
+    real = structured.check_structured_outputs
+
+    def counted(params: StructuredOutputsParams) -> str:
+        calls.append(params)
+        return real(params)
+
+    monkeypatch.setattr(structured, "check_structured_outputs", counted)
+    from tokenizers import Tokenizer
+
+    tokenizer_json = (tiny_checkpoint / "tokenizer.json").read_text()
+    vocab = Tokenizer.from_str(tokenizer_json).get_vocab_size()
+    compiler = structured.GrammarCompiler(tokenizer_json, vocab, [vocab - 1], threads=1)
+    try:
+        params = StructuredOutputsParams(
+            json={"type": "object", "properties": {"cache_probe": {"type": "integer"}}}
+        )
+        first = compiler.compile(params)
+        assert first.consume_tokens(compiler.tokenizer.tokenize_str('{"cache_probe":'))
+        second = compiler.compile(StructuredOutputsParams(json=json.loads(params.json or "")))
+        assert len(calls) == 1
+        assert second is not first and second.consume_tokens(
+            compiler.tokenizer.tokenize_str('{"cache_probe":')
+        )
+    finally:
+        compiler.shutdown()
+
+
+def test_constraints_beyond_the_size_limit_are_refused() -> None:
+    """A schema, regex or grammar longer than MAX_SPEC_CHARS is refused before any compile, naming the limit."""
+    from vlmserve.engine.structured import MAX_SPEC_CHARS
+
+    n = MAX_SPEC_CHARS // 100 + 1
+    bad = [
+        (StructuredOutputsParams(json={"enum": ["x" * 100] * n}), "json"),
+        (StructuredOutputsParams(regex="a" * (MAX_SPEC_CHARS + 1)), "regex"),
+        (StructuredOutputsParams(grammar="start: " + " ".join(['"ab"'] * n * 25)), "grammar"),
+    ]
+    for params, field in bad:
+        with pytest.raises(StructuredOutputError, match=str(MAX_SPEC_CHARS)) as e:
+            check_structured_outputs(params)
+        assert e.value.field == field
+
+
 def test_bad_constraints_are_named() -> None:
     bad = [
         (StructuredOutputsParams(regex="[a-z"), "regex"),

@@ -289,6 +289,8 @@ def test_required_streaming_and_parallel(client: openai.OpenAI) -> None:
         ({"extra_body": {"guided_grammar": "start: x\nx: ("}}, "guided_grammar"),
         ({"extra_body": {"guided_json": {"type": "string", "format": "uri-reference"}}}, "guided_json"),
         ({"extra_body": {"guided_json": {"type": "array", "minItems": 4, "maxItems": 2}}}, "guided_json"),
+        # Beyond the engine's size limit (engine/structured.py MAX_SPEC_CHARS: 256 KiB of schema text).
+        ({"extra_body": {"guided_json": {"enum": ["x" * 100] * 3000}}}, "guided_json"),
         (
             {"tools": [WEATHER], "tool_choice": {"type": "function", "function": {"name": "nope"}}},
             "tool_choice",

@@ -3,7 +3,7 @@
 Owns: turning a `StructuredOutputsParams` (JSON schema, any JSON object, regex, choice, Lark grammar) into an
 llguidance grammar and checking it (`grammar_for`, `check_structured_outputs`: what the API calls to answer
 a bad constraint with a 400 naming the field); compiling grammars off the step loop, in a small thread pool,
-cached by the grammar's hash and bounded in size and compile time (`GrammarCompiler`); and the per-request
+cached by the constraint and bounded in size and compile time (`GrammarCompiler`); and the per-request
 matchers of the engine (`StructuredOutputs`): a request whose grammar is compiling is not ready to schedule
 (others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`pending_bitmask`,
 filled when the sampler asks for it, after the step's forward is queued), and each accepted token advances
@@ -49,7 +49,7 @@ PARSER_LIMITS = llguidance.LLParserLimits(
 )
 # A request whose grammar takes longer than this to compile fails (with an error delta) instead of waiting.
 COMPILE_TIMEOUT_S = 10.0
-# Compiled grammars kept for reuse (by hash); a hit costs one matcher copy.
+# Compiled grammars kept for reuse (by constraint); a hit costs one matcher copy.
 GRAMMAR_CACHE_SIZE = 256
 COMPILE_THREADS = 2
 # Masks of fewer rows are filled on the calling thread: handing them to llguidance's thread pool costs more
@@ -127,7 +127,7 @@ def build_tokenizer(tokenizer_json: str, vocab_size: int, eos_token_ids: Sequenc
 
 
 class GrammarCompiler:
-    """Compiles grammars on a small thread pool (never on the step loop) and caches them by hash.
+    """Compiles grammars on a small thread pool (never on the step loop) and caches them by constraint.
 
     A compiled grammar is a fresh matcher; each request gets its own copy. The tokenizer is built on the
     pool as well (seconds for a 150k-token vocabulary), as soon as the compiler exists.
@@ -144,6 +144,8 @@ class GrammarCompiler:
         self._tokenizer: Any = None
         self._tokenizer_lock = threading.Lock()
         self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="vlmserve-grammar")
+        # Keyed by the constraint's hash (its fields are plain data; a JSON schema's text is canonical), so
+        # that a hit skips building and validating the grammar too: it costs one matcher copy.
         self._cache: OrderedDict[str, Any] = OrderedDict()
         self._cache_lock = threading.Lock()
         self.vocab_size = vocab_size
@@ -162,13 +164,13 @@ class GrammarCompiler:
         return self._pool.submit(self.compile, params)
 
     def compile(self, params: StructuredOutputsParams) -> Any:
-        grammar = check_structured_outputs(params)
-        key = hashlib.sha256(grammar.encode()).hexdigest()
+        key = hashlib.sha256(repr(params).encode()).hexdigest()
         with self._cache_lock:
             template = self._cache.get(key)
             if template is not None:
                 self._cache.move_to_end(key)
         if template is None:
+            grammar = check_structured_outputs(params)
             template = llguidance.LLMatcher(self.tokenizer, grammar, log_level=0, limits=PARSER_LIMITS)
             if template.is_error():
                 raise StructuredOutputError(

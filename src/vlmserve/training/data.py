@@ -1,8 +1,10 @@
 """Synthetic images and chat questions for the demo model, deterministic from (seed, index).
 
 Owns: what a scene is (shape, colour, count, position, background, image size, JPEG quality), drawing it
-with PIL, the questions asked about it (a few phrasings per kind) with short canonical answers, and reading
-the key word back out of a model's answer for exact-match evaluation.
+with PIL, the questions asked about it (a few phrasings per kind) with short canonical answers, JSON answers
+(`{"shape":"circle","colour":"red"}`, written exactly as schema-constrained decoding writes them) to
+questions that ask for JSON, and reading the key word back out of a model's answer for exact-match
+evaluation.
 
 Does not know about tokens, tensors or the model: train.py turns samples into model inputs with the real
 processor, evaluate.py sends them through the real engine.
@@ -14,6 +16,7 @@ is the same on every machine and in every worker process, whatever order samples
 from __future__ import annotations
 
 import io
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -64,6 +67,13 @@ TEXTURES: tuple[str, ...] = ("plain", "noise", "gradient", "stripes")
 # The kinds of question; every kind but "describe" is an evaluation category with a one-word key.
 CATEGORIES: tuple[str, ...] = ("colour", "shape", "count", "position")
 KINDS: tuple[str, ...] = ("describe", *CATEGORIES)
+
+# The JSON answer kind: not an evaluation category of its own (its answer holds several key words), and only
+# in streams that ask for it (make_sample's json_share), so the prose streams stay what they were.
+JSON_KIND = "json"
+# The keys a JSON answer can hold (position only for a single object); "color" is asked for too, as a
+# schema written in American English spells it.
+JSON_KEYS: tuple[str, ...] = ("shape", "colour", "color", "count", "position")
 
 # Image sides before the processor resizes them; the aspect ratio is capped so "top" and "left" stay visible.
 MIN_SIDE, MAX_SIDE, MAX_ASPECT = 56, 336, 2.5
@@ -120,6 +130,31 @@ _POSITION = (
     "Where is the {colour} {shape}?",
     "Where in the image is the object?",
     "In which part of the image is the {shape}?",
+)
+
+# Questions that ask for JSON: on their own, naming the keys ({keys}: "shape and colour") ...
+_JSON_KEYED = (
+    "Describe the main shape as JSON with {keys}.",
+    "Answer in JSON with the {keys}.",
+    "Give the {keys} as JSON.",
+    "Return a JSON object with the {keys} of the objects.",
+    "What are the {keys}? Answer in JSON.",
+)
+# ... without naming them (answered with the scene's shape, colour and count) ...
+_JSON_PLAIN = (
+    "Describe this image as JSON.",
+    "Describe the image in JSON.",
+    "Give me the scene as JSON.",
+)
+# ... and appended to an ordinary question, the way a client that sends a JSON schema asks (OpenAI asks for
+# an instruction to answer in JSON alongside its JSON modes). The keys then come from the schema, which the
+# model does not see: these are answered with random keys, so that the value after each key is right
+# whichever keys the constraint writes.
+_JSON_SUFFIX = (
+    " Answer in JSON.",
+    " Reply with JSON.",
+    " Respond in JSON.",
+    " Give the answer as JSON.",
 )
 
 
@@ -193,6 +228,81 @@ def answer(scene: Scene, kind: str) -> str:
             raise ValueError("position questions need a scene with one object (count == 1)")
         return POSITIONS[scene.position]
     raise ValueError(f"unknown question kind {kind!r}; use one of {', '.join(KINDS)}")
+
+
+def json_value(scene: Scene, key: str) -> str | int:
+    """The value of JSON key `key` (one of JSON_KEYS) for `scene`: a name, or the count as a number."""
+    if key == "shape":
+        return scene.shape
+    if key in ("colour", "color"):
+        return scene.colour
+    if key == "count":
+        return scene.count
+    if key == "position":
+        if scene.position is None:
+            raise ValueError("the position key needs a scene with one object (count == 1)")
+        return scene.position
+    raise ValueError(f"unknown JSON key {key!r}; use one of {', '.join(JSON_KEYS)}")
+
+
+def json_answer(scene: Scene, keys: Sequence[str]) -> str:
+    """`{"shape":"circle","colour":"red"}`: the keys in the order given, compact, as a JSON-schema constraint
+    writes the object (the grammar engine allows no free whitespace and keeps the schema's key order)."""
+    return json.dumps({k: json_value(scene, k) for k in keys}, separators=(",", ":"))
+
+
+def json_schema(keys: Sequence[str]) -> dict[str, Any]:
+    """The JSON schema a client sends for an object of `keys` (in that order): names as enums, the count as
+    an integer in 1..MAX_COUNT, every key required, no others."""
+    values: dict[str, dict[str, Any]] = {
+        "shape": {"enum": list(SHAPES)},
+        "colour": {"enum": list(COLOURS)},
+        "color": {"enum": list(COLOURS)},
+        "count": {"type": "integer", "minimum": 1, "maximum": MAX_COUNT},
+        "position": {"enum": list(POSITIONS)},
+    }
+    unknown = [k for k in keys if k not in values]
+    if unknown:
+        raise ValueError(f"unknown JSON keys {unknown}; use some of {', '.join(JSON_KEYS)}")
+    return {
+        "type": "object",
+        "properties": {k: values[k] for k in keys},
+        "required": list(keys),
+        "additionalProperties": False,
+    }
+
+
+def _key_list(keys: Sequence[str]) -> str:
+    """ "shape", "shape and colour", "shape, colour and count"."""
+    return keys[0] if len(keys) == 1 else f"{', '.join(keys[:-1])} and {keys[-1]}"
+
+
+def _json_keys(scene: Scene, rng: np.random.Generator) -> list[str]:
+    """One to three keys in random order (one spelling of colour; position only for a single object)."""
+    colour = "colour" if rng.random() < 0.7 else "color"
+    usable = ["shape", colour, "count"] + (["position"] if scene.count == 1 else [])
+    n = int(rng.integers(1, 4))
+    return [usable[i] for i in rng.permutation(len(usable))[:n]]
+
+
+def ask_json(scene: Scene, rng: np.random.Generator) -> QA:
+    """A question that asks for JSON about `scene`, with its JSON answer: keys named in the question, or
+    not named (shape, colour and count), or an ordinary question of any kind with an instruction to answer
+    in JSON appended (random keys: a schema the model does not see picks them)."""
+    form = rng.random()
+    if form < 0.4:
+        keys = _json_keys(scene, rng)
+        template = _JSON_KEYED[int(rng.integers(len(_JSON_KEYED)))]
+        question = template.format(keys=_key_list(keys))
+    elif form < 0.5:
+        keys = ["shape", "colour", "count"]
+        question = _JSON_PLAIN[int(rng.integers(len(_JSON_PLAIN)))]
+    else:
+        usable = [k for k in KINDS if k != "position" or scene.count == 1]
+        ordinary = ask(scene, usable[int(rng.integers(len(usable)))], rng)
+        keys = _json_keys(scene, rng)
+        question = ordinary.question + _JSON_SUFFIX[int(rng.integers(len(_JSON_SUFFIX)))]
+    return QA(JSON_KIND, question, json_answer(scene, keys))
 
 
 def expected_key(scene: Scene, kind: str) -> str:
@@ -455,11 +565,15 @@ def make_sample(
     max_turns: int = 3,
     size: tuple[int, int] | None = None,
     count: int | None = None,
+    json_share: float = 0.0,
 ) -> Sample:
     """Sample `index` of the stream `seed`: an image and 1..max_turns questions about it.
 
-    `kinds` fixes the questions asked, in order (evaluation asks one kind at a time); otherwise a random
-    subset of the kinds that apply (position only for a single object), in random order.
+    `kinds` fixes the questions asked, in order (evaluation asks one kind at a time; JSON_KIND asks for a
+    JSON answer); otherwise a random subset of the kinds that apply (position only for a single object), in
+    random order, and with probability `json_share` one of them (chosen at random) asks for JSON instead.
+    With json_share 0 (the default) no extra random draw is made: the streams are those the shipped model
+    was first trained on.
     """
     rng = np.random.default_rng([seed, index])
     if kinds is not None and "position" in kinds and count is None:
@@ -470,15 +584,19 @@ def make_sample(
         usable = [k for k in KINDS if k != "position" or scene.count == 1]
         n = int(rng.integers(1, min(max_turns, len(usable)) + 1))
         kinds = [usable[i] for i in rng.permutation(len(usable))[:n]]
-    return Sample(image=image, scene=scene, turns=[ask(scene, k, rng) for k in kinds])
+        if json_share > 0 and rng.random() < json_share:
+            kinds[int(rng.integers(len(kinds)))] = JSON_KIND
+    turns = [ask_json(scene, rng) if k == JSON_KIND else ask(scene, k, rng) for k in kinds]
+    return Sample(image=image, scene=scene, turns=turns)
 
 
 def heldout_sample(kind: str, i: int) -> Sample:
     """Evaluation sample `i` of question kind `kind`: the held-out seed (training uses others), its own index
     range per kind, one question. Both the training loop's and the engine's evaluation use these."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown question kind {kind!r}; use one of {', '.join(KINDS)}")
-    return make_sample(EVAL_SEED, KINDS.index(kind) * 1_000_000 + i, kinds=[kind])
+    order = (*KINDS, JSON_KIND)
+    if kind not in order:
+        raise ValueError(f"unknown question kind {kind!r}; use one of {', '.join(order)}")
+    return make_sample(EVAL_SEED, order.index(kind) * 1_000_000 + i, kinds=[kind])
 
 
 def make_example(

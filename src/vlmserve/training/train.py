@@ -42,6 +42,7 @@ from vlmserve.testing.checkpoint import make_config, tensor_shapes
 from vlmserve.testing.tokenizer import build_tokenizer_files, write_preprocessor_config
 from vlmserve.training.data import (
     CATEGORIES,
+    JSON_KIND,
     LABELS,
     Sample,
     corpus_lines,
@@ -257,8 +258,11 @@ class TrainStream(torch.utils.data.IterableDataset):
     """Batch b holds samples [b * batch_size, (b + 1) * batch_size) of the training seed. Worker w of W makes
     batches w, w + W, ...; the DataLoader interleaves workers in order, so the stream is the same for any W."""
 
-    def __init__(self, model_dir: Path, seed: int, batch_size: int, max_turns: int) -> None:
+    def __init__(
+        self, model_dir: Path, seed: int, batch_size: int, max_turns: int, json_share: float = 0.0
+    ) -> None:
         self.model_dir, self.seed, self.batch_size, self.max_turns = model_dir, seed, batch_size, max_turns
+        self.json_share = json_share
 
     def __iter__(self) -> Iterator[Batch]:
         info = torch.utils.data.get_worker_info()
@@ -271,17 +275,20 @@ class TrainStream(torch.utils.data.IterableDataset):
         while True:
             first = b * self.batch_size
             samples = (
-                make_sample(self.seed, i, max_turns=self.max_turns)
+                make_sample(self.seed, i, max_turns=self.max_turns, json_share=self.json_share)
                 for i in range(first, first + self.batch_size)
             )
             yield collate([enc.encode(s) for s in samples])
             b += workers
 
 
-def heldout_batches(model_dir: Path, per_category: int, batch_size: int) -> list[Batch]:
-    """Single-question conversations of every category from the held-out seed, for teacher-forced accuracy."""
+def heldout_batches(
+    model_dir: Path, per_category: int, batch_size: int, kinds: Sequence[str] = CATEGORIES
+) -> list[Batch]:
+    """Single-question conversations of every category (or of `kinds`) from the held-out seed, for
+    teacher-forced accuracy."""
     enc = Encoder(model_dir)
-    items = [enc.encode(heldout_sample(kind, i)) for kind in CATEGORIES for i in range(per_category)]
+    items = [enc.encode(heldout_sample(kind, i)) for kind in kinds for i in range(per_category)]
     return [collate(items[i : i + batch_size]) for i in range(0, len(items), batch_size)]
 
 
@@ -399,8 +406,9 @@ def heldout_accuracy(
     given the previous answer tokens is exactly what greedy decoding generates, so this equals greedy
     exact-match (the whole answer, not only its key word)."""
     model.eval()
-    right: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
-    total: dict[str, int] = dict.fromkeys(CATEGORIES, 0)
+    kinds = list(dict.fromkeys([*CATEGORIES, *(k for b in batches for k in b.kinds)]))
+    right: dict[str, int] = dict.fromkeys(kinds, 0)
+    total: dict[str, int] = dict.fromkeys(kinds, 0)
     for batch in batches:
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             logits, targets, answer = forward_answers(model, batch, device)
@@ -411,7 +419,7 @@ def heldout_accuracy(
             total[kind] += 1
             right[kind] += int(w == 0)
     model.train()
-    return {k: right[k] / max(1, total[k]) for k in CATEGORIES}
+    return {k: right[k] / max(1, total[k]) for k in kinds}
 
 
 # ------------------------------------------------------------------------------------------ training
@@ -439,6 +447,10 @@ class TrainArgs:
     init: str | None = None
     vision_steps: int = 0
     vision_minutes: float | None = None
+    # Share of training conversations with one question that asks for a JSON answer (data.make_sample).
+    json_share: float = 0.0
+    # Keep the vision tower's weights as they are (a fine-tune of the language model only).
+    freeze_vision: bool = False
 
 
 def lr_at(progress: float, args: TrainArgs) -> float:
@@ -537,18 +549,21 @@ def train(args: TrainArgs) -> dict[str, Any]:
         model = Qwen2_5_VLForConditionalGeneration(Qwen2_5_VLConfig.from_dict(config))
         init_weights(model)
     model.to(device).train()
+    if args.freeze_vision:
+        model.visual.requires_grad_(False)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f}M parameters; checkpoint files in {out}", flush=True)
 
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed_tokens" not in n]
-    no_decay = [p for n, p in model.named_parameters() if p.dim() < 2 or "embed_tokens" in n]
+    trained = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    decay = [p for n, p in trained if p.dim() >= 2 and "embed_tokens" not in n]
+    no_decay = [p for n, p in trained if p.dim() < 2 or "embed_tokens" in n]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": args.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(0.9, 0.95),
         fused=device.type == "cuda",
     )
-    stream = TrainStream(out, args.seed, args.batch_size, args.max_turns)
+    stream = TrainStream(out, args.seed, args.batch_size, args.max_turns, args.json_share)
     loader = torch.utils.data.DataLoader(
         stream,
         batch_size=None,
@@ -556,7 +571,8 @@ def train(args: TrainArgs) -> dict[str, Any]:
         prefetch_factor=4 if args.workers else None,
         persistent_workers=args.workers > 0,
     )
-    heldout = heldout_batches(out, args.eval_per_category, max(args.batch_size, 64))
+    heldout_kinds = (*CATEGORIES, JSON_KIND) if args.json_share > 0 else CATEGORIES
+    heldout = heldout_batches(out, args.eval_per_category, max(args.batch_size, 64), heldout_kinds)
     batches = iter(loader)
     vision = None
     if args.vision_steps or args.vision_minutes:
@@ -678,7 +694,20 @@ def parse_args(argv: list[str] | None = None) -> TrainArgs:
         default=None,
         help="vision warm-up wall-time budget (its schedule follows whichever of steps / minutes runs out first)",
     )
+    ap.add_argument(
+        "--json-share",
+        type=float,
+        default=d.json_share,
+        help="share of conversations with one question that asks for a JSON answer (0: prose only)",
+    )
+    ap.add_argument(
+        "--freeze-vision",
+        action="store_true",
+        help="train the language model only (the vision tower keeps its weights)",
+    )
     ns = ap.parse_args(argv)
+    if not 0.0 <= ns.json_share <= 1.0:
+        ap.error(f"--json-share must be in [0, 1], got {ns.json_share}")
     workers = ns.workers
     if workers is None:
         workers = 0 if ns.device == "cpu" else max(1, min(14, (os.cpu_count() or 4) - 2))
