@@ -20,7 +20,12 @@ from vlmserve.llm import LLM
 from vlmserve.testing.checkpoint import write_checkpoint
 
 ENGINE = dict(
-    max_model_len=512, max_num_batched_tokens=128, max_num_seqs=8, device="cpu", dtype="float32", num_kv_blocks=96
+    max_model_len=512,
+    max_num_batched_tokens=128,
+    max_num_seqs=8,
+    device="cpu",
+    dtype="float32",
+    num_kv_blocks=96,
 )
 
 
