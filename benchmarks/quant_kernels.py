@@ -80,10 +80,10 @@ def main() -> None:
     with torch.inference_mode():
         for name, (n, k) in SHAPES.items():
             w = torch.randn(n, k, device=dev, dtype=torch.bfloat16) / k**0.5
-            qb, sinv = fp8_block_quantize(w.float(), (128, 128))
+            qb, sinv = (t.to(dev) for t in fp8_block_quantize(w.float(), (128, 128)))
             sb = sinv.repeat_interleave(128, 0)[:n].contiguous()
-            qc, sc = fp8.quantize_per_channel(w.float())
-            aq, az, asc = awq.quantize(w.float(), 128)
+            qc, sc = (t.to(dev) for t in fp8.quantize_per_channel(w.float()))
+            aq, az, asc = (t.to(dev) for t in awq.quantize(w.float(), 128))
             for m in rows_list:
                 x = torch.randn(m, k, device=dev, dtype=torch.bfloat16)
                 r: dict[str, float] = {}
