@@ -154,3 +154,11 @@ class EngineConfig:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     engine_stall_timeout_s: float = 60.0
+
+    @property
+    def images_as_pixels(self) -> bool:
+        """Whether requests carry images as resized uint8 pixels that the runner patchifies on its device,
+        rather than float32 patches made by the input processor: on a GPU (an eighth of the bytes to copy,
+        no normalise / patchify pass on the host) and across the pipe to an engine process (an eighth of
+        the bytes to pickle). The one place this is decided; the input processor and the engine read it."""
+        return self.device == "cuda" or self.engine_process

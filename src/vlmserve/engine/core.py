@@ -99,9 +99,6 @@ class EngineCore:
             patchify=self.processor.patchify,
             kv_cache_dtype=dtype,
         )
-        # On a GPU, requests carry resized uint8 pixels and the runner patchifies them there: an eighth of the
-        # bytes of float32 patches to copy, and no normalise / patchify pass on the host.
-        self.processor.patchify_on_device = device.type == "cuda"
         # One image must fit into a step's encoder budget and into the encoder cache, whatever the
         # token budget: size both for the largest image the processor can produce.
         unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2

@@ -36,8 +36,8 @@ def prompt_embeddings(
         if data.dtype == torch.uint8:
             if patchify is None:
                 raise ValueError(
-                    "the images are uint8 pixels (the processor's patchify_on_device is set, as an engine on a "
-                    "GPU does): pass patchify=processor.patchify"
+                    "the images are uint8 pixels (EngineConfig.images_as_pixels, as for an engine on a GPU or in "
+                    "its own process): pass patchify=processor.patchify"
                 )
             data = patchify(data)
         parts.append(data)

@@ -300,8 +300,11 @@ def _plain(value: Any) -> Any:
 
 
 def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str, Any]]:
-    """What HF's processor does before rendering: drop keys whose value is None (OpenAI clients send
-    `content: null`) and turn OpenAI {"type": "image_url", "image_url": ...} parts into {"type": "image"}."""
+    """OpenAI / HF chat messages as chat templates expect them, the one place this is done: what HF's
+    processor does before rendering (drop keys whose value is None, as OpenAI clients send `content: null`;
+    turn OpenAI {"type": "image_url", "image_url": ...} parts into {"type": "image"}), plus OpenAI's
+    spellings templates do not know: the `developer` role is `system`, and tool-call arguments sent as JSON
+    text become the mapping templates write with `| tojson`."""
     out: list[dict[str, Any]] = []
     for i, message in enumerate(messages):
         if not isinstance(message, Mapping):
@@ -309,6 +312,10 @@ def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
                 f"messages[{i}] must be a dict with 'role' and 'content', got {type(message).__name__}."
             )
         msg = {k: v for k, v in message.items() if v is not None}
+        if msg.get("role") == "developer":
+            msg["role"] = "system"
+        if isinstance(msg.get("tool_calls"), list):
+            msg["tool_calls"] = [_tool_call(call) for call in msg["tool_calls"]]
         content = msg.get("content")
         if isinstance(content, list):
             parts: list[Any] = []
@@ -322,6 +329,17 @@ def _normalize_messages(messages: Sequence[Mapping[str, Any]]) -> list[dict[str,
             msg["content"] = parts
         out.append(_plain(msg))
     return out
+
+
+def _tool_call(call: Any) -> Any:
+    function = call.get("function") if isinstance(call, Mapping) else None
+    if not isinstance(function, Mapping) or not isinstance(function.get("arguments"), str):
+        return call
+    try:
+        arguments = json.loads(function["arguments"])
+    except json.JSONDecodeError:
+        return call  # not JSON: the template writes it as a string
+    return {**call, "function": {**function, "arguments": arguments}}
 
 
 # ------------------------------------------------------------------------------------------ checkpoint files
@@ -439,9 +457,6 @@ class Qwen2_5_VLProcessor:
         self._special_tokens = dict(special_tokens or {})
         self._lut = torch.from_numpy(self._normalization_table(image_config))  # (3, 256) float32
         self._lut_on: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
-        # Images leave `process` as resized uint8 pixels (the engine patchifies them where the model runs: 8x
-        # fewer bytes to move than float32 patches) instead of patches. Set by an engine on a GPU.
-        self.patchify_on_device = False
         # Everything besides the resized pixels that decides the encoder input, for pixels_hash.
         self._hash_salt = repr(replace(image_config, min_pixels=0, max_pixels=0)).encode()
 
@@ -774,10 +789,14 @@ class Qwen2_5_VLProcessor:
         min_pixels: int | None = None,
         max_pixels: int | None = None,
         image_pixels: Sequence[tuple[int | None, int | None]] | None = None,
+        *,
+        as_pixels: bool = False,
     ) -> ProcessedPrompt:
         """Tokenize a rendered chat prompt that holds one <|image_pad|> per image, expand each placeholder
         to the image's token count and compute M-RoPE positions. Token ids equal HF's processor input_ids.
-        `image_pixels`: a (min_pixels, max_pixels) per image, in place of the shared pair (per-image detail)."""
+        `image_pixels`: a (min_pixels, max_pixels) per image, in place of the shared pair (per-image detail).
+        `as_pixels`: images leave as resized uint8 pixels for the engine to patchify on its device (the
+        engine's configuration decides, `EngineConfig.images_as_pixels`), else as float32 patches."""
         pieces = prompt.split(self._image_token)
         if len(pieces) - 1 != len(images):
             raise ValueError(
@@ -810,8 +829,8 @@ class Qwen2_5_VLProcessor:
             lo, hi = image_pixels[i] if image_pixels is not None else (min_pixels, max_pixels)
             pixels, grid = self.resize_image(img, lo, hi)
             # The encoder's input: float32 patches, or the uint8 pixels for the engine to patchify on its
-            # device (`patchify_on_device`).
-            pixel_values = pixels if self.patchify_on_device else self.patchify(pixels)
+            # device (`as_pixels`).
+            pixel_values = pixels if as_pixels else self.patchify(pixels)
             length = grid[0] * grid[1] * grid[2] // merge_area
             features.append(
                 ImageFeature(
