@@ -239,7 +239,10 @@ class InputProcessor:
             raise InputError(f"Could not build the prompt from 'messages': {e}", param="messages") from e
 
     def check_prompt_length(self, num_tokens: int, param: str) -> None:
-        """The prompt-length rule: a prompt must leave room for at least one output token."""
+        """The API's prompt-length rule: a prompt must leave room for at least one output token, since a
+        request's max_tokens defaults to the room left. The scheduler admits a prompt of exactly
+        max_model_len (it then yields one token) and refuses a longer one: a caller that builds its
+        EngineRequests by hand meets that rule instead."""
         if num_tokens >= self.max_model_len:
             raise InputError(
                 f"This model's maximum context length is {self.max_model_len} tokens, but the prompt has "
