@@ -219,9 +219,11 @@ def _running(pid: int) -> bool:
 def test_requests_cross_the_pipe_intact(reference: LLM) -> None:
     request = _requests(reference, pixels=True)[0]
     back = loads(dumps(request))
-    pixels, grid = request.images[0].data
-    assert pixels.dtype == torch.uint8
-    assert torch.equal(back.images[0].data[0], pixels) and tuple(back.images[0].data[1]) == tuple(grid)
+    pixels, grid = request.images[0].data.values, request.images[0].data.grid_thw
+    assert pixels.dtype == torch.uint8 and request.images[0].data.as_pixels
+    assert torch.equal(back.images[0].data.values, pixels) and tuple(back.images[0].data.grid_thw) == tuple(
+        grid
+    )
     assert torch.equal(back.mrope_positions, request.mrope_positions)
     assert (
         back.prompt_token_ids == request.prompt_token_ids and back.sampling_params == request.sampling_params
