@@ -22,6 +22,7 @@ import transformers
 from tests.conftest import random_image
 from tests.hf_reference import hf_image_text_processor_class
 from tests.test_model_parity import PROMPTS
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
 from vlmserve.models import registry
@@ -29,7 +30,6 @@ from vlmserve.models.generate import greedy_generate, prompt_embeddings
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import CheckpointError, load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.testing.checkpoint import write_checkpoint
 
 IMG_PART = {"type": "image"}
 
