@@ -84,25 +84,13 @@ class EngineCore:
         dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
-        # One image must fit into a step's encoder budget and into the encoder cache, whatever the
-        # token budget: size both for the largest image the processor can produce.
-        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
-        max_image_tokens = (
-            max(config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
-        )
-        # Validated before the runner allocates the cache (e.g. blocks for one max_model_len sequence: the
-        # scheduler's rule, checked there only).
-        scheduler_config = SchedulerConfig(
-            max_num_seqs=config.max_num_seqs,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_model_len=config.max_model_len,
-            block_size=config.block_size,
-            num_blocks=num_blocks,
-            enable_prefix_caching=config.enable_prefix_caching,
-            encoder_cache_size=max(config.encoder_cache_tokens, max_image_tokens),
-            max_encoder_tokens_per_step=max(config.max_num_batched_tokens, max_image_tokens),
-            max_queued_requests=config.max_queued_requests,
-        )
+        min_blocks = -(-config.max_model_len // config.block_size) + 1
+        if num_blocks < min_blocks:
+            raise ValueError(
+                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
+                f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
+                "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
+            )
         self.runner = ModelRunner(
             self.model,
             num_blocks,
@@ -114,8 +102,24 @@ class EngineCore:
             patchify=self.processor.patchify,
             kv_cache_dtype=dtype,
         )
+        # One image must fit into a step's encoder budget and into the encoder cache, whatever the
+        # token budget: size both for the largest image the processor can produce.
+        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
+        max_image_tokens = (
+            max(config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
+        )
         self.scheduler = Scheduler(
-            scheduler_config,
+            SchedulerConfig(
+                max_num_seqs=config.max_num_seqs,
+                max_num_batched_tokens=config.max_num_batched_tokens,
+                max_model_len=config.max_model_len,
+                block_size=config.block_size,
+                num_blocks=num_blocks,
+                enable_prefix_caching=config.enable_prefix_caching,
+                encoder_cache_size=max(config.encoder_cache_tokens, max_image_tokens),
+                max_encoder_tokens_per_step=max(config.max_num_batched_tokens, max_image_tokens),
+                max_queued_requests=config.max_queued_requests,
+            ),
             eos_token_ids=self.eos_token_ids,
         )
         self.num_blocks = num_blocks

@@ -80,10 +80,10 @@ class SchedulerConfig:
         needed = -(-self.max_model_len // self.block_size)
         if self.num_blocks - 1 < needed:
             raise ValueError(
-                f"the KV cache holds {self.num_blocks} blocks of {self.block_size} tokens, "
-                f"{self.num_blocks - 1} usable blocks ({(self.num_blocks - 1) * self.block_size} tokens), but one "
-                f"sequence of max_model_len={self.max_model_len} needs {needed} blocks; lower max_model_len or "
-                "give the KV cache more memory (gpu_memory_utilization / kv_cache_memory_gb / num_kv_blocks)"
+                f"the KV cache has {self.num_blocks - 1} usable blocks of {self.block_size} tokens "
+                f"({(self.num_blocks - 1) * self.block_size} tokens), but one sequence of "
+                f"max_model_len={self.max_model_len} needs {needed} blocks; lower max_model_len or give the "
+                "KV cache more memory (gpu_memory_utilization)"
             )
 
     @property
