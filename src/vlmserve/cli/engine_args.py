@@ -23,6 +23,7 @@ from vlmserve.config import EngineArgs
 _FLAG_NAMES: dict[str, tuple[str, ...]] = {
     "served_model_name": ("--served-model-name", "--model-id"),
     "quantization": ("--quantization", "-q"),
+    "tensor_parallel_size": ("--tensor-parallel-size", "-tp"),
 }
 
 
