@@ -124,3 +124,26 @@ def test_errors_name_the_field(setup: tuple[Qwen2_5_VLProcessor, EngineConfig]) 
     with pytest.raises(InvalidRequestError) as api_error:
         asyncio.run(server.process_chat(body))
     assert api_error.value.param == "messages[0].content[0].image_url"
+
+
+def test_offline_images_load_from_every_local_form(
+    setup: tuple[Qwen2_5_VLProcessor, EngineConfig], tmp_path: Path
+) -> None:
+    processor, config = setup
+    inputs = InputProcessor(processor, config)
+    image = random_image(70, 50, seed=5)
+    path = tmp_path / "cat.png"
+    image.save(path)
+    forms: list[dict[str, Any]] = [
+        {"type": "image", "image": image},
+        {"type": "image", "image": str(path)},
+        {"type": "image_url", "image_url": {"url": f"file://{path}"}},
+        {"type": "image_url", "image_url": _data_url(70, 50, 5)},
+    ]
+    hashes = set()
+    for part in forms:
+        request = inputs.chat(
+            [{"role": "user", "content": [part, {"type": "text", "text": "?"}]}], SamplingParams()
+        )
+        hashes.add(request.images[0].mm_hash)
+    assert len(hashes) == 1
