@@ -17,7 +17,7 @@ from vlmserve.models.generate import prompt_embeddings
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.testing.checkpoint import write_checkpoint
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 
 
 def main() -> None:
@@ -40,8 +40,8 @@ def main() -> None:
     prompt = make_prompt(proc, (1280, 720), 1235, seed=0)
     pp = proc.process(prompt.text, [prompt.image])
     ids = torch.tensor([pp.token_ids], device="cuda")
-    pix = pp.images[0].data[0].to("cuda", torch.bfloat16)
-    grid = torch.tensor([pp.images[0].data[1]], device="cuda")
+    pix = pp.images[0].data.values.to("cuda", torch.bfloat16)
+    grid = torch.tensor([pp.images[0].data.grid_thw], device="cuda")
     with torch.inference_mode():
         expected = (
             ref(

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from vlmserve.models.layers import moe as moe_mod
 from vlmserve.models.quantization import awq, fp8, kernels
-from vlmserve.testing.quantized_checkpoint import fp8_block_quantize
+from vlmserve.checkpoints.quantized_checkpoint import fp8_block_quantize
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 LAYERS = 28

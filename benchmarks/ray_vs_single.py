@@ -186,7 +186,7 @@ def main() -> None:
     parser.add_argument("--skip-single", action="store_true", help="measure only the Ray setup")
     args = parser.parse_args()
 
-    from vlmserve.testing.checkpoint import write_checkpoint
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="vlmserve-raybench-") as tmp:
         work = Path(tmp)

@@ -89,7 +89,7 @@ def main() -> int:
         model = str(Path(tempfile.gettempdir()) / "vlmserve-7b")
         if not Path(model, "config.json").exists():
             env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), args.extra_path]))
-            code = "from vlmserve.testing.checkpoint import write_checkpoint as w; w(%r, preset='7b', weights=False)"
+            code = "from vlmserve.checkpoints.checkpoint import write_checkpoint as w; w(%r, preset='7b', weights=False)"
             subprocess.run([sys.executable, "-c", code % model], env=env, check=True)
 
     server_path = [str(args.src.resolve()), args.extra_path]

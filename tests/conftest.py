@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlmserve.testing.checkpoint import write_checkpoint
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 
 
 @pytest.fixture(scope="session")

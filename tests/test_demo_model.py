@@ -26,6 +26,8 @@ import torch
 from PIL import Image
 from safetensors import safe_open
 
+from vlmserve.checkpoints.checkpoint import tensor_shapes
+from vlmserve.checkpoints.export import released_state_dict
 from vlmserve.demo import PACKAGED, demo_checkpoint
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
@@ -33,7 +35,6 @@ from vlmserve.models.generate import prompt_embeddings
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import cpu_has_native_bf16, load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.testing.checkpoint import tensor_shapes
 from vlmserve.training import data
 from vlmserve.training.evaluate import run_eval, summarize
 from vlmserve.training.train import (
@@ -44,7 +45,6 @@ from vlmserve.training.train import (
     TrainArgs,
     collate,
     forward_answers,
-    released_state_dict,
     scene_losses,
     train,
 )
@@ -324,7 +324,7 @@ def test_packed_training_forward_matches_one_sequence_at_a_time() -> None:
     e, s = encoded[0], samples[0]
     p = proc.process(proc.apply_chat_template(s.messages(), add_generation_prompt=False), [s.image])
     # Training ships patches to the device in float16; round the serving input the same way to compare.
-    images = [replace(f, data=(f.data[0].half().float(), f.data[1])) for f in p.images]
+    images = [replace(f, data=f.data._replace(values=f.data.values.half().float())) for f in p.images]
     with torch.inference_mode():
         x = prompt_embeddings(model, p.token_ids, images)
         cache = ContiguousKVCache(len(model.model.layers), model.model.layers[0].self_attn.head_dim ** -0.5)

@@ -7,6 +7,7 @@ batching, chunking, preemption and caching did, greedy tokens must be identical.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 from pathlib import Path
@@ -16,6 +17,7 @@ import torch
 
 from tests.conftest import random_image
 from tests.hf_reference import HFImageTextProcessor
+from vlmserve.engine.input_processor import InputProcessor
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
 from vlmserve.models.generate import greedy_generate
@@ -265,10 +267,13 @@ def test_images_sent_as_pixels_are_patchified_by_the_runner(tiny_checkpoint: Pat
         llm = LLM(
             str(tiny_checkpoint), max_model_len=1024, device="cpu"
         )  # fresh caches: each run encodes its images
-        llm.processor.patchify_on_device = pixels  # what an engine on a GPU sets
+        # What an engine on a GPU is configured with (EngineConfig.images_as_pixels).
+        llm.inputs = InputProcessor(
+            llm.processor, dataclasses.replace(llm.config, device="cuda" if pixels else "cpu")
+        )
         text, _ = _chat(llm, "What are these?", images)
         request = llm.make_request(text, images, params)
-        data = request.images[0].data[0]
+        data = request.images[0].data.values
         if pixels:
             assert data.dtype == torch.uint8 and data.dim() == 3 and data.shape[-1] == 3
         else:

@@ -5,6 +5,7 @@ either side of the pipe dies."""
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -23,6 +24,7 @@ from tests.conftest import random_image
 from vlmserve.config import EngineArgs
 from vlmserve.engine.async_engine import EngineDeadError
 from vlmserve.engine.engine_process import EngineProcess, dumps, loads
+from vlmserve.engine.input_processor import InputProcessor
 from vlmserve.engine.inputs import EngineRequest, ImageFeature
 from vlmserve.engine.outputs import CompletionDelta
 from vlmserve.engine.sampling_params import SamplingParams
@@ -47,20 +49,18 @@ def engine(tiny_checkpoint: Path):
 
 def _requests(llm: LLM, pixels: bool) -> list[EngineRequest]:
     """Greedy requests with and without images, one sampled n=2 request with a seed."""
-    llm.processor.patchify_on_device = pixels  # a server sends uint8 pixels to an engine process
-    try:
-        text = llm.processor.apply_chat_template(
-            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
-        )
-        greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
-        sampled = SamplingParams(temperature=1.0, top_p=0.9, n=2, seed=7, max_tokens=10, ignore_eos=True)
-        return [
-            llm.make_request(text, [random_image(70, 50, seed=1)], greedy, "img"),
-            llm.make_request("Tell me about the sea.", [], greedy, "text"),
-            llm.make_request(text, [random_image(40, 90, seed=2)], sampled, "sampled"),
-        ]
-    finally:
-        llm.processor.patchify_on_device = False
+    # A server sends uint8 pixels to an engine process (EngineConfig.images_as_pixels).
+    inputs = InputProcessor(llm.processor, dataclasses.replace(llm.config, engine_process=pixels))
+    text = llm.processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is it?"}]}]
+    )
+    greedy = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
+    sampled = SamplingParams(temperature=1.0, top_p=0.9, n=2, seed=7, max_tokens=10, ignore_eos=True)
+    return [
+        inputs.make_request(inputs.process(text, [random_image(70, 50, seed=1)]), greedy, "img"),
+        inputs.make_request(inputs.process("Tell me about the sea."), greedy, "text"),
+        inputs.make_request(inputs.process(text, [random_image(40, 90, seed=2)]), sampled, "sampled"),
+    ]
 
 
 async def _collect(engine: EngineProcess, request: EngineRequest) -> dict[int, list[CompletionDelta]]:
@@ -219,9 +219,11 @@ def _running(pid: int) -> bool:
 def test_requests_cross_the_pipe_intact(reference: LLM) -> None:
     request = _requests(reference, pixels=True)[0]
     back = loads(dumps(request))
-    pixels, grid = request.images[0].data
-    assert pixels.dtype == torch.uint8
-    assert torch.equal(back.images[0].data[0], pixels) and tuple(back.images[0].data[1]) == tuple(grid)
+    pixels, grid = request.images[0].data.values, request.images[0].data.grid_thw
+    assert pixels.dtype == torch.uint8 and request.images[0].data.as_pixels
+    assert torch.equal(back.images[0].data.values, pixels) and tuple(back.images[0].data.grid_thw) == tuple(
+        grid
+    )
     assert torch.equal(back.mrope_positions, request.mrope_positions)
     assert (
         back.prompt_token_ids == request.prompt_token_ids and back.sampling_params == request.sampling_params

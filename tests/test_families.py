@@ -22,6 +22,7 @@ import transformers
 from tests.conftest import random_image
 from tests.hf_reference import hf_image_text_processor_class
 from tests.test_model_parity import PROMPTS
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
 from vlmserve.models import registry
@@ -29,7 +30,6 @@ from vlmserve.models.generate import greedy_generate, prompt_embeddings
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import CheckpointError, load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.testing.checkpoint import write_checkpoint
 
 IMG_PART = {"type": "image"}
 
@@ -192,10 +192,10 @@ def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
 def test_pixel_values_and_positions_match_hf(models, prompt: str) -> None:
     _, ref, _, _ = models
     ours_in, hf_in = _inputs(models, prompt)
-    pixels = torch.cat([img.data[0] for img in ours_in.images])
+    pixels = torch.cat([img.data.values for img in ours_in.images])
     assert pixels.shape == hf_in["pixel_values"].shape
     assert torch.allclose(pixels, hf_in["pixel_values"], atol=1e-5, rtol=0)
-    assert [tuple(img.data[1]) for img in ours_in.images] == [
+    assert [tuple(img.data.grid_thw) for img in ours_in.images] == [
         tuple(g) for g in hf_in["image_grid_thw"].tolist()
     ]
     positions, delta = ref.model.get_rope_index(

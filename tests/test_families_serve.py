@@ -16,7 +16,7 @@ import httpx
 import pytest
 
 from tests.conftest import random_image, start_vlmserve, stop_process
-from vlmserve.testing.checkpoint import write_checkpoint
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 
 
 def _data_url(width: int, height: int, seed: int) -> str:

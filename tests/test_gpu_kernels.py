@@ -50,9 +50,9 @@ def test_paged_decode_matches_torch(hq: int, hkv: int, dim: int, dtype: torch.dt
 
 def test_cuda_graph_decode_and_async_loop_match_the_eager_sync_engine(tmp_path: Path) -> None:
     from tests.conftest import random_image
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
     from vlmserve.engine.sampling_params import SamplingParams
     from vlmserve.llm import LLM
-    from vlmserve.testing.checkpoint import write_checkpoint
 
     ckpt = write_checkpoint(
         tmp_path / "tiny",
@@ -236,8 +236,8 @@ def test_vision_varlen_flash_matches_grouped_sdpa() -> None:
 
 def test_patchify_on_the_gpu_is_bit_identical_to_the_cpu(tmp_path: Path) -> None:
     from tests.conftest import random_image
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
     from vlmserve.models.processor import Qwen2_5_VLProcessor
-    from vlmserve.testing.checkpoint import write_checkpoint
 
     proc = Qwen2_5_VLProcessor.from_pretrained(write_checkpoint(tmp_path / "7b", preset="7b", weights=False))
     for size in ((1280, 720), (448, 448), (97, 301)):

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 import torch
 
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.runner.kv_quant import FP8_KV, from_cache, kv_storage_dtype, to_cache
-from vlmserve.testing.checkpoint import write_checkpoint
 
 TEXT = dict(hidden_size=128, intermediate_size=256, num_attention_heads=4, num_key_value_heads=2)
 TEXT["mrope_section"] = [4, 6, 6]

@@ -10,10 +10,10 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.models import loader
 from vlmserve.models.loader import CheckpointError, load_model, resolve_dtype, resolve_model_path
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig
-from vlmserve.testing.checkpoint import write_checkpoint
 
 
 def _state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -16,11 +16,11 @@ from transformers import Qwen2_5_VLForConditionalGeneration as HFModel
 
 from tests.conftest import random_image
 from tests.hf_reference import HFImageTextProcessor
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.models.generate import greedy_generate, prompt_embeddings
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
-from vlmserve.testing.checkpoint import write_checkpoint
 
 CONFIGS = {
     "tiny": {},

@@ -25,13 +25,13 @@ from transformers import AutoTokenizer, Qwen2_5_VLConfig, Qwen2_5_VLModel
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as hf_smart_resize
 
 from tests.hf_reference import HFImageTextProcessor, HFPilImageProcessor
-from vlmserve.models.processor import ImageProcessorConfig, Qwen2_5_VLProcessor, smart_resize
-from vlmserve.testing.tokenizer import (
+from vlmserve.checkpoints.tokenizer import (
     QWEN2_5_VL_CHAT_TEMPLATE,
     SPECIAL_TOKENS,
     build_tokenizer_files,
     write_preprocessor_config,
 )
+from vlmserve.models.processor import ImageProcessorConfig, Qwen2_5_VLProcessor, smart_resize
 
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 512 * 28 * 28  # small enough that 1280x720 and 1600x1200 are downscaled
@@ -356,10 +356,10 @@ def test_tokens_and_positions_match_hf(
     ref = hf(text=[prompt], images=images or None, return_tensors="pt")
 
     assert processed.token_ids == ref["input_ids"][0].tolist()
-    grids = [feature.data[1] for feature in processed.images]
+    grids = [feature.data.grid_thw for feature in processed.images]
     if images:
         assert grids == [tuple(g) for g in ref["image_grid_thw"].tolist()]
-        pixel_values = torch.cat([feature.data[0] for feature in processed.images])
+        pixel_values = torch.cat([feature.data.values for feature in processed.images])
         torch.testing.assert_close(pixel_values, ref["pixel_values"], rtol=0, atol=1e-5)
     for feature in processed.images:
         span = processed.token_ids[feature.offset : feature.offset + feature.length]

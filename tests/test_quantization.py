@@ -2,7 +2,7 @@
 the CPU reference path.
 
 The oracle is the float32 checkpoint holding exactly the weights the quantized one encodes, dequantized by
-the generator with its own code (testing/quantized_checkpoint.py), loaded as a plain float model. The CPU path
+the generator with its own code (checkpoints/quantized_checkpoint.py), loaded as a plain float model. The CPU path
 dequantizes the same numbers and multiplies in float32, so logits agree to float32 rounding; a wrong nibble
 order, scale row, group or fused-shard offset moves them by orders of magnitude more.
 """
@@ -19,6 +19,12 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from tests.conftest import random_image
+from vlmserve.checkpoints.checkpoint import write_checkpoint
+from vlmserve.checkpoints.quantized_checkpoint import (
+    write_dequantized_twin,
+    write_fp8_channel_twin,
+    write_quantized_checkpoint,
+)
 from vlmserve.config import EngineArgs
 from vlmserve.llm import LLM
 from vlmserve.models import loader
@@ -27,12 +33,6 @@ from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import CheckpointError, load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.models.quantization import QuantizedLinear
-from vlmserve.testing.checkpoint import write_checkpoint
-from vlmserve.testing.quantized_checkpoint import (
-    write_dequantized_twin,
-    write_fp8_channel_twin,
-    write_quantized_checkpoint,
-)
 
 # Inputs and outputs of 128 and 256: one AWQ group of 128 per row in most layers, two in down_proj; FP8 blocks
 # of [128, 128] cover q / o exactly and k / v (64 rows each) partly.
@@ -289,8 +289,8 @@ def test_quantized_demo_model_keeps_its_heldout_accuracy(
 ) -> None:
     """The trained demo model quantized to each format answers the held-out questions (colour, shape, count,
     position) within 3 points of the unquantized model, through the engine."""
+    from vlmserve.checkpoints.quantized_checkpoint import quantize_checkpoint
     from vlmserve.demo import demo_checkpoint
-    from vlmserve.testing.quantized_checkpoint import quantize_checkpoint
     from vlmserve.training.evaluate import run_eval
 
     if fmt == "online-fp8":
@@ -326,10 +326,10 @@ def test_sharded_quantized_checkpoint_with_weight_and_scale_in_different_files(t
 def test_72b_architecture_fits_one_h200_when_quantized(tmp_path: Path, fmt: str, most_gib: int) -> None:
     """The weights vlmserve allocates for Qwen2.5-VL-72B (built on the meta device: nothing is allocated),
     against an H200's 141 GB: bf16 does not fit, AWQ leaves room for the KV cache, FP8 fits."""
+    from vlmserve.checkpoints.quantized_checkpoint import EXTRA_PRESETS
     from vlmserve.models.loader import read_config
     from vlmserve.models.quantization import replace_linears, resolve_quantization
     from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
-    from vlmserve.testing.quantized_checkpoint import EXTRA_PRESETS
 
     ckpt = write_quantized_checkpoint(tmp_path / fmt, fmt, weights=False, **EXTRA_PRESETS["72b"])
     config = read_config(ckpt)

@@ -68,8 +68,8 @@ def test_awq_kernels_match_reference(
 def test_fp8_kernels_match_reference(
     dtype: torch.dtype, rows: int, n: int, k: int, block: int | None, backend: str, tiles: dict | None
 ) -> None:
+    from vlmserve.checkpoints.quantized_checkpoint import fp8_block_quantize
     from vlmserve.models.quantization import fp8, kernels
-    from vlmserve.testing.quantized_checkpoint import fp8_block_quantize
 
     gen = torch.Generator().manual_seed(rows * 13 + n)
     w = torch.randn(n, k, generator=gen) / k**0.5
@@ -112,12 +112,12 @@ def test_quantized_model_on_gpu_matches_cpu_reference_with_and_without_cuda_grap
     tmp_path: Path, fmt: str
 ) -> None:
     from tests.test_quantization import TEXT
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
+    from vlmserve.checkpoints.quantized_checkpoint import write_quantized_checkpoint
     from vlmserve.engine.sampling_params import SamplingParams
     from vlmserve.llm import LLM
     from vlmserve.models.layers.attention import ContiguousKVCache
     from vlmserve.models.loader import load_model
-    from vlmserve.testing.checkpoint import write_checkpoint
-    from vlmserve.testing.quantized_checkpoint import write_quantized_checkpoint
 
     if fmt != "awq" and not _fp8_gpu():
         pytest.skip("needs a GPU with FP8")
@@ -191,9 +191,9 @@ def test_paged_decode_reads_an_fp8_kv_cache(dtype: torch.dtype) -> None:
 
 def test_fp8_kv_cache_engine_cuda_graphs_match_eager(tmp_path: Path) -> None:
     from tests.test_quantization import TEXT
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
     from vlmserve.engine.sampling_params import SamplingParams
     from vlmserve.llm import LLM
-    from vlmserve.testing.checkpoint import write_checkpoint
 
     ckpt = write_checkpoint(tmp_path / "f", text=TEXT, seed=3)
     params = SamplingParams(max_tokens=16, temperature=0, ignore_eos=True)

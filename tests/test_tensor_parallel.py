@@ -17,7 +17,7 @@ import torch
 from tests.conftest import random_image
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
-from vlmserve.testing.checkpoint import write_checkpoint
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 
 ENGINE = dict(
     max_model_len=512,

@@ -138,6 +138,14 @@ class EngineArgs(BaseModel):
 class EngineConfig:
     """Resolved engine settings (after the model and the device are known). Frozen: read, never changed."""
 
+    @property
+    def images_as_pixels(self) -> bool:
+        """Whether requests carry images as resized uint8 pixels that the runner patchifies on its device,
+        rather than float32 patches made by the input processor: on a GPU (an eighth of the bytes to copy,
+        no normalise / patchify pass on the host) and across the pipe to an engine process (an eighth of
+        the bytes to pickle). The one place this is decided; the input processor and the engine read it."""
+        return self.device == "cuda" or self.engine_process
+
     model_path: str
     served_model_name: str
     load_format: str

@@ -10,8 +10,7 @@ print(out[0].text)
 
 from __future__ import annotations
 
-import base64
-import itertools
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,10 +22,10 @@ from PIL import Image
 from vlmserve import envs
 from vlmserve.config import EngineArgs, EngineConfig
 from vlmserve.engine.core import EngineCore
+from vlmserve.engine.input_processor import InputProcessor
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 from vlmserve.engine.sampling_params import SamplingParams
-from vlmserve.media import MediaConfig, decode_image, to_rgb
 from vlmserve.models.loader import resolve_model_path
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 
@@ -114,24 +113,17 @@ class LLM:
     """Run the engine in this process, synchronously: batch many prompts, return when all are done."""
 
     def __init__(self, model: str = "demo", **engine_kwargs: Any) -> None:
-        self.config = build_engine_config(EngineArgs(model=model, **engine_kwargs))
+        # The engine runs in this process, whatever engine_process says (that is how a server runs it).
+        config = build_engine_config(EngineArgs(model=model, **engine_kwargs))
+        self.config = dataclasses.replace(config, engine_process=False)
         self.processor = Qwen2_5_VLProcessor.from_pretrained(self.config.model_path)
+        self.inputs = InputProcessor(self.processor, self.config)
         self.engine = EngineCore(self.config, self.processor)
-        self._ids = itertools.count()
 
     def make_request(
         self, prompt: str, images: list[Image.Image], params: SamplingParams, request_id: str | None = None
     ) -> EngineRequest:
-        mp = self.config.mm_processor_kwargs
-        p = self.processor.process(prompt, images, mp.get("min_pixels"), mp.get("max_pixels"))
-        return EngineRequest(
-            request_id or f"req-{next(self._ids)}",
-            p.token_ids,
-            params,
-            images=p.images,
-            mrope_positions=p.mrope_positions,
-            mrope_delta=p.mrope_delta,
-        )
+        return self.inputs.make_request(self.inputs.process(prompt, images), params, request_id)
 
     def generate(
         self,
@@ -156,16 +148,8 @@ class LLM:
         """OpenAI-style messages (one conversation, or a list of them). Images as image_url parts with a
         file path / file:// URL or a data: URL, or as PIL images in {"type": "image", "image": img}."""
         conversations = messages if messages and isinstance(messages[0], list) else [messages]
-        prompts = []
-        for conv in conversations:
-            images = [
-                _load_image(part)
-                for m in conv
-                for part in _parts(m)
-                if part.get("type") in ("image", "image_url")
-            ]
-            prompts.append((self.processor.apply_chat_template(conv), images))
-        return self.generate(prompts, sampling_params)
+        params = sampling_params or SamplingParams()
+        return self.run([self.inputs.chat(conv, params) for conv in conversations])  # type: ignore[arg-type]
 
     def run(self, requests: list[EngineRequest]) -> list[RequestOutput]:
         results = {
@@ -195,25 +179,3 @@ class LLM:
             res.num_cached_tokens = d.num_cached_tokens
             if d.error:
                 raise RuntimeError(d.error)
-
-
-def _parts(message: dict[str, Any]) -> list[dict[str, Any]]:
-    content = message.get("content")
-    return content if isinstance(content, list) else []
-
-
-def _load_image(part: dict[str, Any]) -> Image.Image:
-    """A trusted local caller's image: a PIL image, a path / file:// URL, or a data: URL. Decoded with the
-    same safe decoder as the server (RGB, EXIF orientation, first frame)."""
-    if part.get("type") == "image" and isinstance(part.get("image"), Image.Image):
-        return to_rgb(part["image"])
-    url = part["image_url"]["url"] if part.get("type") == "image_url" else part.get("image")
-    if not isinstance(url, str):
-        raise ValueError(
-            f"unsupported image part {part!r}: give a path, a file:// or data: URL, or a PIL image"
-        )
-    if url.startswith("data:"):
-        data = base64.b64decode(url.split(",", 1)[1])
-    else:
-        data = Path(url.removeprefix("file://")).read_bytes()
-    return decode_image(data, max_pixels=MediaConfig().max_image_pixels)

@@ -475,7 +475,7 @@ def _checkpoint(path: str | None) -> Iterator[Path]:
     if path:
         yield Path(path)
         return
-    from vlmserve.testing.checkpoint import write_checkpoint
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
 
     with tempfile.TemporaryDirectory(prefix="vlmserve-soak-") as tmp:
         yield write_checkpoint(Path(tmp), preset="tiny", seed=0)

@@ -7,7 +7,7 @@ serve` and can serve several for a deployment. It never constructs engines: call
 ModelServers, which the app shuts down when its lifespan ends (uvicorn: after SIGTERM has drained the
 in-flight requests, within timeout_graceful_shutdown).
 
-Does not know: command-line flags (cli.py), how engines are built (ModelServer.from_engine_args).
+Does not know: command-line flags (cli/), how engines are built (ModelServer.from_engine_args).
 """
 
 from __future__ import annotations

@@ -1,12 +1,13 @@
 """One served model: everything between a validated OpenAI request and the engine's stream of deltas.
 
-`ModelServer` holds what serving one model id takes (the AsyncEngine, the processor, the frozen
-EngineConfig, the MediaLoader) and turns requests into `EngineRequest`s: collect the image parts, enforce
-limit_mm_per_prompt and the server's pixel bounds, load the images concurrently, render the checkpoint's chat
-template, preprocess (resize + patchify, in a worker thread: it is CPU work), map the OpenAI / vLLM sampling
-fields onto `SamplingParams` and check the context length. `start()` hands a request to the engine and
-surfaces the errors the engine raises before the first delta (prompt too long, queue full, engine dead) as
-API errors, so that a stream never begins with a 200 that then fails.
+`ModelServer` holds what serving one model id takes (the engine client, the processor, the frozen
+EngineConfig, the MediaLoader) and turns requests into `EngineRequest`s through the engine's input processor
+(engine/input_processor.py, the path the offline `LLM` takes too): it adds what only the API has, the
+request's pixel bounds (mm_processor_kwargs, checked against the server's), the images fetched concurrently
+under the media policy, prompt building in a worker thread (it is CPU work), the OpenAI / vLLM sampling
+fields mapped onto `SamplingParams`, and the input processor's errors as 400s naming the field. `start()`
+hands a request to the engine and surfaces the errors the engine raises before the first delta (queue full,
+engine dead) as API errors, so that a stream never begins with a 200 that then fails.
 
 An app routes by model id over several `ModelServer`s (server.py), which is how one process, or a Ray Serve
 deployment, can serve more than one model. Engine construction lives in `from_engine_args`, not in routes.
@@ -17,15 +18,12 @@ Does not know: HTTP (FastAPI objects), response shapes, SSE, metrics.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
-from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from typing import Any
 
-import jinja2
 from PIL import Image
 
 from vlmserve.api.errors import APIError, InvalidRequestError, RequestTooLargeError, ServiceUnavailableError
@@ -34,7 +32,6 @@ from vlmserve.api.protocol import (
     ChatCompletionRequest,
     ChatMessage,
     CompletionRequest,
-    ImageURL,
     ModelCard,
     SamplingFields,
     TokenizeRequest,
@@ -46,6 +43,7 @@ from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
 from vlmserve.engine.client import EngineClient, EngineHealth
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.engine_process import EngineProcess
+from vlmserve.engine.input_processor import ImagePart, InputError, InputProcessor, PixelBounds, image_parts
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
 from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
@@ -53,7 +51,7 @@ from vlmserve.engine.scheduler import QueueFullError
 from vlmserve.engine.structured import StructuredOutputError, check_structured_outputs
 from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
-from vlmserve.models.processor import ProcessedPrompt, Qwen2_5_VLProcessor, check_aspect_ratio, uses_tools
+from vlmserve.models.processor import ProcessedPrompt, Qwen2_5_VLProcessor
 
 logger = logging.getLogger(__name__)
 
@@ -61,23 +59,11 @@ logger = logging.getLogger(__name__)
 MAX_N = 128
 # Prompts in one /v1/completions batch.
 MAX_PROMPTS = 1024
-# image_url.detail = "low": at most this many image tokens per image (OpenAI's low detail is a fixed small
-# budget too); a 28x28-pixel merged patch is one token, so 64 tokens is about 220x220 pixels.
-LOW_DETAIL_IMAGE_TOKENS = 64
 # A client-chosen request id (body `request_id` or the X-Request-Id header) longer than this is replaced.
 MAX_CLIENT_ID_CHARS = 256
 
 # The name of the field a SamplingParams error is about (its message starts with it) -> the API parameter.
 _CHAT_PARAM = {"logprobs": "top_logprobs"}
-
-
-@dataclass(frozen=True)
-class ImageRef:
-    """Where an image part sits in the request, for error messages that point at it."""
-
-    url: str
-    param: str  # e.g. messages[1].content[0].image_url
-    detail: str | None = None  # image_url.detail: "low" / "high" / "auto"
 
 
 class ModelServer:
@@ -100,17 +86,9 @@ class ModelServer:
         self.created = int(time.time())
         self.token_texts = TokenTexts(processor.tokenizer)
         self._vocab_size = processor.tokenizer.get_vocab_size(with_added_tokens=True)
-        # The server's image bounds: the operator's mm_processor_kwargs, else the checkpoint's. A request may
-        # ask for anything inside them, never more pixels (= more tokens, more compute) than the operator set.
-        server_kwargs = config.mm_processor_kwargs
-        self.min_pixels = int(server_kwargs.get("min_pixels", processor.min_pixels))
-        self.max_pixels = int(server_kwargs.get("max_pixels", processor.max_pixels))
-        if self.min_pixels > self.max_pixels:
-            raise ValueError(
-                f"mm_processor_kwargs gives min_pixels={self.min_pixels} above max_pixels={self.max_pixels} "
-                f"(the checkpoint's unless set); set both so that min_pixels <= max_pixels"
-            )
-        self.image_limit: int | None = config.limit_mm_per_prompt.get("image")
+        # Prompt building (template, images, tokens, positions) is the engine's input processor, shared
+        # with the offline LLM; this class adds the API's fields and errors around it.
+        self.inputs = InputProcessor(processor, config)
         self.enable_auto_tool_choice = config.enable_auto_tool_choice
         self.tool_call_parser = config.tool_call_parser
 
@@ -125,8 +103,6 @@ class ModelServer:
         engine: EngineClient
         if config.engine_process:
             engine = EngineProcess(config, stall_timeout_s=config.engine_stall_timeout_s)
-            # Images cross to the engine as resized uint8 pixels; its runner patchifies them.
-            processor.patchify_on_device = True
         else:
             engine = AsyncEngine(EngineCore(config, processor), stall_timeout_s=config.engine_stall_timeout_s)
         return cls(engine, processor, config, MediaLoader(media_config or MediaConfig()))
@@ -188,98 +164,39 @@ class ModelServer:
             rename=_CHAT_PARAM,
             structured=structured,
         )
-        return EngineRequest(
-            request_id,
-            processed.token_ids,
-            params,
-            images=processed.images,
-            mrope_positions=processed.mrope_positions,
-            mrope_delta=processed.mrope_delta,
-        )
+        return self.inputs.make_request(processed, params, request_id)
 
     async def process_chat(self, body: ChatCompletionRequest) -> ProcessedPrompt:
         """The prompt of a chat request: images checked and loaded, template rendered, tokenized and
-        preprocessed. Shared by /v1/chat/completions, /v1/responses and /tokenize."""
-        refs = _image_refs(body.messages)
-        if self.image_limit is not None and len(refs) > self.image_limit:
-            raise InvalidRequestError(
-                f"This request has {len(refs)} images, more than this server's limit_mm_per_prompt "
-                f"{{'image': {self.image_limit}}}; send at most {self.image_limit} images per request "
-                "(the operator sets the limit with --limit-mm-per-prompt).",
-                param="messages",
-                code="limit_mm_per_prompt",
-            )
-        min_pixels, max_pixels = self._pixel_bounds(body)
-        image_pixels = None
-        if any(ref.detail in ("low", "high") for ref in refs):
-            image_pixels = [self._detail_bounds(ref.detail, min_pixels, max_pixels) for ref in refs]
-        images = await self._load_images(refs)
-        for ref, image in zip(refs, images, strict=True):
-            try:  # here, where the image's parameter is known (the processor would refuse it later, unnamed)
-                check_aspect_ratio(*image.size)
-            except ValueError as e:
-                raise InvalidRequestError(str(e), param=ref.param, code="invalid_image") from e
-        messages = _hf_messages(body.messages)
-        template_kwargs = dict(body.chat_template_kwargs or {})
-        if body.tools:
-            template_kwargs["tools"] = [t.model_dump(exclude_none=True) for t in body.tools]
+        preprocessed (engine/input_processor.py). Shared by /v1/chat/completions, /v1/responses and
+        /tokenize."""
+        inputs = self.inputs
+        messages = _template_messages(body.messages)
+        parts = image_parts(messages)
         try:
+            inputs.check_image_count(parts)
+            bounds = self._pixel_bounds(body)
+            image_bounds = inputs.image_bounds(parts, bounds)
+            images = await inputs.aload_images(parts, self._fetch(parts))
             return await asyncio.to_thread(
-                self._render_and_process,
+                inputs.process_chat,
                 messages,
                 images,
-                min_pixels,
-                max_pixels,
-                image_pixels,
-                body.add_generation_prompt,
-                template_kwargs,
+                add_generation_prompt=body.add_generation_prompt,
+                tools=[t.model_dump(exclude_none=True) for t in body.tools] if body.tools else None,
+                template_kwargs=body.chat_template_kwargs,
+                bounds=bounds,
+                image_bounds=image_bounds,
             )
-        except (ValueError, jinja2.TemplateError) as e:
-            raise InvalidRequestError(
-                f"Could not build the prompt from 'messages': {e}", param="messages"
-            ) from e
+        except InputError as e:
+            raise InvalidRequestError(str(e), param=e.param, code=e.code) from e
 
-    def _render_and_process(
-        self,
-        messages: list[dict[str, Any]],
-        images: list[Image.Image],
-        min_pixels: int | None,
-        max_pixels: int | None,
-        image_pixels: list[tuple[int | None, int | None]] | None,
-        add_generation_prompt: bool,
-        template_kwargs: dict[str, Any],
-    ) -> ProcessedPrompt:
-        if uses_tools(messages, template_kwargs.get("tools")):
-            prompt = self.processor.apply_tool_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
-            )
-        else:
-            prompt = self.processor.apply_chat_template(
-                messages, add_generation_prompt=add_generation_prompt, **template_kwargs
-            )
-        return self.processor.process(
-            prompt, images, min_pixels=min_pixels, max_pixels=max_pixels, image_pixels=image_pixels
-        )
-
-    def _detail_bounds(
-        self, detail: str | None, min_pixels: int | None, max_pixels: int | None
-    ) -> tuple[int | None, int | None]:
-        """An image part's `detail` as its (min_pixels, max_pixels): `low` at most LOW_DETAIL_IMAGE_TOKENS
-        tokens, `high` the server's whole range, `auto` (or none) the request's bounds."""
-        if detail == "high":
-            return self.min_pixels, self.max_pixels
-        if detail == "low":
-            factor = self.processor.patch_size * self.processor.spatial_merge_size
-            hi = min(self.max_pixels, LOW_DETAIL_IMAGE_TOKENS * factor * factor)
-            return min(self.min_pixels, hi), hi
-        return min_pixels, max_pixels
-
-    def _pixel_bounds(self, body: ChatCompletionRequest) -> tuple[int | None, int | None]:
+    def _pixel_bounds(self, body: ChatCompletionRequest) -> PixelBounds:
         """The request's (min_pixels, max_pixels), checked against the server's bounds."""
         kwargs = body.mm_processor_kwargs
-        lo, hi = self.min_pixels, self.max_pixels
+        lo, hi = self.inputs.min_pixels, self.inputs.max_pixels
         if kwargs is None or (kwargs.min_pixels is None and kwargs.max_pixels is None):
-            return (lo, hi) if self.config.mm_processor_kwargs else (None, None)
+            return self.inputs.default_bounds()
         for name in ("min_pixels", "max_pixels"):
             value = getattr(kwargs, name)
             if value is not None and value > hi:
@@ -291,7 +208,7 @@ class ModelServer:
         req_hi = kwargs.max_pixels if kwargs.max_pixels is not None else hi
         # A request that lowers max_pixels below the server's min_pixels lowers the minimum with it.
         req_lo = kwargs.min_pixels if kwargs.min_pixels is not None else min(lo, req_hi)
-        factor = self.processor.patch_size * self.processor.spatial_merge_size
+        factor = self.inputs.merged_patch
         if req_hi < factor * factor:
             raise InvalidRequestError(
                 f"mm_processor_kwargs.max_pixels={req_hi} is below one {factor}x{factor} patch "
@@ -305,13 +222,20 @@ class ModelServer:
             )
         return req_lo, req_hi
 
-    async def _load_images(self, refs: list[ImageRef]) -> list[Image.Image]:
-        try:
-            return await self.media.load_images([r.url for r in refs])
-        except MediaError as e:
-            param = refs[e.index].param if e.index is not None and e.index < len(refs) else "messages"
-            error_cls: type[APIError] = RequestTooLargeError if e.status_code == 413 else InvalidRequestError
-            raise error_cls(e.message, param=param, code="invalid_image") from e
+    def _fetch(self, parts: list[ImagePart]) -> Callable[[list[str]], Awaitable[list[Image.Image]]]:
+        """MediaLoader.load_images, with a MediaError turned into an API error naming the failing part."""
+
+        async def fetch(urls: list[str]) -> list[Image.Image]:
+            try:
+                return await self.media.load_images(urls)
+            except MediaError as e:
+                param = parts[e.index].param if e.index is not None and e.index < len(parts) else "messages"
+                error_cls: type[APIError] = (
+                    RequestTooLargeError if e.status_code == 413 else InvalidRequestError
+                )
+                raise error_cls(e.message, param=param, code="invalid_image") from e
+
+        return fetch
 
     # --- completions ----------------------------------------------------------------------------------------
 
@@ -330,7 +254,7 @@ class ModelServer:
             param = "prompt" if len(prompts) == 1 else f"prompt[{i}]"
             if isinstance(prompt, str):
                 try:
-                    processed = await asyncio.to_thread(self.processor.process, prompt, [])
+                    processed = await asyncio.to_thread(self.inputs.process, prompt)
                 except ValueError as e:
                     raise InvalidRequestError(f"Invalid {param}: {e}", param=param) from e
                 token_ids, positions, delta = (
@@ -391,7 +315,7 @@ class ModelServer:
         else:
             assert body.prompt is not None  # TokenizeRequest holds one of the two
             try:
-                processed = await asyncio.to_thread(self.processor.process, body.prompt, [])
+                processed = await asyncio.to_thread(self.inputs.process, body.prompt)
             except ValueError as e:
                 raise InvalidRequestError(f"Invalid prompt: {e}", param="prompt") from e
         tokens = processed.token_ids
@@ -420,15 +344,10 @@ class ModelServer:
     # --- shared --------------------------------------------------------------------------------------------
 
     def _check_prompt_length(self, num_prompt: int, param: str) -> None:
-        limit = self.config.max_model_len
-        if num_prompt >= limit:
-            raise InvalidRequestError(
-                f"This model's maximum context length is {limit} tokens, but the prompt has {num_prompt} "
-                "tokens, which leaves no room for output. Shorten the input (less text, fewer or smaller "
-                "images; mm_processor_kwargs.max_pixels lowers an image's token count).",
-                param=param,
-                code="context_length_exceeded",
-            )
+        try:
+            self.inputs.check_prompt_length(num_prompt, param)
+        except InputError as e:
+            raise InvalidRequestError(str(e), param=e.param, code=e.code) from e
 
     def _sampling_params(
         self,
@@ -562,55 +481,19 @@ def new_request_id(prefix: str, client_id: str | None) -> str:
 # ------------------------------------------------------------------------------------------ message conversion
 
 
-def _image_refs(messages: Sequence[ChatMessage]) -> list[ImageRef]:
-    refs = []
-    for i, message in enumerate(messages):
-        if isinstance(message.content, list):
-            for j, part in enumerate(message.content):
-                if part.type == "image_url":
-                    detail = part.image_url.detail if isinstance(part.image_url, ImageURL) else None
-                    refs.append(ImageRef(part.url, f"messages[{i}].content[{j}].image_url", detail))
-    return refs
+def _template_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
+    """The request's messages as the plain dicts the input processor takes (the fields a chat template may
+    read; unknown fields a client sent are not passed on)."""
+    return [m.model_dump(include=_MESSAGE_FIELDS, exclude_none=True) for m in messages]
 
 
-def _hf_messages(messages: Sequence[ChatMessage]) -> list[dict[str, Any]]:
-    """OpenAI messages -> the processor's HF format: image_url parts become {"type": "image"} (the template
-    only writes a placeholder for them; the pixels travel separately), `developer` becomes `system`."""
-    out: list[dict[str, Any]] = []
-    for message in messages:
-        content: str | list[dict[str, Any]]
-        if message.content is None:
-            content = ""
-        elif isinstance(message.content, str):
-            content = message.content
-        else:
-            content = [
-                {"type": "text", "text": part.text} if part.type == "text" else {"type": "image"}
-                for part in message.content
-            ]
-        converted: dict[str, Any] = {
-            "role": "system" if message.role == "developer" else message.role,
-            "content": content,
-        }
-        if message.name is not None:
-            converted["name"] = message.name
-        if message.tool_call_id is not None:
-            converted["tool_call_id"] = message.tool_call_id
-        if message.tool_calls:
-            # Chat templates write arguments with `| tojson`: they expect a mapping, not OpenAI's JSON text.
-            converted["tool_calls"] = [
-                {
-                    "id": call.id,
-                    "type": call.type,
-                    "function": {
-                        "name": call.function.name,
-                        "arguments": _arguments(call.function.arguments),
-                    },
-                }
-                for call in message.tool_calls
-            ]
-        out.append(converted)
-    return out
+_MESSAGE_FIELDS: Any = {
+    "role": True,
+    "content": {"__all__": {"type", "text", "image_url"}},
+    "name": True,
+    "tool_call_id": True,
+    "tool_calls": {"__all__": {"id", "type", "function"}},
+}
 
 
 def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[str | list[int]]:
@@ -623,13 +506,6 @@ def _prompt_list(prompt: str | list[str] | list[int] | list[list[int]]) -> list[
     if all(isinstance(p, int) for p in prompt):
         return [list(prompt)]  # type: ignore[arg-type]
     return list(prompt)  # type: ignore[arg-type]
-
-
-def _arguments(text: str) -> Any:
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError:
-        return text  # not JSON: the template writes it as a string
 
 
 def _refuse_unsupported_chat(body: ChatCompletionRequest) -> None:

@@ -240,8 +240,8 @@ def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: st
     proc = P.from_pretrained(ckpt)
     pp = proc.process(prompt.text, [prompt.image])
     ids = torch.tensor([pp.token_ids] * batch, device=device)
-    pixels = torch.cat([pp.images[0].data[0]] * batch).to(device, torch.bfloat16)
-    grid = torch.tensor([pp.images[0].data[1]] * batch, device=device)
+    pixels = torch.cat([pp.images[0].data.values] * batch).to(device, torch.bfloat16)
+    grid = torch.tensor([pp.images[0].data.grid_thw] * batch, device=device)
     mm = (ids == cfg.image_token_id).int()
     kw = dict(
         input_ids=ids,
@@ -291,7 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--profile-steady", action="store_true", help="cProfile the last --steady run's loop")
     args = ap.parse_args(argv)
 
-    from vlmserve.testing.checkpoint import write_checkpoint
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
 
     ckpt = (
         Path(args.model)

@@ -13,7 +13,7 @@ What `run` started is recorded in VLMSERVE_CACHE_DIR/ray/cluster.json (address, 
 recorded `ray start --block` process, which stops the GCS, raylet and the other processes it started (the
 replicas die with their raylet). A cluster that was joined (--address) keeps running; only Serve stops.
 
-Does not know: what the apps contain (builder.py), argument parsing (cli.py).
+Does not know: what the apps contain (builder.py), argument parsing (cli/).
 """
 
 from __future__ import annotations

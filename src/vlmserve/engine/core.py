@@ -18,8 +18,11 @@ sampler asks for it (their previous tokens are known by then, by the rule above;
 the step's forward does), and each accepted token advances the request's matcher. A matcher that errs fails
 its request at the next step's start.
 
-Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It runs on the
-engine thread (see async_engine.py); it never touches asyncio or HTTP.
+Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It is driven by
+one engine client's loop (a thread in async_engine.py, a child process in engine_process.py, or the offline
+`LLM` calling step() itself); it never touches asyncio or HTTP, and takes requests already built by the input
+processor (input_processor.py). Whether their images arrive as pixels or patches is the config's call
+(`EngineConfig.images_as_pixels`); the runner takes either.
 """
 
 from __future__ import annotations
@@ -92,9 +95,6 @@ class EngineCore:
         except BaseException:
             self.shutdown()
             raise
-        # On a GPU, requests carry resized uint8 pixels and the runner patchifies them there: an eighth of the
-        # bytes of float32 patches to copy, and no normalise / patchify pass on the host.
-        self.processor.patchify_on_device = device.type == "cuda"
         # One image must fit into a step's encoder budget and into the encoder cache, whatever the
         # token budget: size both for the largest image the processor can produce.
         unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2

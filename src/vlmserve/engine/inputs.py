@@ -1,6 +1,7 @@
 """What a caller hands the engine for one request, after tokenization and image preprocessing.
 
-Plain data; the multimodal payload is opaque here (the runner knows what it holds). No torch.
+Plain data; the multimodal payload is opaque here (its record, `ImageFeature`, is in vlmserve/multimodal.py,
+where the processor that fills it may import it too). No torch.
 """
 
 from __future__ import annotations
@@ -10,20 +11,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.multimodal import ImageFeature
 
-
-@dataclass(frozen=True)
-class ImageFeature:
-    """One image inside a prompt.
-
-    Its placeholder occupies prompt_token_ids[offset : offset + length] (all <|image_pad|>); the vision
-    encoder turns `data` into exactly `length` embedding rows that replace those placeholders.
-    """
-
-    mm_hash: str  # content hash of the image *as preprocessed*: same hash <=> same encoder output
-    offset: int
-    length: int
-    data: Any  # the runner's encoder input, e.g. (pixel_values, grid_thw)
+__all__ = ["EngineRequest", "ImageFeature"]
 
 
 @dataclass

@@ -10,9 +10,9 @@ from collections.abc import Callable
 
 import torch
 
-from vlmserve.engine.inputs import ImageFeature
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vlmserve.multimodal import ImageFeature
 
 
 @torch.inference_mode()
@@ -32,17 +32,17 @@ def prompt_embeddings(
         return model.embed(ids)
     parts = []
     for img in images:
-        data = img.data[0]
-        if data.dtype == torch.uint8:
+        data = img.data.values
+        if img.data.as_pixels:
             if patchify is None:
                 raise ValueError(
-                    "the images are uint8 pixels (the processor's patchify_on_device is set, as an engine on a "
-                    "GPU does): pass patchify=processor.patchify"
+                    "the images are uint8 pixels (EngineConfig.images_as_pixels, as for an engine on a GPU or in "
+                    "its own process): pass patchify=processor.patchify"
                 )
             data = patchify(data)
         parts.append(data)
     patches = torch.cat(parts).to(device)
-    grids = [tuple(img.data[1]) for img in images]
+    grids = [tuple(img.data.grid_thw) for img in images]
     embeds = torch.cat(model.encode_images(patches, grids))  # (image tokens, hidden)
     mask = torch.zeros(len(token_ids), dtype=torch.bool, device=device)
     for img in images:

@@ -8,8 +8,9 @@ and their template writes it: tool signatures in the system turn inside <tools><
 VL template's handling of image and video parts, so a conversation without tools renders exactly as the VL
 template renders it.
 
-Does not know: when it is used (processor.py: when a request has tools or tool messages and the checkpoint's
-template does not mention tools), how calls are parsed back (api/tools.py).
+Does not know: when it is used (engine/input_processor.py picks it for a conversation with tools or tool
+messages, chat_template.py when the checkpoint's template does not mention tools), how calls are parsed back
+(api/tools.py).
 """
 
 from __future__ import annotations

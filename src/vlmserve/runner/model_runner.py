@@ -257,7 +257,7 @@ class ModelRunner:
         if not imgs:
             return None
         # Each image's patches straight to the device (a host-side cat would copy them once more first).
-        parts = [self._patches(img.data[0]) for img in imgs]
+        parts = [self._patches(img.data.values) for img in imgs]
         return imgs, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
 
     def _patches(self, data: torch.Tensor) -> torch.Tensor:
@@ -270,7 +270,7 @@ class ModelRunner:
         return self.patchify(to_device(data, self.device), self.dtype)
 
     def _encode(self, imgs: list[Any], patches: torch.Tensor) -> None:
-        grids = [tuple(img.data[1]) for img in imgs]
+        grids = [tuple(img.data.grid_thw) for img in imgs]
         for img, emb in zip(imgs, self.model.encode_images(patches, grids), strict=True):
             if emb.shape[0] != img.length:
                 raise RuntimeError(

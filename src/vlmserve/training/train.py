@@ -7,8 +7,8 @@ files (tokenizer trained on the demo's sentences, config.json, preprocessor_conf
 into packed training batches with the real processor (chat template, patches, M-RoPE positions), the
 vision warm-up (the tower alone against the scenes' labels, through training-only heads), the
 block-diagonal causal attention backend training uses, the AdamW + cosine loop, teacher-forced held-out
-accuracy, and saving weights under the released tensor names (q/k/v and gate/up split back out of our fused
-projections) so that load_model and HF transformers both read the result.
+accuracy. Weights are saved by checkpoints/export.py under the released tensor names, so that load_model
+and HF transformers both read the result.
 
 Does not know about the engine or serving; evaluate.py measures the saved checkpoint through the engine.
 
@@ -32,14 +32,14 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 from torch import nn
 
+from vlmserve.checkpoints.checkpoint import make_config
+from vlmserve.checkpoints.export import save_weights
+from vlmserve.checkpoints.tokenizer import build_tokenizer_files, write_preprocessor_config
 from vlmserve.models.loader import load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from vlmserve.testing.checkpoint import make_config, tensor_shapes
-from vlmserve.testing.tokenizer import build_tokenizer_files, write_preprocessor_config
 from vlmserve.training.data import (
     CATEGORIES,
     JSON_KIND,
@@ -108,45 +108,6 @@ def init_weights(model: Qwen2_5_VLForConditionalGeneration) -> None:
             if name.endswith(("o_proj.weight", "down_proj.weight", "attn.proj.weight")):
                 std /= math.sqrt(2 * (vision_depth if name.startswith("visual.") else text_depth))
             nn.init.normal_(p, std=std)
-
-
-def released_state_dict(model: Qwen2_5_VLForConditionalGeneration) -> dict[str, torch.Tensor]:
-    """Our parameters under the released checkpoint's names: fused q/k/v and gate/up split back out."""
-    out: dict[str, torch.Tensor] = {}
-    for name, tensor in model.state_dict().items():
-        shards = [(ckpt, fused, i) for ckpt, fused, i in model.FUSED if fused in name]
-        if not shards:
-            out[name] = tensor
-            continue
-        slices = model.shard_slices(name)
-        for ckpt, fused, i in shards:
-            out[name.replace(fused, ckpt)] = tensor[slices[i]]
-    return out
-
-
-def save_weights(model: Qwen2_5_VLForConditionalGeneration, config: dict[str, Any], out_dir: Path) -> Path:
-    """Write model.safetensors (bfloat16, released names); checks names and shapes against the released
-    layout first, so a checkpoint that HF could not load is never written."""
-    tensors = {
-        n: t.detach().to("cpu", torch.bfloat16).contiguous() for n, t in released_state_dict(model).items()
-    }
-    expected = tensor_shapes(config)
-    if set(tensors) != set(expected):
-        raise RuntimeError(
-            f"exported names differ from the released layout: extra {sorted(set(tensors) - set(expected))[:5]}, "
-            f"missing {sorted(set(expected) - set(tensors))[:5]}"
-        )
-    for name, shape in expected.items():
-        if tuple(tensors[name].shape) != shape:
-            raise RuntimeError(
-                f"{name}: exported shape {tuple(tensors[name].shape)}, released layout {shape}"
-            )
-    path = out_dir / "model.safetensors"
-    tmp = out_dir / "model.safetensors.tmp"
-    save_file(tensors, str(tmp), metadata={"format": "pt"})
-    tmp.chmod(0o644)  # safetensors creates files readable by the owner only; this one ships in the package
-    tmp.replace(path)  # a reader (or a crash) never sees half a file
-    return path
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -220,7 +181,10 @@ class Encoder:
             raise RuntimeError(
                 f"found {answer} assistant replies in the rendered chat, expected {len(sample.turns)}"
             )
-        pixel_values, grid = p.images[0].data  # (N, C*T*P*P) float32, every frame equal for a still image
+        pixel_values, grid = (
+            p.images[0].data.values,
+            p.images[0].data.grid_thw,
+        )  # (N, C*T*P*P) float32, every frame equal for a still image
         n = pixel_values.shape[0]
         frames = pixel_values.numpy().reshape(n, 3, self.temporal, -1)[:, :, 0].reshape(n, -1)  # (N, C*P*P)
         return Encoded(

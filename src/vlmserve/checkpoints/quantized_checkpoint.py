@@ -16,7 +16,7 @@ the `quantization_config` those checkpoints carry in config.json:
 (dequantized here, with code independent of the loader's): the reference a quantized model must match.
 The vision tower and lm_head stay in float, as in the released checkpoints.
 
-    python -m vlmserve.testing.quantized_checkpoint OUT_DIR --format awq [--preset tiny] [--seed N] [--no-weights]
+    python -m vlmserve.checkpoints.quantized_checkpoint OUT_DIR --format awq [--preset tiny] [--seed N] [--no-weights]
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from vlmserve.testing.checkpoint import write_checkpoint
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 
 FORMATS = ("fp8-block", "fp8-channel", "fp8-tensor", "awq")
 # Architectures beyond checkpoint.py's presets, as overrides of one of them (for config-only benchmark

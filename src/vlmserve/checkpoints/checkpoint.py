@@ -7,7 +7,7 @@ template, preprocessor_config.json, generation_config.json), so tests load it th
 the real model. The tensor names and shapes are listed here independently of the model code, which makes
 loading them a check of the loader too.
 
-    python -m vlmserve.testing.checkpoint OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe]
+    python -m vlmserve.checkpoints.checkpoint OUT_DIR [--family qwen2_5_vl|qwen2_vl|qwen3_vl|qwen3_vl_moe]
         [--preset tiny|small-bench|7b|...] [--seed N] [--dtype ...]
 """
 
@@ -22,13 +22,13 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vlmserve.models.loader import dummy_tensor
-from vlmserve.testing.tokenizer import (
+from vlmserve.checkpoints.tokenizer import (
     QWEN2_5_VL_CHAT_TEMPLATE,
     QWEN3_VL_CHAT_TEMPLATE,
     build_tokenizer_files,
     write_preprocessor_config,
 )
+from vlmserve.models.loader import dummy_tensor
 
 PRESETS: dict[str, dict[str, Any]] = {
     # Small enough that a CPU forward takes milliseconds; every architectural feature still present:
