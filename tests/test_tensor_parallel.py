@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from tests.conftest import random_image
+from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
-from vlmserve.checkpoints.checkpoint import write_checkpoint
 
 ENGINE = dict(
     max_model_len=512,
