@@ -91,30 +91,11 @@ class EngineCore:
             if device.type == "cuda":
                 device = torch.device("cuda", 0)
         try:
-            num_blocks, per_block = self._load(device)
+            num_blocks, per_block, scheduler_config = self._load(device)
         except BaseException:
             self.shutdown()
             raise
-        # One image must fit into a step's encoder budget and into the encoder cache, whatever the
-        # token budget: size both for the largest image the processor can produce.
-        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
-        max_image_tokens = (
-            max(config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
-        )
-        self.scheduler = Scheduler(
-            SchedulerConfig(
-                max_num_seqs=config.max_num_seqs,
-                max_num_batched_tokens=config.max_num_batched_tokens,
-                max_model_len=config.max_model_len,
-                block_size=config.block_size,
-                num_blocks=num_blocks,
-                enable_prefix_caching=config.enable_prefix_caching,
-                encoder_cache_size=max(config.encoder_cache_tokens, max_image_tokens),
-                max_encoder_tokens_per_step=max(config.max_num_batched_tokens, max_image_tokens),
-                max_queued_requests=config.max_queued_requests,
-            ),
-            eos_token_ids=self.eos_token_ids,
-        )
+        self.scheduler = Scheduler(scheduler_config, eos_token_ids=self.eos_token_ids)
         self.num_blocks = num_blocks
         # Grammars compile on their own threads; the tokenizer's llguidance view is built there on first use.
         self.structured = StructuredOutputs(
@@ -141,9 +122,9 @@ class EngineCore:
             num_blocks * per_block / 2**20,
         )
 
-    def _load(self, device: torch.device) -> tuple[int, int]:
+    def _load(self, device: torch.device) -> tuple[int, int, SchedulerConfig]:
         """Load the model (this rank's shard) and build the runner (with the workers' runners);
-        (KV blocks, bytes per block)."""
+        (KV blocks, bytes per block, the scheduler's configuration)."""
         config = self.config
         self.model = load_model(
             config.model_path,
@@ -157,13 +138,8 @@ class EngineCore:
         dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
         num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
-        min_blocks = -(-config.max_model_len // config.block_size) + 1
-        if num_blocks < min_blocks:
-            raise ValueError(
-                f"the KV cache holds {num_blocks} blocks of {config.block_size} tokens, fewer than one "
-                f"max_model_len={config.max_model_len} sequence needs ({min_blocks}); lower max_model_len or "
-                "give the cache more memory (gpu_memory_utilization / kv_cache_memory_gb)"
-            )
+        # Validated (one max_model_len sequence must fit, ...) before the runner allocates the cache.
+        scheduler_config = self._scheduler_config(num_blocks)
         runner_kwargs = dict(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -183,7 +159,27 @@ class EngineCore:
         )
         if self.workers is not None:
             self.workers.wait_ready()
-        return num_blocks, per_block
+        return num_blocks, per_block, scheduler_config
+
+    def _scheduler_config(self, num_blocks: int) -> SchedulerConfig:
+        config = self.config
+        # One image must fit into a step's encoder budget and into the encoder cache, whatever the
+        # token budget: size both for the largest image the processor can produce.
+        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
+        max_image_tokens = (
+            max(config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
+        )
+        return SchedulerConfig(
+            max_num_seqs=config.max_num_seqs,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_model_len=config.max_model_len,
+            block_size=config.block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=config.enable_prefix_caching,
+            encoder_cache_size=max(config.encoder_cache_tokens, max_image_tokens),
+            max_encoder_tokens_per_step=max(config.max_num_batched_tokens, max_image_tokens),
+            max_queued_requests=config.max_queued_requests,
+        )
 
     def _blocks_from_memory(self, per_block: int, device: torch.device) -> int:
         if device.type == "cuda":

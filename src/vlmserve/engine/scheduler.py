@@ -83,7 +83,7 @@ class SchedulerConfig:
                 f"the KV cache has {self.num_blocks - 1} usable blocks of {self.block_size} tokens "
                 f"({(self.num_blocks - 1) * self.block_size} tokens), but one sequence of "
                 f"max_model_len={self.max_model_len} needs {needed} blocks; lower max_model_len or give the "
-                "KV cache more memory (gpu_memory_utilization)"
+                "KV cache more memory (gpu_memory_utilization, kv_cache_memory_gb or num_kv_blocks)"
             )
 
     @property
