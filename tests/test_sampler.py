@@ -13,10 +13,10 @@ import torch
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.runner.sampler import (
     Sampler,
-    SamplingBatch,
+    SamplingTensors,
     apply_min_p,
     apply_top_k_top_p,
-    build_sampling_batch,
+    build_sampling_tensors,
     make_generator,
     process_logits,
 )
@@ -35,11 +35,11 @@ def make_batch(
     eos: Sequence[int] = (),
     generators: Sequence[torch.Generator | None] | None = None,
     device: str = "cpu",
-) -> SamplingBatch:
+) -> SamplingTensors:
     n = len(params)
     if generators is None:
         generators = [make_generator(p.seed, device) for p in params]
-    return build_sampling_batch(
+    return build_sampling_tensors(
         params,
         outputs if outputs is not None else [[] for _ in range(n)],
         prompts if prompts is not None else [[] for _ in range(n)],
@@ -330,11 +330,11 @@ def test_mixed_batch_in_one_call() -> None:
 
 def test_build_sampling_batch_rejects_bad_input() -> None:
     with pytest.raises(ValueError, match="prompt_token_ids has 1 entries but params has 2"):
-        build_sampling_batch([SamplingParams()] * 2, [[], []], [[]], [None, None], [], "cpu")
+        build_sampling_tensors([SamplingParams()] * 2, [[], []], [[]], [None, None], [], "cpu")
     with pytest.raises(ValueError, match="seed=5 but its generator is None"):
-        build_sampling_batch([SamplingParams(seed=5)], [[]], [[]], [None], [], "cpu")
+        build_sampling_tensors([SamplingParams(seed=5)], [[]], [[]], [None], [], "cpu")
     with pytest.raises(ValueError, match="params is empty"):
-        build_sampling_batch([], [], [], [], [], "cpu")
+        build_sampling_tensors([], [], [], [], [], "cpu")
     batch = make_batch([SamplingParams()])
     with pytest.raises(ValueError, match=r"batch = 1 rows .* got shape \(2, 10\)"):
         Sampler()(torch.zeros(2, 10), batch)

@@ -383,7 +383,7 @@ def _random_bitmask(rows: int, vocab: int, seed: int) -> np.ndarray:
 
 
 def test_sampler_with_grammar_mask_greedy_random_and_logprobs() -> None:
-    from vlmserve.runner.sampler import Sampler, build_sampling_batch, make_generator
+    from vlmserve.runner.sampler import Sampler, build_sampling_tensors, make_generator
 
     vocab, batch = 300, 6
     logits = torch.randn(batch, vocab)
@@ -392,7 +392,7 @@ def test_sampler_with_grammar_mask_greedy_random_and_logprobs() -> None:
     allowed = np.unpackbits(bits.view(np.uint8), axis=1, bitorder="little")[:, :vocab].astype(bool)
     params = [SamplingParams(temperature=0.0 if i % 2 else 1.0, seed=i, logprobs=1) for i in range(batch)]
     gens = [make_generator(p.seed, "cpu") for p in params]
-    sampling = build_sampling_batch(params, [[]] * batch, [[1]] * batch, gens, [0], "cpu", (rows, bits))
+    sampling = build_sampling_tensors(params, [[]] * batch, [[1]] * batch, gens, [0], "cpu", (rows, bits))
     out = Sampler()(logits, sampling)
     for j, row in enumerate(rows):
         assert allowed[j, out.token_ids[row]]
@@ -411,7 +411,7 @@ def test_sampler_with_grammar_mask_greedy_random_and_logprobs() -> None:
 def test_grammar_mask_on_cuda_matches_cpu() -> None:
     """Batch 128 at Qwen2.5-VL's logits width: the mask goes to the device once and is applied there, with
     the same result as on the CPU; greedy constrained rows pick the same tokens."""
-    from vlmserve.runner.sampler import Sampler, build_sampling_batch
+    from vlmserve.runner.sampler import Sampler, build_sampling_tensors
 
     batch, vocab = 128, 152064
     torch.manual_seed(0)
@@ -424,8 +424,8 @@ def test_grammar_mask_on_cuda_matches_cpu() -> None:
 
     params = [SamplingParams(temperature=0.0, logprobs=2 if i % 3 == 0 else None) for i in range(batch)]
     args = (params, [[]] * batch, [[1]] * batch, [None] * batch, [0])
-    cpu_batch = build_sampling_batch(*args, "cpu", (rows, bits))
-    gpu_batch = build_sampling_batch(*args, "cuda", (rows, bits))
+    cpu_batch = build_sampling_tensors(*args, "cpu", (rows, bits))
+    gpu_batch = build_sampling_tensors(*args, "cuda", (rows, bits))
     assert gpu_batch.bitmask is not None and gpu_batch.bitmask.is_cuda
     cpu_out, gpu_out = Sampler()(logits, cpu_batch), Sampler()(logits.cuda(), gpu_batch)
     assert gpu_out.token_ids == cpu_out.token_ids

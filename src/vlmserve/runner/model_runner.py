@@ -37,7 +37,7 @@ from vlmserve.runner.attention import (
     padded_block_tables,
     token_slots,
 )
-from vlmserve.runner.sampler import SampledBatch, Sampler, build_sampling_batch, make_generator
+from vlmserve.runner.sampler import PendingSamples, Sampler, build_sampling_tensors, make_generator
 
 if TYPE_CHECKING:
     from vlmserve.runner.cuda_graph import CudaGraphDecoder
@@ -70,7 +70,7 @@ class StepOutput:
     """What one launched step samples, possibly still being computed on the device."""
 
     request_ids: list[str]  # the requests that sample, in row order
-    sampled: SampledBatch | None = None  # None when no request samples
+    sampled: PendingSamples | None = None  # None when no request samples
     # A step launched with `defer_sampling`: its forward is queued, its sampling waits for `sample_now()`.
     deferred: Callable[[], StepOutput] | None = None
 
@@ -690,7 +690,7 @@ class ModelRunner:
             if r.request_id not in self.generators:
                 self.generators[r.request_id] = make_generator(r.sampling_params.seed, self.device)
             gens.append(self.generators[r.request_id])
-        batch = build_sampling_batch(
+        batch = build_sampling_tensors(
             [r.sampling_params for r in reqs],
             [r.output_token_ids for r in reqs],
             [r.prompt_token_ids for r in reqs],

@@ -11,10 +11,10 @@ penalties, min_tokens masking and seed. The order and the formulas follow vLLM (
     greedy rows   : argmax of the penalized logits
     random rows   : logits / temperature -> top-k -> top-p -> min-p -> softmax -> one draw
 
-`build_sampling_batch` turns the per-request Python state into tensors once per step; every flag that
+`build_sampling_tensors` turns the per-request Python state into tensors once per step; every flag that
 picks a fast path (all greedy, no penalties, no top-k / top-p, ...) is computed there on the host, so the
 sampler itself never waits on the device: `Sampler.sample` returns the tokens still on it (the next step can
-read them there) with their copy to the host under way, and only `SampledBatch.output()` waits.
+read them there) with their copy to the host under way, and only `PendingSamples.output()` waits.
 
 Seeds: a request with a seed draws its noise from its own `torch.Generator` (made once by the runner with
 `make_generator`, kept for the request's lifetime), one full-vocabulary row per step. Its tokens then do
@@ -65,8 +65,8 @@ def make_generator(seed: int | None, device: torch.device | str) -> torch.Genera
 
 
 @dataclass(frozen=True)
-class SamplingBatch:
-    """One step's sampling parameters as tensors on the logits' device; build with `build_sampling_batch`.
+class SamplingTensors:
+    """One step's sampling parameters as tensors on the logits' device; build with `build_sampling_tensors`.
 
     Greedy rows hold neutral values (temperature 1, top_k 0, top_p 1, min_p 0) so the random path can run
     over the whole batch without special cases; their tokens come from the argmax.
@@ -115,7 +115,7 @@ class SamplingBatch:
 
 
 @dataclass(frozen=True)
-class SamplerOutput:
+class HostSamples:
     """Host-side results, one entry per batch row (the rows of the logits passed in)."""
 
     token_ids: list[int]
@@ -127,7 +127,7 @@ class SamplerOutput:
     top_logprobs: list[list[tuple[int, float]] | None] | None
 
 
-def build_sampling_batch(
+def build_sampling_tensors(
     params: Sequence[SamplingParams],
     output_token_ids: Sequence[Sequence[int]],
     prompt_token_ids: Sequence[Sequence[int]],
@@ -136,7 +136,7 @@ def build_sampling_batch(
     device: torch.device | str,
     token_bitmask: tuple[Sequence[int], np.ndarray] | None = None,
     num_earlier_pending: Sequence[int] | None = None,
-) -> SamplingBatch:
+) -> SamplingTensors:
     """Pack the sampling state of the requests that sample this step (row i = request i) into tensors.
 
     `output_token_ids[i]` are request i's generated tokens so far (known ones; `num_earlier_pending[i]` more
@@ -155,12 +155,12 @@ def build_sampling_batch(
     ):
         if len(values) != batch_size:
             raise ValueError(
-                f"build_sampling_batch: {name} has {len(values)} entries but params has {batch_size}; "
+                f"build_sampling_tensors: {name} has {len(values)} entries but params has {batch_size}; "
                 "pass one entry per request that samples this step, in the same order"
             )
     if batch_size == 0:
         raise ValueError(
-            "build_sampling_batch: params is empty; only call the sampler when a request samples"
+            "build_sampling_tensors: params is empty; only call the sampler when a request samples"
         )
     device = torch.device(device)
 
@@ -169,12 +169,12 @@ def build_sampling_batch(
     for i, (p, g) in enumerate(zip(params, generators, strict=True)):
         if p.seed is not None and g is None:
             raise ValueError(
-                f"build_sampling_batch: request in row {i} has seed={p.seed} but its generator is None; "
+                f"build_sampling_tensors: request in row {i} has seed={p.seed} but its generator is None; "
                 "create it once with make_generator(seed, device) and pass the same one every step"
             )
         if g is not None and g.device.type != device.type:
             raise ValueError(
-                f"build_sampling_batch: row {i}'s generator is on {g.device} but the batch is on {device}; "
+                f"build_sampling_tensors: row {i}'s generator is on {g.device} but the batch is on {device}; "
                 "create it with make_generator(seed, device) using the device the logits are on"
             )
         # Greedy rows never draw, so their generators are dropped here and their streams do not advance.
@@ -232,16 +232,16 @@ def build_sampling_batch(
         rows, bits = token_bitmask
         if bits.dtype != np.int32 or bits.ndim != 2 or bits.shape[0] != len(rows):
             raise ValueError(
-                f"build_sampling_batch: token_bitmask bits must be (rows, words) int32 with one row per "
+                f"build_sampling_tensors: token_bitmask bits must be (rows, words) int32 with one row per "
                 f"constrained row ({len(rows)}), got {bits.dtype} {bits.shape}"
             )
         if not all(0 <= r < batch_size for r in rows):
-            raise ValueError(f"build_sampling_batch: token_bitmask rows {list(rows)} outside the batch")
+            raise ValueError(f"build_sampling_tensors: token_bitmask rows {list(rows)} outside the batch")
         bitmask_rows = to_device(torch.tensor(list(rows), dtype=torch.int64), device)
         bitmask = to_device(torch.from_numpy(np.ascontiguousarray(bits)), device)
 
     enabled_top_k = [k for k in top_k if k > 0]
-    return SamplingBatch(
+    return SamplingTensors(
         temperature=scalars[0],
         top_p=scalars[1],
         min_p=scalars[2],
@@ -274,20 +274,20 @@ def build_sampling_batch(
 
 
 class Sampler:
-    """Stateless: all per-request state comes in the `SamplingBatch`, all randomness from its generators
+    """Stateless: all per-request state comes in the `SamplingTensors`, all randomness from its generators
     (or the global RNG of the logits' device for unseeded rows)."""
 
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, batch: SamplingTensors) -> HostSamples:
         """Sample one token per row of `logits` (B, V), float32 or bf16; the input is not modified."""
         return self.sample(logits, batch).output()
 
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch) -> SampledBatch:
+    def sample(self, logits: torch.Tensor, batch: SamplingTensors) -> PendingSamples:
         """As `__call__`, without waiting for the device: the tokens stay on it (to feed the next step) while
         their copy to the host runs; `.output()` waits for that copy."""
         if logits.dim() != 2 or logits.shape[0] != batch.size:
             raise ValueError(
                 f"Sampler: logits must be (batch, vocab) with batch = {batch.size} rows (one per request "
-                f"in the SamplingBatch), got shape {tuple(logits.shape)}"
+                f"in the SamplingTensors), got shape {tuple(logits.shape)}"
             )
         if batch.bitmask is not None and batch.bitmask_rows is not None:
             logits = apply_token_bitmask(logits, batch.bitmask_rows, batch.bitmask)
@@ -301,10 +301,10 @@ class Sampler:
             token_ids = processed.argmax(dim=-1)  # (B,)
         else:
             token_ids = _sample(processed, batch)
-        return SampledBatch(token_ids, raw_logprobs, batch)
+        return PendingSamples(token_ids, raw_logprobs, batch)
 
 
-def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def process_logits(logits: torch.Tensor, batch: SamplingTensors) -> torch.Tensor:
     """The float32 logits (B, V) each row samples from: softmax of a random row's result is its sampling
     distribution, and a greedy row's argmax is its token. Does not modify `logits`."""
     # Always a fresh float32 copy: the steps below edit it in place and the caller keeps its logits.
@@ -345,7 +345,7 @@ def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch
     return out
 
 
-def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def apply_penalties(logits: torch.Tensor, batch: SamplingTensors) -> torch.Tensor:
     """vLLM's penalties on float32 `logits` (B, V). May modify `logits`; use the returned tensor.
 
     repetition (tokens seen in prompt or output): positive logits / penalty, negative logits * penalty;
@@ -373,7 +373,7 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return logits
 
 
-def _mask_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> None:
+def _mask_min_tokens(logits: torch.Tensor, batch: SamplingTensors) -> None:
     vocab_size = logits.shape[1]
     # A stop id outside the vocabulary can never be sampled, so there is nothing to mask for it.
     pairs = [
@@ -430,7 +430,7 @@ def apply_min_p(logits: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
     return logits.masked_fill_(logits < threshold, float("-inf"))
 
 
-def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+def _sample(logits: torch.Tensor, batch: SamplingTensors) -> torch.Tensor:
     """Token ids (B,) for a batch with at least one random row: argmax for greedy rows, and for random rows
     an exponential race, argmax(p / q) with q ~ Exp(1) iid, which picks token i with probability p_i."""
     probs = logits.softmax(dim=-1)  # (B, V)
@@ -453,7 +453,7 @@ def _sample(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     return torch.where(batch.is_greedy, logits.argmax(dim=-1), random_ids)
 
 
-class SampledBatch:
+class PendingSamples:
     """One step's sampled tokens (and logprobs), on their way to the host.
 
     `token_ids` (B,) stays on the device for the next step's inputs. The device -> host copies start when
@@ -461,7 +461,7 @@ class SampledBatch:
     work only, not for anything queued after it).
     """
 
-    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, batch: SamplingBatch):
+    def __init__(self, token_ids: torch.Tensor, raw_logprobs: torch.Tensor | None, batch: SamplingTensors):
         self.token_ids = token_ids
         self.batch = batch
         self._sampled_logprobs: torch.Tensor | None = None
@@ -478,7 +478,7 @@ class SampledBatch:
             self._ready = torch.cuda.Event()
             self._ready.record()
 
-    def output(self) -> SamplerOutput:
+    def output(self) -> HostSamples:
         if self._ready is not None:
             self._ready.synchronize()  # the step's one wait on the device
         return _to_output(self._host_ids.tolist(), self._sampled_logprobs, self._top, self.batch)
@@ -493,10 +493,10 @@ def _to_output(
     tokens: list[int],
     sampled_logprobs: torch.Tensor | None,
     top: tuple[torch.Tensor, torch.Tensor] | None,
-    batch: SamplingBatch,
-) -> SamplerOutput:
+    batch: SamplingTensors,
+) -> HostSamples:
     if sampled_logprobs is None:
-        return SamplerOutput(token_ids=tokens, logprobs=None, top_logprobs=None)
+        return HostSamples(token_ids=tokens, logprobs=None, top_logprobs=None)
 
     rows = [i for i, k in enumerate(batch.num_logprobs) if k is not None]
     sampled = sampled_logprobs.tolist()  # (R,)
@@ -511,7 +511,7 @@ def _to_output(
         k = batch.num_logprobs[row] or 0
         logprobs[row] = sampled[j]
         top_logprobs[row] = list(zip(top_ids[j][:k], top_values[j][:k], strict=True))
-    return SamplerOutput(token_ids=tokens, logprobs=logprobs, top_logprobs=top_logprobs)
+    return HostSamples(token_ids=tokens, logprobs=logprobs, top_logprobs=top_logprobs)
 
 
 def _flatten_token_ids(
