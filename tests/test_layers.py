@@ -21,7 +21,7 @@ FORBIDDEN: dict[str, set[str]] = {
     "checkpoints": APPS | {"engine", "runner"},
     "media": APPS | {"engine", "runner", "models", TORCH},
     "multimodal": APPS | {"engine", "runner", "models", "media", TORCH},
-    "api": {"deploy", "cli", "bench", "training", TORCH},
+    "api": {"llm", "deploy", "cli", "bench", "training", TORCH},
     "deploy": {"cli", "bench", "training"},
 }
 

@@ -40,6 +40,7 @@ from vlmserve.api.protocol import (
 from vlmserve.api.tools import ToolPlan, plan_tools
 from vlmserve.config import EngineArgs, EngineConfig
 from vlmserve.engine.async_engine import AsyncEngine, EngineDeadError
+from vlmserve.engine.build_config import build_engine_config
 from vlmserve.engine.client import EngineClient, EngineHealth
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.engine_process import EngineProcess
@@ -49,7 +50,6 @@ from vlmserve.engine.outputs import CompletionDelta
 from vlmserve.engine.sampling_params import MAX_LOGPROBS, SamplingParams, StructuredOutputsParams
 from vlmserve.engine.scheduler import QueueFullError
 from vlmserve.engine.structured import StructuredOutputError, check_structured_outputs
-from vlmserve.llm import build_engine_config
 from vlmserve.media import MediaConfig, MediaError, MediaLoader
 from vlmserve.models.processor import ProcessedPrompt, Qwen2_5_VLProcessor
 

@@ -26,10 +26,10 @@ from PIL import Image
 
 from vlmserve.bench.serving import synthetic_image
 from vlmserve.config import EngineArgs
+from vlmserve.engine.build_config import build_engine_config
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.sampling_params import SamplingParams
-from vlmserve.llm import build_engine_config
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 
 WORKLOADS = {"W1": ((1280, 720), 1235, 128), "W2": ((448, 448), None, 512)}

@@ -137,7 +137,7 @@ def serve(args: argparse.Namespace) -> int:
     from vlmserve.api.middleware import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BODY_BYTES
     from vlmserve.api.server import build_app, run_server
     from vlmserve.api.serving import ModelServer
-    from vlmserve.llm import build_engine_config
+    from vlmserve.engine.build_config import build_engine_config
     from vlmserve.media import MediaConfig
     from vlmserve.models.loader import CheckpointError
 
