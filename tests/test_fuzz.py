@@ -176,9 +176,11 @@ def test_schemathesis_never_gets_a_server_error(
 
     check()
     print(f"{method} {path} {mode}: {dict(statuses)}")
-    if method == "POST":
-        # Each kind of case did what it is for: some reached the engine, some were refused by validation.
-        # (Some "negative" bodies are valid after all: pydantic takes "5" for an int, as OpenAI does.)
+    if method == "POST" and mode != "positive":
+        # Each kind of case did what it is for: "sampling" bodies reached the engine, "negative" ones were
+        # refused by validation. (Some "negative" bodies are valid after all: pydantic takes "5" for an int,
+        # as OpenAI does.) "positive" bodies follow the schema but may all be refused on meaning (a tool
+        # message without content, an unknown model): which share is depends on what the generator draws.
         assert statuses[400 if mode == "negative" else 200] > 0, statuses
     assert wait_until(lambda: not engine_leaks(server), 20), engine_leaks(server)
 
