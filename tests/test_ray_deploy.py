@@ -377,6 +377,63 @@ def test_killed_replica_is_replaced_while_the_app_answers(
 
 
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
+def metric_values(text: str, name: str) -> float:
+    """The sum of a Prometheus series over its labels."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M))
+
+
+def test_repeated_images_go_to_the_replica_that_has_them(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
+    # Two replicas, three images sent three times each, one request at a time: the router sends an image's
+    # repeats to the replica that encoded it, so each image is encoded once over both replicas (Ray's
+    # default router, two random choices, encodes most images on both).
+    config = LLMConfig(
+        model_loading_config={"model_id": "d", "model_source": str(tiny_checkpoint)},
+        engine_kwargs=ENGINE,
+        deployment_config={"num_replicas": 2},
+    )
+    serve.run(build_openai_app({"llm_configs": [config]}), name="aff", route_prefix="/aff")
+    try:
+        client = openai.OpenAI(
+            base_url=ray_cluster.url("/aff/v1"), api_key="placeholder", max_retries=0, timeout=60
+        )
+        urls = [image_data_url(40 + 8 * i, 32) for i in range(3)]
+        for question in ("What is this?", "Describe it.", "Colours?"):
+            for url in urls:
+                content = [
+                    {"type": "text", "text": question},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ]
+                client.chat.completions.create(
+                    model="d", messages=[{"role": "user", "content": content}], max_tokens=2
+                )
+        handle = serve.get_deployment_handle("LLMServer:d", app_name="aff")
+        states = handle.broadcast("replica_state").results(timeout_s=30)
+        assert len({s.pid for s in states}) == 2
+        # Every request found its image cached except the first of each image.
+        assert sum(s.stats["images_encoded_total"] for s in states) == 3
+        assert sum(s.stats["encoder_cache_hits_total"] for s in states) == 6
+
+        def routed() -> dict[str, float]:
+            text = httpx.get(ray_cluster.url("/aff/metrics"), timeout=10).text
+            return {o: metric_values(text, f"vlmserve:router_affinity_{o}_total") for o in ("hit", "miss")}
+
+        assert routed() == {"hit": 6, "miss": 3}
+        # The engines' counters reach /metrics too (summed over replicas at the ingress's next refresh).
+        wait_for(
+            lambda: (
+                metric_values(
+                    httpx.get(ray_cluster.url("/aff/metrics"), timeout=10).text,
+                    "vlmserve:encoder_cache_hits_total",
+                )
+                == 6
+            ),
+            timeout=30,
+            what="the replicas' encoder-cache hits in /metrics",
+        )
+    finally:
+        serve.delete("aff")
+
+
 def test_autoscaling_up_under_load_and_down_when_idle(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
     # max_num_seqs=2 -> the default target is 1 ongoing request per replica, so 3 concurrent streams ask for
     # more replicas than max_replicas=2. Short delays and windows keep the test quick.

@@ -8,12 +8,15 @@ deployment through its DeploymentHandle:
     prepare_chat   -> nothing yet: the prompt is built in the replica that runs it (one hop, images fetched
                       and preprocessed next to the engine), by `start`
     start          -> handle.options(stream=True).chat / .generate; the first item is awaited so that a
-                      request error still becomes its HTTP status before a stream begins
+                      request error still becomes its HTTP status before a stream begins. A chat carries
+                      its image's affinity key, by which the deployment's router (deploy/router.py) picks
+                      the replica that has the image cached
     prepare_completions -> handle.prepare_completions (token ids only)
     tokenize       -> handle.tokenize (images are fetched and sized in the replica)
     detokenize     -> the model's tokenizer, here
     token_texts, prompt_text -> the model's tokenizer, fetched once from a replica at startup
-    stats, is_alive -> summed over every replica by a periodic broadcast (for /metrics and /health)
+    stats, is_alive -> summed over every replica by a periodic broadcast (for /metrics and /health), plus
+                      the router's placement counters
 
 A replica that dies before a request produced output is retried on another replica (nothing was sent to
 the client yet); one that dies mid-stream ends the stream with an engine error, like an engine failure.
@@ -50,6 +53,7 @@ from vlmserve.api.protocol import (
 )
 from vlmserve.api.server import build_app
 from vlmserve.api.serving import check_token_ids
+from vlmserve.deploy.router import ROUTING_KEY_KWARG, affinity_key, routing_stats
 from vlmserve.deploy.server import ModelInfo, RemoteAPIError, ReplicaState
 from vlmserve.engine.client import EngineHealth
 from vlmserve.engine.inputs import EngineRequest
@@ -114,7 +118,9 @@ class RemoteModelServer:
                     total[key] = total.get(key, 0.0) + float(value)
         for key in _MEAN_STATS & total.keys():
             total[key] /= len(self._replicas)
-        return total
+        # How the ingress's image-aware router placed requests (deploy/router.py), next to the engines'
+        # encoder and prefix cache hits that the placement is for.
+        return total | routing_stats(self._handle.deployment_name)
 
     async def refresh(self) -> None:
         """Read every replica's engine state (Ray's broadcast skips replicas that are starting)."""
@@ -170,11 +176,16 @@ class RemoteModelServer:
             request_id, n = request.request_id, request.body.n
         else:
             request_id, n = request.request_id, request.sampling_params.n
+        # The router sends requests with the same image (and system prompt) to the same replica; the key is
+        # hashed here once from the parsed body (the image's bytes as sent: nothing is decoded here).
+        key = affinity_key(request.body) if isinstance(request, PendingChat) else None
         attempt = 0
         while True:
             attempt += 1
             if isinstance(request, PendingChat):
-                stream = self._stream.chat.remote(request.body, request.request_id)
+                stream = self._stream.chat.remote(
+                    request.body, request.request_id, **{ROUTING_KEY_KWARG: key}
+                )
             else:
                 stream = self._stream.generate.remote(request)
             try:

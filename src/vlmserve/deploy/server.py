@@ -3,7 +3,7 @@
 `LLMServer` builds the same ModelServer (engine, processor, media loader) that `vlmserve serve` builds and
 exposes what the ingress needs over Ray Serve handle calls:
 
-    chat(body, request_id)              stream: prompt building (images are fetched and preprocessed here,
+    chat(body, request_id, routing_key) stream: prompt building (images are fetched and preprocessed here,
                                         next to the engine) + the request's CompletionDeltas, one item each
     prepare_completions(body, rid)      /v1/completions prompts -> EngineRequests (text only, small)
     tokenize(body)                      /tokenize (images fetched and sized here, like chat's)
@@ -135,8 +135,10 @@ class LLMServer:
     # --- requests --------------------------------------------------------------------------------------
 
     async def chat(
-        self, body: ChatCompletionRequest, request_id: str
+        self, body: ChatCompletionRequest, request_id: str, routing_key: str | None = None
     ) -> AsyncGenerator[CompletionDelta | RemoteAPIError, None]:
+        # routing_key is for the ingress's router (deploy/router.py), which reads it from the call; unused here.
+        del routing_key
         try:
             request = await self.server.prepare_chat(body, request_id)
             deltas = await self.server.start(request)
