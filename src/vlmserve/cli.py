@@ -555,6 +555,14 @@ def _add_bench(subparsers: argparse._SubParsersAction) -> None:
         help="send one image in every request (measures image / prefix caches); default: distinct images",
     )
     data.add_argument(
+        "--image-pool",
+        type=_non_negative_int,
+        default=0,
+        metavar="N",
+        help="draw every image at random from N distinct ones (a workload that repeats images, e.g. for "
+        "image-aware routing over replicas); default 0: distinct images",
+    )
+    data.add_argument(
         "--prompt-words", type=_non_negative_int, default=16, help="random words per prompt (default: 16)"
     )
     data.add_argument(
@@ -594,6 +602,7 @@ def bench(args: argparse.Namespace) -> int:
             **({"image_sizes": tuple(sizes)} if sizes else {}),
             images_per_request=images,
             same_image=args.same_image,
+            image_pool=args.image_pool,
             prompt_words=args.prompt_words,
             output_len=args.output_len,
             ignore_eos=args.ignore_eos,
