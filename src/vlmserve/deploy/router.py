@@ -42,6 +42,8 @@ from ray.serve.request_router import PendingRequest, ReplicaID, RequestRouter, R
 from vlmserve.api.protocol import ChatCompletionRequest
 
 ROUTING_KEY_KWARG = "routing_key"
+# A call with this keyword goes to the replica it names (an ingress's delta channel, LLMServer.deltas).
+REPLICA_PIN_KWARG = "replica_pin"
 # LLMServer's methods that serve a request (the others are control calls: model_info, tokenize, ...).
 _REQUEST_METHODS = frozenset({"chat", "generate"})
 # A key's replica keeps it until it has this many more requests in flight than the least loaded replica.
@@ -188,6 +190,10 @@ class ImageAffinityRouter(RequestRouter):
             return []
         by_id = {r.replica_id.unique_id: r for r in candidate_replicas}
         key = None
+        pin = None if pending_request is None else pending_request.kwargs.get(REPLICA_PIN_KWARG)
+        if pin is not None:
+            # Not counted, not in flight: a channel lives as long as requests use it.
+            return [[by_id[pin]]] if pin in by_id else []
         if pending_request is not None:
             key = pending_request.kwargs.get(ROUTING_KEY_KWARG)
             # Every replica is ranked below: once they all rejected, wait before the next round.
@@ -205,7 +211,9 @@ class ImageAffinityRouter(RequestRouter):
 
     def on_request_routed(self, pending_request: PendingRequest, replica_id: ReplicaID, result: Any) -> None:
         request_id = pending_request.metadata.internal_request_id
-        key, outcome = self._pending.pop(request_id, (None, "unkeyed"))
+        if request_id not in self._pending:
+            return  # a pinned call
+        key, outcome = self._pending.pop(request_id)
         replica = replica_id.unique_id
         if key is not None and outcome == "hit" and self.policy.replica_of(key) != replica:
             outcome = "spill"  # its home rejected it (full): another replica took it
