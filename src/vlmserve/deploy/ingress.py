@@ -10,7 +10,10 @@ deployment through its DeploymentHandle:
     start          -> handle.options(stream=True).chat / .generate; the first item is awaited so that a
                       request error still becomes its HTTP status before a stream begins. A chat carries
                       its image's affinity key, by which the deployment's router (deploy/router.py) picks
-                      the replica that has the image cached
+                      the replica that has the image cached. Its deltas then come on this ingress's delta
+                      channel to that replica (one `deltas` stream per replica, one Ray item per engine
+                      step for all requests; deploy/server.py), or on its own stream when no channel was
+                      open at the replica yet (which has this ingress open one)
     prepare_completions -> handle.prepare_completions (token ids only)
     tokenize       -> handle.tokenize (images are fetched and sized in the replica)
     detokenize     -> the model's tokenizer, here
@@ -70,6 +73,7 @@ STATS_TIMEOUT_S = 5.0
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5
 
+CHANNEL_OPEN_TIMEOUT_S = 30.0
 # A request's own stream can end before the last of its deltas, sent on the channel, arrived: wait this long.
 CHANNEL_GRACE_S = 10.0
 # Deltas that came on a channel before their request's relay asked for them (bounded: a relay that never
@@ -242,6 +246,9 @@ class RemoteModelServer:
     async def _read_channel(self, channel: _Channel) -> None:
         stream = self._stream.deltas.remote(self._channel_id, **{REPLICA_PIN_KWARG: channel.replica_id})
         try:
+            # The replica answers [] at once; a replica that left meanwhile never will (the router holds a
+            # call pinned to it): give up, its requests stream on their own streams.
+            await asyncio.wait_for(anext(stream), CHANNEL_OPEN_TIMEOUT_S)
             async for items in stream:
                 for number, delta in items:
                     queue = self._queues.get(number)
