@@ -3,9 +3,11 @@
     .venv/bin/python benchmarks/ray_serving.py --checkpoint /tmp/vlmbench/small-bench \\
         --setups serve,run --rounds 2 --concurrency 1,8,32 --num-requests 64
 
-    # image-aware routing against Ray's default router: two replicas, images repeated from a pool of 8
+    # image-aware routing against Ray's default router: two replicas, images repeated from a pool of 16,
+    # caches that hold about half of them per replica
     .venv/bin/python benchmarks/ray_serving.py --checkpoint /tmp/vlmbench/small-bench \\
-        --setups run-pow2,run --replicas 2 --threads 1 --image-pool 8 --concurrency 16 --num-requests 96
+        --setups run-pow2,run --replicas 2 --threads 1 --image-pool 16 --concurrency 16 --num-requests 96 \\
+        --engine-kwargs '{"encoder_cache_tokens": 2048, "num_kv_blocks": 360}'
 
 Each round starts every setup in turn (a fresh server, or a fresh local Ray cluster via `vlmserve run
 --non-blocking` and `vlmserve shutdown -y`), runs `vlmserve bench` (streamed chat, 640x480 JPEGs, 64 tokens,
@@ -169,6 +171,7 @@ class Server:
         a = self.args
         if self.setup == "serve":
             cmd = [*VLMSERVE, "serve", str(a.checkpoint), "--model-id", "m", "--port", str(self.port)]
+            cmd += [f"--{k.replace('_', '-')}={v}" for k, v in a.engine_kwargs.items()]
             env = {**self.env, "OMP_NUM_THREADS": str(a.threads)} if a.threads else self.env
             log = (self.work / f"serve-{self.port}.log").open("wb")
             self.proc = subprocess.Popen([*cmd, "--log-level", "warning"], env=env, stdout=log, stderr=log)
@@ -183,6 +186,7 @@ class Server:
         model: dict[str, object] = {
             "model_loading_config": {"model_id": "m", "model_source": str(a.checkpoint)},
             "deployment_config": deployment,
+            "engine_kwargs": a.engine_kwargs,
             "experimental_configs": {"stream_batching_interval_ms": a.window_ms},
         }
         if a.threads:
@@ -275,6 +279,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=0, help="OMP_NUM_THREADS of each engine (0: default)")
     p.add_argument("--window-ms", type=float, default=0.0, help="stream_batching_interval_ms of `run`")
     p.add_argument("--ray-env", action="append", default=[], metavar="NAME=VALUE")
+    p.add_argument(
+        "--engine-kwargs",
+        type=json.loads,
+        default={},
+        metavar="JSON",
+        help='engine options of every setup, e.g. \'{"encoder_cache_tokens": 2048, "num_kv_blocks": 360}\' '
+        "(smaller caches than one replica's share of the images make placement matter)",
+    )
     p.add_argument("--port", type=int, default=18600)
     p.add_argument("--out", type=Path, default=None, help="JSON file of every run")
     args = p.parse_args()
