@@ -10,7 +10,7 @@ evenly, so with R replicas a repeated image is encoded R times and its prefix is
                          the system / developer messages before it (the prompt prefix requests share). None
                          for a request without images.
     AffinityPolicy       plain data, no Ray: key -> replica in a bounded LRU table, in-flight counts per
-                         replica. A key goes to its replica ("hit") unless that replica has `spill_margin`
+                         replica (this ingress's requests: each ingress replica routes on its own view). A key goes to its replica ("hit") unless that replica has `spill_margin`
                          more requests in flight than the least loaded one ("spill": the least loaded takes
                          it, so a hot image cannot pile one replica up while another idles); a new key, or
                          one whose replica is gone, goes to the least loaded replica and stays there ("miss");
