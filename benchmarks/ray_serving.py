@@ -7,7 +7,7 @@
     # caches that hold about half of them per replica
     .venv/bin/python benchmarks/ray_serving.py --checkpoint /tmp/vlmbench/small-bench \\
         --setups run-pow2,run --replicas 2 --threads 1 --image-pool 16 --concurrency 16 --num-requests 96 \\
-        --engine-kwargs '{"encoder_cache_tokens": 2048, "num_kv_blocks": 360}'
+        --engine-kwargs '{"encoder_cache_tokens": 2048, "num_kv_blocks": 360, "max_model_len": 2048}'
 
 Each round starts every setup in turn (a fresh server, or a fresh local Ray cluster via `vlmserve run
 --non-blocking` and `vlmserve shutdown -y`), runs `vlmserve bench` (streamed chat, 640x480 JPEGs, 64 tokens,
@@ -284,7 +284,7 @@ def main() -> None:
         type=json.loads,
         default={},
         metavar="JSON",
-        help='engine options of every setup, e.g. \'{"encoder_cache_tokens": 2048, "num_kv_blocks": 360}\' '
+        help='engine options of every setup, e.g. \'{"encoder_cache_tokens": 2048, "num_kv_blocks": 360, "max_model_len": 2048}\' '
         "(smaller caches than one replica's share of the images make placement matter)",
     )
     p.add_argument("--port", type=int, default=18600)

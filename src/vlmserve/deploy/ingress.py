@@ -248,7 +248,16 @@ class RemoteModelServer:
         try:
             # The replica answers [] at once; a replica that left meanwhile never will (the router holds a
             # call pinned to it): give up, its requests stream on their own streams.
-            await asyncio.wait_for(anext(stream), CHANNEL_OPEN_TIMEOUT_S)
+            opened_on = await asyncio.wait_for(anext(stream), CHANNEL_OPEN_TIMEOUT_S)
+            if opened_on != channel.replica_id:
+                # The deployment's router ignored the pin (a request_router_config of the user's own): this
+                # is that replica's channel now, or a second one to it (closed; the first one serves).
+                if self._channels.get(channel.replica_id) is channel:
+                    del self._channels[channel.replica_id]
+                if opened_on in self._channels:
+                    return
+                channel.replica_id = opened_on
+                self._channels[opened_on] = channel
             async for items in stream:
                 for number, delta in items:
                     queue = self._queues.get(number)

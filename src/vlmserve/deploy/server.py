@@ -246,7 +246,7 @@ class LLMServer:
 
     async def deltas(
         self, channel_id: str, replica_pin: str | None = None
-    ) -> AsyncGenerator[list[tuple[int, CompletionDelta]], None]:
+    ) -> AsyncGenerator[str | list[tuple[int, CompletionDelta]], None]:
         """The delta channel of one ingress: every delta of its requests here that chose the channel, one
         item per batch of whatever is ready (one engine step's deltas, all requests together) instead of one
         Ray item per delta per request. Ends when no such request ran for CHANNEL_IDLE_S (an open channel
@@ -254,13 +254,15 @@ class LLMServer:
 
         replica_pin is for the ingress's router (deploy/router.py): it sends this call to that replica."""
         del replica_pin
-        previous = self._outboxes.get(channel_id)
-        if previous is not None:
-            previous.closed = True
-            previous.wakeup.set()
+        if channel_id in self._outboxes:
+            # This ingress has its channel here already (its router did not pin this call): end at once.
+            yield self._own_replica_id()
+            return
         outbox = self._outboxes[channel_id] = _Outbox()
         try:
-            yield []  # opened: from now on, requests naming this channel send their deltas here
+            # Opened: from now on, requests naming this channel send their deltas here. The first item says
+            # which replica this is (a router other than the image-aware one may not honour replica_pin).
+            yield self._own_replica_id()
             while True:
                 if outbox.items:
                     items, outbox.items = outbox.items, []
@@ -279,6 +281,13 @@ class LLMServer:
             if self._outboxes.get(channel_id) is outbox:
                 del self._outboxes[channel_id]
 
+    def _own_replica_id(self) -> str:
+        if self._replica_id is None:
+            from ray import serve
+
+            self._replica_id = serve.get_replica_context().replica_id.unique_id
+        return self._replica_id
+
     async def _send(
         self, deltas: AsyncGenerator[CompletionDelta, None], channel: ChannelTicket | None
     ) -> AsyncGenerator[CompletionDelta | StreamStart, None]:
@@ -290,18 +299,14 @@ class LLMServer:
             async for delta in _forward(deltas, self.stream_batching_interval_s):
                 yield delta
             return
-        if self._replica_id is None:
-            from ray import serve
-
-            self._replica_id = serve.get_replica_context().replica_id.unique_id
         outbox = self._outboxes.get(channel.channel_id)
         if outbox is None or self.stream_batching_interval_s > 0:
-            yield StreamStart(self._replica_id, on_channel=False)
+            yield StreamStart(self._own_replica_id(), on_channel=False)
             self._stream_requests += 1
             async for delta in _forward(deltas, self.stream_batching_interval_s):
                 yield delta
             return
-        yield StreamStart(self._replica_id, on_channel=True)
+        yield StreamStart(self._own_replica_id(), on_channel=True)
         self._channel_requests += 1
         outbox.active += 1
         try:
