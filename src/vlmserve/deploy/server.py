@@ -306,10 +306,11 @@ class LLMServer:
             async for delta in _forward(deltas, self.stream_batching_interval_s):
                 yield delta
             return
-        yield StreamStart(self._own_replica_id(), on_channel=True)
-        self._channel_requests += 1
+        # Counted before the first yield (a suspension point): an idle channel must not close in between.
         outbox.active += 1
+        self._channel_requests += 1
         try:
+            yield StreamStart(self._own_replica_id(), on_channel=True)
             async for delta in deltas:
                 outbox.put(channel.number, delta)
         finally:
