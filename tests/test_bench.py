@@ -243,6 +243,15 @@ def test_same_image_and_ignore_eos() -> None:
     assert (body["ignore_eos"], body["min_tokens"], body["max_tokens"]) == (True, 9, 9)
 
 
+def test_image_pool_repeats_a_few_images() -> None:
+    config = BenchConfig("http://x/v1", "m", image_pool=3, image_sizes=((32, 32),))
+    bodies = build_bodies(config, 24, seed=2)
+    images = [im.tobytes() for body in bodies for im in _images(body)]
+    assert len(images) == 24 and len(set(images)) == 3
+    with pytest.raises(ValueError, match="same_image is image_pool=1"):
+        BenchConfig("http://x/v1", "m", image_pool=3, same_image=True)
+
+
 @pytest.mark.parametrize("separate_finish_chunk", [True, False])
 async def test_token_chunks_of_either_stream_shape(separate_finish_chunk: bool) -> None:
     # OpenAI closes a stream with a finish chunk of its own (no token); vlmserve and vLLM send the finish

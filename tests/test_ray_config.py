@@ -310,7 +310,7 @@ def test_example_python_app_and_run_targets(tmp_path: Path, monkeypatch: pytest.
 
 
 def test_stream_batching_interval_reaches_the_replica() -> None:
-    assert config().stream_batching_interval_s == 0.05  # Ray Serve LLM's default
+    assert config().stream_batching_interval_s == 0.0  # every token when its step ends
     assert config(experimental_configs={"stream_batching_interval_ms": 0}).stream_batching_interval_s == 0.0
     cfg = config(experimental_configs={"stream_batching_interval_ms": 50}, engine_kwargs={"device": "cpu"})
     assert cfg.stream_batching_interval_s == 0.05

@@ -124,13 +124,14 @@ def py_app(ray_cluster: Cluster, tiny_checkpoint: Path) -> Iterator[openai.OpenA
     only its runtime_env sets."""
     a = LLMConfig(
         model_loading_config={"model_id": "a", "model_source": str(tiny_checkpoint)},
-        engine_kwargs=ENGINE,
-        experimental_configs={"stream_batching_interval_ms": 0},  # every token on its own
+        # Room for the long streams the replica-kill test needs; every token on its own (the default).
+        engine_kwargs={**ENGINE, "max_model_len": 2048},
     )
     b = LLMConfig(
         model_loading_config={"model_id": "b", "model_source": str(tiny_checkpoint)},
         engine_kwargs={k: v for k, v in ENGINE.items() if k != "kv_cache_memory_gb"},
         runtime_env={"env_vars": {"VLMSERVE_CPU_KV_CACHE_GB": "0.005"}},
+        experimental_configs={"stream_batching_interval_ms": 50},  # Ray Serve LLM's window
     )
     serve.run(build_openai_app({"llm_configs": [a, b]}), name="py", route_prefix="/py")
     yield openai.OpenAI(base_url=ray_cluster.url("/py/v1"), api_key="placeholder", max_retries=0, timeout=60)
@@ -175,8 +176,8 @@ def test_chat_streams_token_by_token_with_an_image(py_app: openai.OpenAI) -> Non
     assert text_only.usage is not None and usage.prompt_tokens > text_only.usage.prompt_tokens
 
 
-def test_default_stream_batching_sends_tokens_in_batches(py_app: openai.OpenAI) -> None:
-    # Model b keeps Ray Serve LLM's default 50 ms window: all the tokens, in fewer chunks than tokens, the
+def test_stream_batching_window_sends_tokens_in_batches(py_app: openai.OpenAI) -> None:
+    # Model b has Ray Serve LLM's default 50 ms window: all the tokens, in fewer chunks than tokens, the
     # same text as without streaming. (A warm-up first: a fresh replica's first request can take other
     # float paths, and greedy tokens of a random-weight model flip on the smallest difference.)
     max_tokens = 60
@@ -273,6 +274,36 @@ def engine_stats(app: str, model: str) -> dict[str, float]:
     return state.stats
 
 
+def test_tokens_travel_on_the_ingress_channel_one_step_at_a_time(py_app: openai.OpenAI) -> None:
+    # The first request opens the ingress's delta channel to the replica; the ones after it send their
+    # deltas there (one Ray item per engine step for all of them), still one chunk per token to the client.
+    handle = serve.get_deployment_handle("LLMServer:a", app_name="py")
+    before: ReplicaState = handle.replica_state.remote().result(timeout_s=30)
+    max_tokens = 16
+    greedy = {"model": "a", "prompt": "go", "max_tokens": max_tokens, "temperature": 0, "extra_body": NO_EOS}
+    expected = py_app.completions.create(**greedy).choices[0].text
+    results: list[list[str]] = []
+
+    def stream() -> None:
+        results.append(
+            [c.choices[0].text for c in py_app.completions.create(**greedy, stream=True) if c.choices]
+        )
+
+    workers = [threading.Thread(target=stream) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=60)
+    assert len(results) == 3
+    for texts in results:
+        assert "".join(texts) == expected
+        # Token by token, not merged (a window would give 1-3 chunks); the detokenizer holds back a token that
+        # ends mid-character, which a random-weight model's byte tokens often do.
+        assert len([t for t in texts if t]) >= max_tokens // 2
+    after: ReplicaState = handle.replica_state.remote().result(timeout_s=30)
+    assert after.channel_requests - before.channel_requests >= 3
+
+
 def test_runtime_env_reaches_the_replicas(py_app: openai.OpenAI) -> None:
     # a: kv_cache_memory_gb=0.01; b: VLMSERVE_CPU_KV_CACHE_GB=0.005 from its runtime_env only.
     a, b = engine_stats("py", "a")["num_kv_blocks"], engine_stats("py", "b")["num_kv_blocks"]
@@ -328,7 +359,8 @@ def test_killed_replica_is_replaced_while_the_app_answers(
 ) -> None:
     # Two streams are running on the replica when it is killed.
     url = ray_cluster.url("/py/v1/chat/completions")
-    body = {"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 400, "stream": True}
+    # Long enough that neither stream ends before the other started (tokens leave each engine step at once).
+    body = {"model": "a", "messages": [{"role": "user", "content": "x"}], "max_tokens": 1800, "stream": True}
     started = [threading.Event() for _ in range(2)]
     results: list[list[str] | Exception] = []
     streams = [
@@ -432,6 +464,63 @@ def test_tensor_parallel_replica_on_cpu_bundles(ray_cluster: Cluster, tiny_check
 
 
 @pytest.mark.filterwarnings("ignore:The `metrics_interval_s` field:DeprecationWarning")
+def metric_values(text: str, name: str) -> float:
+    """The sum of a Prometheus series over its labels."""
+    return sum(float(m.group(1)) for m in re.finditer(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.M))
+
+
+def test_repeated_images_go_to_the_replica_that_has_them(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
+    # Two replicas, three images sent three times each, one request at a time: the router sends an image's
+    # repeats to the replica that encoded it, so each image is encoded once over both replicas (Ray's
+    # default router, two random choices, encodes most images on both).
+    config = LLMConfig(
+        model_loading_config={"model_id": "d", "model_source": str(tiny_checkpoint)},
+        engine_kwargs=ENGINE,
+        deployment_config={"num_replicas": 2},
+    )
+    serve.run(build_openai_app({"llm_configs": [config]}), name="aff", route_prefix="/aff")
+    try:
+        client = openai.OpenAI(
+            base_url=ray_cluster.url("/aff/v1"), api_key="placeholder", max_retries=0, timeout=60
+        )
+        urls = [image_data_url(40 + 8 * i, 32) for i in range(3)]
+        for question in ("What is this?", "Describe it.", "Colours?"):
+            for url in urls:
+                content = [
+                    {"type": "text", "text": question},
+                    {"type": "image_url", "image_url": {"url": url}},
+                ]
+                client.chat.completions.create(
+                    model="d", messages=[{"role": "user", "content": content}], max_tokens=2
+                )
+        handle = serve.get_deployment_handle("LLMServer:d", app_name="aff")
+        states = handle.broadcast("replica_state").results(timeout_s=30)
+        assert len({s.pid for s in states}) == 2
+        # Every request found its image cached except the first of each image.
+        assert sum(s.stats["images_encoded_total"] for s in states) == 3
+        assert sum(s.stats["encoder_cache_hits_total"] for s in states) == 6
+
+        def routed() -> dict[str, float]:
+            text = httpx.get(ray_cluster.url("/aff/metrics"), timeout=10).text
+            return {o: metric_values(text, f"vlmserve:router_affinity_{o}_total") for o in ("hit", "miss")}
+
+        assert routed() == {"hit": 6, "miss": 3}
+        # The engines' counters reach /metrics too (summed over replicas at the ingress's next refresh).
+        wait_for(
+            lambda: (
+                metric_values(
+                    httpx.get(ray_cluster.url("/aff/metrics"), timeout=10).text,
+                    "vlmserve:encoder_cache_hits_total",
+                )
+                == 6
+            ),
+            timeout=30,
+            what="the replicas' encoder-cache hits in /metrics",
+        )
+    finally:
+        serve.delete("aff")
+
+
 def test_autoscaling_up_under_load_and_down_when_idle(ray_cluster: Cluster, tiny_checkpoint: Path) -> None:
     # max_num_seqs=2 -> the default target is 1 ongoing request per replica, so 3 concurrent streams ask for
     # more replicas than max_replicas=2. Short delays and windows keep the test quick.

@@ -107,6 +107,22 @@ class _EngineStatsCollector(Collector):
                 "vllm:generation_tokens", "Tokens generated (sampled).", labels=["model_name"]
             ),
         }
+        # Where a Ray ingress's router sent requests (deploy/router.py); only models routed by one report them.
+        routed = {
+            f"router_affinity_{outcome}_total": CounterMetricFamily(
+                f"vlmserve:router_affinity_{outcome}", help_text, labels=["model_name"]
+            )
+            for outcome, help_text in (
+                ("hit", "Requests sent to the replica that holds their image (affinity hits)."),
+                ("miss", "Requests with an image new to the router, sent to the least loaded replica."),
+                ("spill", "Requests whose image's replica was much busier than another, sent elsewhere."),
+                (
+                    "unkeyed",
+                    "Requests without an image (completions, text-only chats), sent to the least loaded replica.",
+                ),
+            )
+        }
+        any_routed = False
         for model_name, source in self.sources.items():
             try:
                 stats = source()
@@ -124,8 +140,14 @@ class _EngineStatsCollector(Collector):
             gauges["stall"].add_metric(labels, float(stats.get("seconds_since_progress", 0.0)))
             for key, family in counters.items():
                 family.add_metric(labels, float(stats.get(key, 0)))
+            for key, family in routed.items():
+                if key in stats:
+                    any_routed = True
+                    family.add_metric(labels, float(stats[key]))
         yield from gauges.values()
         yield from counters.values()
+        if any_routed:
+            yield from routed.values()
 
 
 class ServerMetrics:

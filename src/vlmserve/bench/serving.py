@@ -91,6 +91,9 @@ class BenchConfig:
     image_sizes: tuple[tuple[int, int], ...] = ((640, 480),)
     images_per_request: int = 1
     same_image: bool = False
+    # > 0: every image is drawn at random from this many distinct ones (a workload that repeats images, as a
+    # fleet of replicas with image-aware routing sees it); 0: distinct images (or one, with same_image)
+    image_pool: int = 0
     prompt_words: int = 16
     output_len: int = 64
     ignore_eos: bool = False
@@ -113,6 +116,10 @@ class BenchConfig:
             raise ValueError(
                 f"images_per_request={self.images_per_request}: /v1/completions takes text prompts only; "
                 "use the chat endpoint for images, or 0 images per request"
+            )
+        if self.same_image and self.image_pool:
+            raise ValueError(
+                f"same_image and image_pool={self.image_pool} both given; same_image is image_pool=1, keep one"
             )
         if self.images_per_request and not self.image_sizes:
             raise ValueError("image_sizes is empty; give at least one WIDTHxHEIGHT, e.g. 640x480")
@@ -171,6 +178,7 @@ def build_bodies(config: BenchConfig, count: int, seed: int) -> list[bytes]:
     client often shares its CPU with the server under test)."""
     rng = np.random.default_rng(seed)
     shared: str | None = None
+    pool: dict[int, str] = {}
     bodies = []
     for i in range(count):
         prompt = " ".join(rng.choice(WORDS, config.prompt_words).tolist())
@@ -181,6 +189,12 @@ def build_bodies(config: BenchConfig, count: int, seed: int) -> list[bytes]:
                 if shared is None:
                     shared = _data_url(synthetic_jpeg(*config.image_sizes[0], seed=seed))
                 images.append(shared)
+            elif config.image_pool > 0:
+                k = int(rng.integers(config.image_pool))
+                if k not in pool:
+                    width, height = config.image_sizes[k % len(config.image_sizes)]
+                    pool[k] = _data_url(synthetic_jpeg(width, height, seed=seed * 1_000_003 + k))
+                images.append(pool[k])
             else:
                 k = i * config.images_per_request + j
                 width, height = config.image_sizes[k % len(config.image_sizes)]
@@ -639,6 +653,7 @@ def format_report(report: BenchReport) -> str:
         f"{c.images_per_request} x "
         + ",".join(f"{w}x{h}" for w, h in c.image_sizes)
         + (" (same image)" if c.same_image else "")
+        + (f" (from a pool of {c.image_pool})" if c.image_pool else "")
         if c.images_per_request
         else "none"
     )
@@ -675,7 +690,7 @@ def format_report(report: BenchReport) -> str:
             "         -" if stats[s] is None else f"{stats[s]:>10.1f}" for s in ("mean", "p50", "p90", "p99")
         )
         lines.append(f"{name:<8}{cells}")
-    if not c.same_image and m["total_cached_tokens"] > m["total_input_tokens"] / 2:
+    if not c.same_image and not c.image_pool and m["total_cached_tokens"] > m["total_input_tokens"] / 2:
         # NOTE: the same --seed sends the same images and prompts, so a second run against a server that is
         # still up measures its prefix cache instead of prefill.
         lines += [

@@ -140,6 +140,14 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="generate exactly --output-len tokens (vLLM's ignore_eos and min_tokens request fields)",
     )
     data.add_argument(
+        "--image-pool",
+        type=non_negative_int,
+        default=0,
+        metavar="N",
+        help="draw every image at random from N distinct ones (a workload that repeats images, e.g. for "
+        "image-aware routing over replicas); default 0: distinct images",
+    )
+    data.add_argument(
         "--json-schema",
         type=_json_schema_arg,
         default=None,
@@ -196,6 +204,7 @@ def bench(args: argparse.Namespace) -> int:
             seed=args.seed,
             num_clients=args.num_clients,
             json_schema=args.json_schema,
+            image_pool=args.image_pool,
         )
     except ValueError as e:
         # BenchConfig names its fields; the user typed flags.

@@ -28,6 +28,9 @@ what was left out:
   ranks 1 .. N-1 are Ray actors in the other bundles (runner/tensor_parallel.py). The engine then runs on a
   thread of the replica (engine_process off): the rank-0 driver must be in the Ray actor that owns the
   placement group to place its workers there.
+- request_router_config: the image-aware router (deploy/router.py: a request goes to the replica holding
+  its image's encoder output and prefix, spilling to the least loaded one), tunable through
+  request_router_kwargs {spill_margin, max_keys}; a request_router_config given replaces it.
 
 The ingress `OpenAiIngress` gets one replica that asks for no CPU (it only parses JSON and relays tokens:
 requests wait in the model deployments' queues, not here), overridable with `ingress_deployment_config`.
@@ -57,6 +60,7 @@ DEFAULT_TARGET_FRACTION = 0.5
 # Requests the engine may hold (running + waiting), in batches of max_num_seqs.
 DEFAULT_ONGOING_BATCHES = 2
 INGRESS_MAX_ONGOING_REQUESTS = 10_000
+IMAGE_AFFINITY_ROUTER = "vlmserve.deploy.router.ImageAffinityRouter"
 
 
 def cluster_has_gpus() -> bool:
@@ -123,6 +127,9 @@ def server_deployment_options(
         )
         options["autoscaling_config"] = autoscaling
     options.setdefault("name", deployment_name(config.model_id))
+    # Requests with a repeated image go to the replica that has it cached (deploy/router.py); a
+    # request_router_config of the user's own (e.g. its request_router_kwargs) replaces this one.
+    options.setdefault("request_router_config", {"request_router_class": IMAGE_AFFINITY_ROUTER})
     options["ray_actor_options"] = actor
     return options, engine_args
 

@@ -202,9 +202,11 @@ class ModelLoadingConfig(BaseModel):
         return self.model_source or self.model_id
 
 
-# Ray Serve LLM's default: every token as its own Ray item on both hops (replica -> ingress -> proxy) costs
-# more CPU than the model on a small machine (benchmarks/RESULTS.md: +25-45% requests/s on 2 cores with it).
-DEFAULT_STREAM_BATCHING_INTERVAL_MS = 50
+# Tokens leave one engine step at a time, as from `vlmserve serve`: a replica sends an ingress's deltas on
+# one channel, one Ray item per step for all its requests (deploy/server.py), so a window is no longer what
+# keeps the Ray path's CPU cost down. A window (Ray Serve LLM's default is 50 ms) trades smooth streams for
+# fewer SSE chunks, and is an operator's opt-in.
+DEFAULT_STREAM_BATCHING_INTERVAL_MS = 0
 
 _LLM_CONFIG_UNSUPPORTED = {
     "lora_config": "LoRA adapters are not supported by vlmserve; remove lora_config",
@@ -248,9 +250,9 @@ class LLMConfig(BaseModel):
     experimental_configs: dict[str, Any] = Field(
         default_factory=dict,
         description="Ray Serve LLM's opt-in knobs; vlmserve takes stream_batching_interval_ms: a replica sends a "
-        f"stream's tokens to the ingress in batches of this many milliseconds (default "
-        f"{DEFAULT_STREAM_BATCHING_INTERVAL_MS}, as in Ray Serve LLM; the first token goes at once) instead of "
-        "one Ray call per token on each hop; 0 streams every token on its own",
+        "stream's tokens to the ingress merged over windows of this many milliseconds (the first token goes at "
+        f"once; Ray Serve LLM's default is 50) instead of each engine step's; default "
+        f"{DEFAULT_STREAM_BATCHING_INTERVAL_MS}: every token when its step ends, as `vlmserve serve` sends it",
     )
 
     @model_validator(mode="before")

@@ -8,12 +8,18 @@ deployment through its DeploymentHandle:
     prepare_chat   -> nothing yet: the prompt is built in the replica that runs it (one hop, images fetched
                       and preprocessed next to the engine), by `start`
     start          -> handle.options(stream=True).chat / .generate; the first item is awaited so that a
-                      request error still becomes its HTTP status before a stream begins
+                      request error still becomes its HTTP status before a stream begins. A chat carries
+                      its image's affinity key, by which the deployment's router (deploy/router.py) picks
+                      the replica that has the image cached. Its deltas then come on this ingress's delta
+                      channel to that replica (one `deltas` stream per replica, one Ray item per engine
+                      step for all requests; deploy/server.py), or on its own stream when no channel was
+                      open at the replica yet (which has this ingress open one)
     prepare_completions -> handle.prepare_completions (token ids only)
     tokenize       -> handle.tokenize (images are fetched and sized in the replica)
     detokenize     -> the model's tokenizer, here
     token_texts, prompt_text -> the model's tokenizer, fetched once from a replica at startup
-    stats, is_alive -> summed over every replica by a periodic broadcast (for /metrics and /health)
+    stats, is_alive -> summed over every replica by a periodic broadcast (for /metrics and /health), plus
+                      the router's placement counters
 
 A replica that dies before a request produced output is retried on another replica (nothing was sent to
 the client yet); one that dies mid-stream ends the stream with an engine error, like an engine failure.
@@ -26,7 +32,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
+import uuid
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -50,7 +58,8 @@ from vlmserve.api.protocol import (
 )
 from vlmserve.api.server import build_app
 from vlmserve.api.serving import check_token_ids
-from vlmserve.deploy.server import ModelInfo, RemoteAPIError, ReplicaState
+from vlmserve.deploy.router import REPLICA_PIN_KWARG, ROUTING_KEY_KWARG, affinity_key, routing_stats
+from vlmserve.deploy.server import ChannelTicket, ModelInfo, RemoteAPIError, ReplicaState, StreamStart
 from vlmserve.engine.client import EngineHealth
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
@@ -63,6 +72,13 @@ STATS_TIMEOUT_S = 5.0
 # A request whose replica died before it produced anything is sent again, at most this many times.
 MAX_ATTEMPTS = 3
 RETRY_BACKOFF_S = 0.5
+
+CHANNEL_OPEN_TIMEOUT_S = 30.0
+# A request's own stream can end before the last of its deltas, sent on the channel, arrived: wait this long.
+CHANNEL_GRACE_S = 10.0
+# Deltas that came on a channel before their request's relay asked for them (bounded: a relay that never
+# comes, its request cancelled meanwhile, must not keep them forever).
+MAX_EARLY = 4096
 
 # Engine stats that are fractions: averaged over replicas; every other stat is a count and is summed.
 _MEAN_STATS = frozenset({"kv_cache_usage", "encoder_cache_usage"})
@@ -90,6 +106,12 @@ class RemoteModelServer:
         self._tokenizer = Tokenizer.from_str(info.tokenizer_json)
         self.token_texts = TokenTexts(self._tokenizer)
         self._replicas: list[ReplicaState] = []
+        # Delta channels (one per replica, see _Channel): requests are numbered on them.
+        self._channel_id = uuid.uuid4().hex
+        self._numbers = itertools.count()
+        self._channels: dict[str, _Channel] = {}
+        self._queues: dict[int, asyncio.Queue[CompletionDelta | BaseException]] = {}
+        self._early: dict[int, list[CompletionDelta]] = {}
 
     # --- state ------------------------------------------------------------------------------------------
 
@@ -114,7 +136,9 @@ class RemoteModelServer:
                     total[key] = total.get(key, 0.0) + float(value)
         for key in _MEAN_STATS & total.keys():
             total[key] /= len(self._replicas)
-        return total
+        # How the ingress's image-aware router placed requests (deploy/router.py), next to the engines'
+        # encoder and prefix cache hits that the placement is for.
+        return total | routing_stats(self._handle.deployment_name)
 
     async def refresh(self) -> None:
         """Read every replica's engine state (Ray's broadcast skips replicas that are starting)."""
@@ -170,15 +194,26 @@ class RemoteModelServer:
             request_id, n = request.request_id, request.body.n
         else:
             request_id, n = request.request_id, request.sampling_params.n
+        # The router sends requests with the same image (and system prompt) to the same replica; the key is
+        # hashed here once from the parsed body (the image's bytes as sent: nothing is decoded here).
+        key = affinity_key(request.body) if isinstance(request, PendingChat) else None
         attempt = 0
         while True:
             attempt += 1
+            ticket = ChannelTicket(self._channel_id, next(self._numbers))
             if isinstance(request, PendingChat):
-                stream = self._stream.chat.remote(request.body, request.request_id)
+                stream = self._stream.chat.remote(
+                    request.body, request.request_id, **{ROUTING_KEY_KWARG: key}, channel=ticket
+                )
             else:
-                stream = self._stream.generate.remote(request)
+                stream = self._stream.generate.remote(request, channel=ticket)
             try:
                 first = await anext(stream)
+                if isinstance(first, StreamStart):
+                    if first.on_channel:
+                        return self._relay_channel(first.replica_id, ticket.number, stream, request_id, n)
+                    self._open_channel(first.replica_id)  # for the requests after this one
+                    first = await anext(stream)
             except StopAsyncIteration:
                 raise EngineError(
                     f"The replica of {self.model_id} ended the request without output."
@@ -200,6 +235,123 @@ class RemoteModelServer:
 
     def prompt_text(self, request: EngineRequest) -> str:
         return self._tokenizer.decode(list(request.prompt_token_ids), skip_special_tokens=False)
+
+    # --- delta channels ---------------------------------------------------------------------------------
+
+    def _open_channel(self, replica_id: str) -> None:
+        if replica_id not in self._channels:
+            channel = self._channels[replica_id] = _Channel(replica_id)
+            channel.task = asyncio.create_task(self._read_channel(channel))
+
+    async def _read_channel(self, channel: _Channel) -> None:
+        stream = self._stream.deltas.remote(self._channel_id, **{REPLICA_PIN_KWARG: channel.replica_id})
+        try:
+            # The replica answers [] at once; a replica that left meanwhile never will (the router holds a
+            # call pinned to it): give up, its requests stream on their own streams.
+            opened_on = await asyncio.wait_for(anext(stream), CHANNEL_OPEN_TIMEOUT_S)
+            if opened_on != channel.replica_id:
+                # The deployment's router ignored the pin (a request_router_config of the user's own): this
+                # is that replica's channel now, or a second one to it (closed; the first one serves).
+                if self._channels.get(channel.replica_id) is channel:
+                    del self._channels[channel.replica_id]
+                if opened_on in self._channels:
+                    return
+                channel.replica_id = opened_on
+                self._channels[opened_on] = channel
+            async for items in stream:
+                for number, delta in items:
+                    queue = self._queues.get(number)
+                    if queue is not None:
+                        queue.put_nowait(delta)
+                        continue
+                    if len(self._early) >= MAX_EARLY:
+                        del self._early[next(iter(self._early))]
+                    self._early.setdefault(number, []).append(delta)
+        except Exception as e:
+            # The replica died (or the call failed): its requests' relays end with an error.
+            logger.warning(
+                "the delta channel of %s to replica %s failed: %s", self.model_id, channel.replica_id, e
+            )
+            for number in channel.numbers:
+                queue = self._queues.get(number)
+                if queue is not None:
+                    queue.put_nowait(e)
+        finally:
+            if self._channels.get(channel.replica_id) is channel:
+                del self._channels[channel.replica_id]
+            stream.cancel()
+
+    async def _relay_channel(
+        self, replica_id: str, number: int, stream: DeploymentResponseGenerator, request_id: str, n: int
+    ) -> AsyncGenerator[CompletionDelta, None]:
+        """The deltas of a request whose replica sends them on this ingress's channel; its own stream is
+        watched for its end (or the replica's death) and cancelled to abort it."""
+        queue: asyncio.Queue[CompletionDelta | BaseException] = asyncio.Queue()
+        for delta in self._early.pop(number, []):
+            queue.put_nowait(delta)
+        self._queues[number] = queue
+        channel = self._channels.get(replica_id)
+        if channel is not None:
+            channel.numbers.add(number)
+        watcher = asyncio.create_task(_watch(stream, queue))
+        finished: set[int] = set()
+        ended = False
+        try:
+            while len(finished) < n:
+                try:
+                    item = await (asyncio.wait_for(queue.get(), CHANNEL_GRACE_S) if ended else queue.get())
+                except TimeoutError:
+                    item = EngineError(f"the replica ended {request_id} without its last output")
+                if item is _STREAM_END:
+                    ended = True
+                    continue
+                if isinstance(item, BaseException):
+                    logger.warning("the replica serving %s failed mid-stream: %s", request_id, item)
+                    message = f"The replica serving {request_id} stopped mid-stream; retry the request."
+                    for index in range(n):
+                        if index not in finished:
+                            finished.add(index)
+                            yield CompletionDelta(request_id, index, "", [], None, "error", error=message)
+                    return
+                assert isinstance(item, CompletionDelta)
+                if item.finished:
+                    finished.add(item.index)
+                yield item
+        finally:
+            del self._queues[number]
+            if channel is not None:
+                channel.numbers.discard(number)
+            if len(finished) < n:
+                stream.cancel()  # the client went away: abort the engine request
+            watcher.cancel()
+
+
+class _Channel:
+    """This ingress's delta channel to one replica (LLMServer.deltas): the reader task and the numbers of
+    the requests whose deltas come on it. A request uses it when it was open at the replica when the
+    request started (StreamStart.on_channel); the replica closes it when idle, and a request that finds it
+    closed streams on its own and has the ingress open it again."""
+
+    def __init__(self, replica_id: str) -> None:
+        self.replica_id = replica_id
+        self.numbers: set[int] = set()
+        self.task: asyncio.Task[None] | None = None
+
+
+# Put in a request's queue when its own stream ended (its last deltas may still be on the channel).
+_STREAM_END: Any = object()
+
+
+async def _watch(stream: DeploymentResponseGenerator, queue: asyncio.Queue[Any]) -> None:
+    try:
+        async for _ in stream:
+            pass
+    except asyncio.CancelledError:
+        raise
+    except Exception as e:  # the replica died, or the request failed there
+        queue.put_nowait(e)
+        return
+    queue.put_nowait(_STREAM_END)
 
 
 def _unavailable(model_id: str, error: Exception) -> ServiceUnavailableError:

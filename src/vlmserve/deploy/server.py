@@ -3,19 +3,30 @@
 `LLMServer` builds the same ModelServer (engine, processor, media loader) that `vlmserve serve` builds and
 exposes what the ingress needs over Ray Serve handle calls:
 
-    chat(body, request_id)              stream: prompt building (images are fetched and preprocessed here,
-                                        next to the engine) + the request's CompletionDeltas, one item each
+    chat(body, request_id, routing_key, channel)
+                                        stream: prompt building (images are fetched and preprocessed here,
+                                        next to the engine), then the request's CompletionDeltas
     prepare_completions(body, rid)      /v1/completions prompts -> EngineRequests (text only, small)
     tokenize(body)                      /tokenize (images fetched and sized here, like chat's)
-    generate(engine_request)            stream: the request's CompletionDeltas
+    generate(engine_request, channel)   stream: the request's CompletionDeltas
+    deltas(channel_id)                  stream: an ingress's delta channel (below)
     model_info() / replica_state()      model card + tokenizer for the ingress; engine liveness + stats
     check_health()                      Ray Serve's health check: a dead engine gets the replica replaced
 
 An API error raised before the first delta (bad request, queue full) travels as a `RemoteAPIError` item
-instead of an exception: Ray would wrap the exception and lose its status, parameter and code. Deltas are
-yielded one by one as the engine produces them, so tokens stream individually; with a stream batching
-interval (LLMConfig.experimental_configs.stream_batching_interval_ms, as in Ray Serve LLM) the first delta
-goes at once and later ones are merged over each interval, one Ray item per window instead of per token.
+instead of an exception: Ray would wrap the exception and lose its status, parameter and code.
+
+How deltas travel. Every Ray streaming item costs both ends a task report, a (de)serialisation and Ray
+Serve's bookkeeping; one item per token per stream made that the Ray path's main cost at load. So an ingress
+opens one `deltas` stream per replica (its channel) and a request that names it (a ChannelTicket) first
+yields `StreamStart`, then puts its deltas in the channel's outbox: every delta of a step, all requests
+together, leaves as one item, when the engine step ends (tokens still stream one step at a time). The
+request's own stream stays open until the request ends, so Ray Serve still counts it as ongoing
+(max_ongoing_requests, autoscaling) and cancelling it (the client left) still aborts the request. A request
+that finds no open channel (the first, or after the channel closed when idle) streams its deltas on its own
+stream, one item each, as does every request when a stream batching interval is set
+(LLMConfig.experimental_configs.stream_batching_interval_ms, as in Ray Serve LLM): then the first delta goes
+at once and later ones are merged over each interval.
 
 Does not know: HTTP, routing between models, Ray deployment options (builder.py).
 """
@@ -47,6 +58,9 @@ from vlmserve.memory import limit_malloc_arenas
 
 logger = logging.getLogger(__name__)
 
+# An ingress's delta channel closes after this long without a request on it (and is opened again on demand).
+CHANNEL_IDLE_S = 2.0
+
 
 @dataclass(frozen=True)
 class RemoteAPIError:
@@ -74,6 +88,44 @@ class RemoteAPIError:
 
 
 @dataclass(frozen=True)
+class StreamStart:
+    """First item of a chat / generate stream that named a delta channel: the request started on replica
+    `replica_id`; with `on_channel` its deltas travel on that channel (not on this stream, which then only
+    ends when the request does), else on this stream as usual."""
+
+    replica_id: str
+    on_channel: bool
+
+
+@dataclass(frozen=True)
+class ChannelTicket:
+    """Which ingress channel a request's deltas may go to, and the request's number on it."""
+
+    channel_id: str
+    number: int
+
+
+class _Outbox:
+    """The deltas waiting for one ingress's channel stream, as (request number, delta) in engine order."""
+
+    def __init__(self) -> None:
+        self.items: list[tuple[int, CompletionDelta]] = []
+        self.wakeup = asyncio.Event()
+        self.active = 0  # requests sending here: the channel stays open while any runs
+        self.closed = False
+
+    def put(self, number: int, delta: CompletionDelta) -> None:
+        if self.closed:
+            raise ChannelClosedError("the ingress's delta channel closed mid-request")
+        self.items.append((number, delta))
+        self.wakeup.set()
+
+
+class ChannelClosedError(RuntimeError):
+    """The channel a request's deltas went to is gone (its ingress went away): the request is aborted."""
+
+
+@dataclass(frozen=True)
 class ModelInfo:
     """What the ingress needs to know about a model once, at startup."""
 
@@ -88,6 +140,9 @@ class ReplicaState:
     alive: bool
     stats: dict[str, float]
     pid: int
+    # Requests whose deltas went on an ingress's channel, and on their own stream.
+    channel_requests: int = 0
+    stream_requests: int = 0
 
 
 class LLMServer:
@@ -95,6 +150,10 @@ class LLMServer:
 
     def __init__(self, engine_args: EngineArgs, stream_batching_interval_s: float = 0.0) -> None:
         self.stream_batching_interval_s = stream_batching_interval_s
+        # channel id -> the outbox of that ingress's open `deltas` stream
+        self._outboxes: dict[str, _Outbox] = {}
+        self._replica_id: str | None = None
+        self._channel_requests = self._stream_requests = 0
         # A replica is a serving process, as `vlmserve serve` is: cap malloc arenas before the engine's
         # threads allocate (memory.py). A library user's process keeps its own settings.
         limit_malloc_arenas()
@@ -117,7 +176,13 @@ class LLMServer:
         )
 
     def replica_state(self) -> ReplicaState:
-        return ReplicaState(alive=self.server.is_alive, stats=self.server.stats(), pid=os.getpid())
+        return ReplicaState(
+            alive=self.server.is_alive,
+            stats=self.server.stats(),
+            pid=os.getpid(),
+            channel_requests=self._channel_requests,
+            stream_requests=self._stream_requests,
+        )
 
     def check_health(self) -> None:
         """Called by Ray Serve every health_check_period_s; raising makes Ray replace this replica."""
@@ -135,16 +200,22 @@ class LLMServer:
     # --- requests --------------------------------------------------------------------------------------
 
     async def chat(
-        self, body: ChatCompletionRequest, request_id: str
-    ) -> AsyncGenerator[CompletionDelta | RemoteAPIError, None]:
+        self,
+        body: ChatCompletionRequest,
+        request_id: str,
+        routing_key: str | None = None,
+        channel: ChannelTicket | None = None,
+    ) -> AsyncGenerator[CompletionDelta | StreamStart | RemoteAPIError, None]:
+        # routing_key is for the ingress's router (deploy/router.py), which reads it from the call; unused here.
+        del routing_key
         try:
             request = await self.server.prepare_chat(body, request_id)
             deltas = await self.server.start(request)
         except APIError as e:
             yield RemoteAPIError.capture(e)
             return
-        async for delta in _forward(deltas, self.stream_batching_interval_s):
-            yield delta
+        async for item in self._send(deltas, channel):
+            yield item
 
     async def prepare_completions(
         self, body: CompletionRequest, request_id: str
@@ -161,8 +232,8 @@ class LLMServer:
             return RemoteAPIError.capture(e)
 
     async def generate(
-        self, request: EngineRequest
-    ) -> AsyncGenerator[CompletionDelta | RemoteAPIError, None]:
+        self, request: EngineRequest, channel: ChannelTicket | None = None
+    ) -> AsyncGenerator[CompletionDelta | StreamStart | RemoteAPIError, None]:
         # The arrival time was taken on the ingress's monotonic clock, which means nothing in this process.
         request = dataclasses.replace(request, arrival_time=time.monotonic())
         try:
@@ -170,8 +241,82 @@ class LLMServer:
         except APIError as e:
             yield RemoteAPIError.capture(e)
             return
-        async for delta in _forward(deltas, self.stream_batching_interval_s):
-            yield delta
+        async for item in self._send(deltas, channel):
+            yield item
+
+    async def deltas(
+        self, channel_id: str, replica_pin: str | None = None
+    ) -> AsyncGenerator[str | list[tuple[int, CompletionDelta]], None]:
+        """The delta channel of one ingress: every delta of its requests here that chose the channel, one
+        item per batch of whatever is ready (one engine step's deltas, all requests together) instead of one
+        Ray item per delta per request. Ends when no such request ran for CHANNEL_IDLE_S (an open channel
+        counts as an ongoing request for Ray Serve's autoscaler) or when cancelled.
+
+        replica_pin is for the ingress's router (deploy/router.py): it sends this call to that replica."""
+        del replica_pin
+        if channel_id in self._outboxes:
+            # This ingress has its channel here already (its router did not pin this call): end at once.
+            yield self._own_replica_id()
+            return
+        outbox = self._outboxes[channel_id] = _Outbox()
+        try:
+            # Opened: from now on, requests naming this channel send their deltas here. The first item says
+            # which replica this is (a router other than the image-aware one may not honour replica_pin).
+            yield self._own_replica_id()
+            while True:
+                if outbox.items:
+                    items, outbox.items = outbox.items, []
+                    yield items
+                    continue
+                if outbox.closed:
+                    return
+                outbox.wakeup.clear()
+                try:
+                    await asyncio.wait_for(outbox.wakeup.wait(), CHANNEL_IDLE_S)
+                except TimeoutError:
+                    if outbox.active == 0 and not outbox.items:
+                        return
+        finally:
+            outbox.closed = True
+            if self._outboxes.get(channel_id) is outbox:
+                del self._outboxes[channel_id]
+
+    def _own_replica_id(self) -> str:
+        if self._replica_id is None:
+            from ray import serve
+
+            self._replica_id = serve.get_replica_context().replica_id.unique_id
+        return self._replica_id
+
+    async def _send(
+        self, deltas: AsyncGenerator[CompletionDelta, None], channel: ChannelTicket | None
+    ) -> AsyncGenerator[CompletionDelta | StreamStart, None]:
+        """A started request's deltas: on this stream, or (a channel is open and no stream window is set)
+        into the channel's outbox while this stream stays open, so that Ray Serve counts the request as
+        ongoing and a cancelled stream still aborts it."""
+        if channel is None:
+            self._stream_requests += 1
+            async for delta in _forward(deltas, self.stream_batching_interval_s):
+                yield delta
+            return
+        outbox = self._outboxes.get(channel.channel_id)
+        if outbox is None or self.stream_batching_interval_s > 0:
+            yield StreamStart(self._own_replica_id(), on_channel=False)
+            self._stream_requests += 1
+            async for delta in _forward(deltas, self.stream_batching_interval_s):
+                yield delta
+            return
+        # Counted before the first yield (a suspension point): an idle channel must not close in between.
+        outbox.active += 1
+        self._channel_requests += 1
+        try:
+            yield StreamStart(self._own_replica_id(), on_channel=True)
+            async for delta in deltas:
+                outbox.put(channel.number, delta)
+        finally:
+            outbox.active -= 1
+            outbox.wakeup.set()  # an idle channel may close now
+            await deltas.aclose()
 
 
 async def _forward(
