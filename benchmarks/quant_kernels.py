@@ -18,10 +18,69 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
+from vlmserve.checkpoints.quantized_checkpoint import fp8_block_quantize
 from vlmserve.models.layers import moe as moe_mod
 from vlmserve.models.quantization import awq, fp8, kernels
-from vlmserve.checkpoints.quantized_checkpoint import fp8_block_quantize
+from vlmserve.models.quantization.kernels import _store_tile
+
+
+# The quantized kernels' split-K GEMM without quantization, to time against cuBLAS at decode sizes (not used
+# by the server: a candidate until it measures faster).
+@triton.jit
+def _dense_gemm_kernel(
+    x_ptr,  # (M, K)
+    w_ptr,  # (N, K), x's dtype
+    bias_ptr,
+    c_ptr,  # (M, N) output, or (SPLITS, M, N) float32 partials when SPLIT
+    M,
+    N,
+    K,
+    TILES_PER_SPLIT,
+    stride_xm,
+    stride_cm,
+    stride_wn,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, TILES_PER_SPLIT):
+        k = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K + offs_k
+        k_ok = k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+        w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                    other=0.0)  # fmt: skip
+        acc += tl.dot(x, tl.trans(w))
+    _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
+
+
+def dense_linear(
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: dict[str, int] | None = None
+) -> torch.Tensor:
+    """x (..., K) @ weight (N, K).T + bias with the split-K Triton kernel (decode sizes; see _tiles)."""
+    shape = x.shape
+    x2 = x.reshape(-1, shape[-1])
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    n, k = weight.shape
+    t = kernels._tiles(x2.shape[0], n, k, 128, x2.device, tiles)
+    out = kernels._launch(_dense_gemm_kernel, x2, n, t, bias, (weight,), (weight.stride(0),))
+    return out.view(*shape[:-1], n)
+
 
 SHAPES = {"qkv": (4608, 3584), "o": (3584, 3584), "gate_up": (37888, 3584), "down": (3584, 18944)}
 LAYERS = 28
@@ -89,9 +148,14 @@ def main() -> None:
                 r: dict[str, float] = {}
                 r["bf16"] = graph_time_us(lambda: F.linear(x, w))
                 if m <= 16:  # the split-K Triton kernel unquantized, against cuBLAS
-                    r["bf16_triton_err"] = rel(kernels.dense_linear(x, w, None), F.linear(x.float(), w.float()))
-                    for name_t, t in (("", None), ("_n32k256", {"block_n": 32, "block_k": 256}), ("_n128k64", {"block_n": 128, "block_k": 64}), ("_n64k128s6", {"num_stages": 6})):
-                        r["bf16_triton" + name_t] = graph_time_us(lambda: kernels.dense_linear(x, w, None, tiles=t))
+                    r["bf16_triton_err"] = rel(dense_linear(x, w, None), F.linear(x.float(), w.float()))
+                    for name_t, t in (
+                        ("", None),
+                        ("_n32k256", {"block_n": 32, "block_k": 256}),
+                        ("_n128k64", {"block_n": 128, "block_k": 64}),
+                        ("_n64k128s6", {"num_stages": 6}),
+                    ):
+                        r["bf16_triton" + name_t] = graph_time_us(lambda: dense_linear(x, w, None, tiles=t))
                 ref = kernels.fp8_linear_reference(x, qb, sb, 128, None, 128)
                 r["fp8_block_err"] = rel(kernels.fp8_linear(x, qb, sb, 128, None), ref)
                 r["fp8_block"] = graph_time_us(lambda: kernels.fp8_linear(x, qb, sb, 128, None))
@@ -107,12 +171,28 @@ def main() -> None:
                     r["old_fp8_block"] = graph_time_us(lambda: old.fp8_linear(x, qb, sb, 128, None))
                     r["old_awq"] = graph_time_us(lambda: old.awq_linear(x, aq, az, asc, 128, None))
                 if m >= 128:  # tile alternatives at batch / prefill sizes
-                    for bm, bn, warps, stages in ((64, 128, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 4), (128, 256, 8, 3)):
-                        t = {"block_m": bm, "block_n": bn, "num_warps": warps, "num_stages": stages, "splits": 1}
+                    for bm, bn, warps, stages in (
+                        (64, 128, 4, 3),
+                        (128, 128, 8, 3),
+                        (128, 64, 4, 4),
+                        (64, 64, 4, 4),
+                        (128, 256, 8, 3),
+                    ):
+                        t = {
+                            "block_m": bm,
+                            "block_n": bn,
+                            "num_warps": warps,
+                            "num_stages": stages,
+                            "splits": 1,
+                        }
                         key = f"{bm}x{bn}w{warps}s{stages}"
                         try:
-                            r[f"fp8_block_{key}"] = graph_time_us(lambda: kernels.fp8_linear(x, qb, sb, 128, None, tiles=t))
-                            r[f"awq_{key}"] = graph_time_us(lambda: kernels.awq_linear(x, aq, az, asc, 128, None, tiles=t))
+                            r[f"fp8_block_{key}"] = graph_time_us(
+                                lambda: kernels.fp8_linear(x, qb, sb, 128, None, tiles=t)
+                            )
+                            r[f"awq_{key}"] = graph_time_us(
+                                lambda: kernels.awq_linear(x, aq, az, asc, 128, None, tiles=t)
+                            )
                         except Exception as e:  # noqa: BLE001 (a tile that does not fit the SM's memory)
                             r[f"fail_{key}"] = str(e)[:80]
                 res["linear"][f"{name}_m{m}"] = r
@@ -120,7 +200,9 @@ def main() -> None:
                     if not key.endswith("_err") and isinstance(v, float):
                         per_step.setdefault(key, {}).setdefault(m, 0.0)
                         per_step[key][m] += v * LAYERS / 1e3
-                print(name, m, {a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()}, flush=True)
+                print(
+                    name, m, {a: round(b, 4) if isinstance(b, float) else b for a, b in r.items()}, flush=True
+                )
         res["linears_ms_per_step"] = per_step
         print("linears per decode step (ms, 28 layers):")
         for key, by_m in per_step.items():
@@ -141,7 +223,13 @@ def main() -> None:
             if old_moe is not None:
                 r["old"] = graph_time_us(lambda: old_moe.fused_moe_triton(x, w13, w2, wts, ids), reps=5)
             if t >= 32:
-                for bn, bk, warps, stages in ((64, 64, 4, 3), (64, 128, 4, 3), (128, 64, 4, 3), (128, 128, 8, 3), (32, 128, 4, 4)):
+                for bn, bk, warps, stages in (
+                    (64, 64, 4, 3),
+                    (64, 128, 4, 3),
+                    (128, 64, 4, 3),
+                    (128, 128, 8, 3),
+                    (32, 128, 4, 4),
+                ):
                     cfg = {"BLOCK_N": bn, "BLOCK_K": bk, "num_warps": warps, "num_stages": stages}
                     try:
                         r[f"{bn}x{bk}w{warps}s{stages}"] = graph_time_us(

@@ -150,6 +150,20 @@ if TRITON:
             acc += tl.load(bias_ptr + offs, mask=ok, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * stride_om + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
+    @triton.jit
+    def _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS: tl.constexpr,
+                    SPLIT: tl.constexpr):  # fmt: skip
+        # A GEMM program's epilogue: its float32 (BLOCK_M, BLOCK_N) tile into split pid_s's partials, or (plus
+        # the bias) into the output.
+        ok = (offs_m < M)[:, None] & (offs_n < N)[None, :]
+        if SPLIT:
+            c = c_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
+        else:
+            if HAS_BIAS:
+                acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
+        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=ok)
+
 
 def _launch(
     kernel: Any,
@@ -183,69 +197,6 @@ def _launch(
             HAS_BIAS=has_bias, BLOCK=block, num_warps=4,
         )  # fmt: skip
     return out
-
-
-# --- bf16 / fp16 (unquantized), for comparison with cuBLAS at decode sizes -------------------------------
-
-if TRITON:
-
-    @triton.jit
-    def _dense_gemm_kernel(
-        x_ptr,  # (M, K)
-        w_ptr,  # (N, K), x's dtype
-        bias_ptr,
-        c_ptr,  # (M, N) output, or (SPLITS, M, N) float32 partials when SPLIT
-        M,
-        N,
-        K,
-        TILES_PER_SPLIT,
-        stride_xm,
-        stride_cm,
-        stride_wn,
-        HAS_BIAS: tl.constexpr,
-        SPLIT: tl.constexpr,
-        BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr,
-        BLOCK_K: tl.constexpr,
-    ):
-        pid_m = tl.program_id(0)
-        pid_n = tl.program_id(1)
-        pid_s = tl.program_id(2)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_k = tl.arange(0, BLOCK_K)
-        m_ok = offs_m < M
-        n_ok = offs_n < N
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for i in range(0, TILES_PER_SPLIT):
-            k = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K + offs_k
-            k_ok = k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # fmt: skip
-            w = tl.load(w_ptr + offs_n[:, None] * stride_wn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # fmt: skip
-            acc += tl.dot(x, tl.trans(w))
-        if SPLIT:
-            c = c_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
-
-
-def dense_linear(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, tiles: dict[str, int] | None = None
-) -> torch.Tensor:
-    """x (..., K) @ weight (N, K).T + bias with the split-K Triton kernel (decode sizes; see _tiles)."""
-    shape = x.shape
-    x2 = x.reshape(-1, shape[-1])
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
-    n, k = weight.shape
-    t = _tiles(x2.shape[0], n, k, 128, x2.device, tiles)
-    out = _launch(_dense_gemm_kernel, x2, n, t, bias, (weight,), (weight.stride(0),))
-    return out.view(*shape[:-1], n)
 
 
 # --- FP8 -----------------------------------------------------------------------------------------------
@@ -299,13 +250,7 @@ if TRITON:
                         other=0.0)  # fmt: skip
             b_s = tl.load(bs_ptr + offs_n * stride_bsn + k0 // GROUP_K, mask=n_ok & (k0 < K), other=0.0)
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
-        if SPLIT:
-            c = c_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
 
 
 # The Triton kernel's activation scale group: a K tile (128 columns, or less where a weight block is smaller).
@@ -475,13 +420,7 @@ if TRITON:
             s = tl.load(s_ptr + offs_n * stride_sn + g, mask=w_ok, other=0.0).to(tl.float32)
             w = ((q.to(tl.float32) - z[:, None]) * s[:, None]).to(x_ptr.dtype.element_ty)
             acc += tl.dot(x, tl.trans(w))
-        if SPLIT:
-            c = c_ptr + pid_s * M * N + offs_m[:, None] * N + offs_n[None, :]
-        else:
-            if HAS_BIAS:
-                acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-            c = c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :]
-        tl.store(c, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
+        _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
 
 
 def awq_linear(
