@@ -35,11 +35,9 @@ from vlmserve.models.layers.norm import RMSNorm
 from vlmserve.models.layers.parallel import (
     TensorParallel,
     embedding,
-    kv_heads_per_rank,
-    qkv_linear,
-    row_linear,
 )
-from vlmserve.models.layers.rotary import MRotaryEmbedding, apply_rotary
+from vlmserve.models.layers.qwen2 import Attention, DecoderLayer
+from vlmserve.models.layers.rotary import MRotaryEmbedding
 from vlmserve.models.layers.vision import PatchEmbed, VisionAttention, patch_positions, vision_rotary
 from vlmserve.models.layers.vlm import VisionLanguageModel
 
@@ -265,60 +263,27 @@ class VisionTransformer(nn.Module):
 # ------------------------------------------------------------------------------------- language model
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
-        super().__init__()
-        self.layer_idx = layer_idx
-        heads, kv_heads = cfg.num_attention_heads, cfg.num_key_value_heads
-        self.num_heads = heads if tp is None else tp.split(heads, "num_attention_heads")
-        self.num_kv_heads = kv_heads if tp is None else kv_heads_per_rank(kv_heads, tp)
-        self.head_dim = cfg.head_dim
-        self.q_size = self.num_heads * self.head_dim
-        self.kv_size = self.num_kv_heads * self.head_dim
-        self.qkv_proj = qkv_linear(cfg.hidden_size, heads, kv_heads, self.head_dim, cfg.attention_bias, tp)
-        self.o_proj = row_linear(heads * self.head_dim, cfg.hidden_size, cfg.attention_bias, tp)
-        self.q_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
-        self.k_norm = RMSNorm(self.head_dim, eps=cfg.rms_norm_eps)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
-    ) -> torch.Tensor:
-        t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = self.q_norm(q.reshape(t, self.num_heads, self.head_dim))  # per-head RMSNorm, (T, Hq, D)
-        k = self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim))  # (T, Hkv, D)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
-        out = attn(self.layer_idx, q, k, v)  # (T, Hq, D)
-        return self.o_proj(out.reshape(t, self.q_size))
-
-
-class DecoderLayer(nn.Module):
-    def __init__(self, cfg: TextConfig, layer_idx: int, tp: TensorParallel | None = None) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg, layer_idx, tp)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
-        self.mlp: nn.Module
-        if cfg.is_sparse(layer_idx):
-            self.mlp = SparseMoE(
-                cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, tp
-            )
-        else:
-            self.mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp=tp)
-
-    def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+def decoder_layer(cfg: TextConfig, layer_idx: int, tp: TensorParallel | None) -> DecoderLayer:
+    """Qwen2's block with Qwen3's attention (q/k RMSNorm per head, the config's biases) and, on sparse
+    layers, the mixture of experts."""
+    attention = Attention(
+        cfg, layer_idx, tp, qkv_bias=cfg.attention_bias, o_bias=cfg.attention_bias, qk_norm=True
+    )
+    mlp: nn.Module
+    if cfg.is_sparse(layer_idx):
+        mlp = SparseMoE(
+            cfg.hidden_size, cfg.moe_intermediate_size, cfg.num_experts, cfg.num_experts_per_tok, tp
+        )
+    else:
+        mlp = GatedMLP(cfg.hidden_size, cfg.intermediate_size, tp=tp)
+    return DecoderLayer(cfg, attention, mlp)
 
 
 class Qwen3Model(nn.Module):
     def __init__(self, cfg: TextConfig, tp: TensorParallel | None = None) -> None:
         super().__init__()
         self.embed_tokens = embedding(cfg.vocab_size, cfg.hidden_size, tp)
-        self.layers = nn.ModuleList([DecoderLayer(cfg, i, tp) for i in range(cfg.num_hidden_layers)])
+        self.layers = nn.ModuleList([decoder_layer(cfg, i, tp) for i in range(cfg.num_hidden_layers)])
         self.norm = RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps)
         self.rotary = MRotaryEmbedding(
             cfg.head_dim,
