@@ -21,12 +21,12 @@ import transformers
 
 from tests.conftest import random_image
 from tests.hf_reference import hf_image_text_processor_class
-from tests.test_model_parity import PROMPTS
+from tests.test_model_parity import PROMPTS, assert_greedy_matches, assert_logits_match
 from vlmserve.checkpoints.checkpoint import write_checkpoint
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.llm import LLM
 from vlmserve.models import registry
-from vlmserve.models.generate import greedy_generate, prompt_embeddings
+from vlmserve.models.generate import greedy_generate
 from vlmserve.models.layers.attention import ContiguousKVCache
 from vlmserve.models.loader import CheckpointError, load_model
 from vlmserve.models.processor import Qwen2_5_VLProcessor
@@ -161,31 +161,13 @@ def test_missing_unexpected_and_misshapen_tensors_are_named(checkpoint: Path, tm
 @pytest.mark.parametrize("prompt", list(PROMPTS))
 def test_logits_match_reference(models, prompt: str) -> None:
     ours, ref, _, _ = models
-    ours_in, hf_in = _inputs(models, prompt)
-    with torch.inference_mode():
-        expected = ref(**hf_in).logits[0]  # (L, V)
-        x = prompt_embeddings(ours, ours_in.token_ids, ours_in.images)
-        cache = ContiguousKVCache(len(ours.model.layers), ours.model.layers[0].self_attn.head_dim ** -0.5)
-        got = ours.compute_logits(ours(x, ours_in.mrope_positions, cache))
-    err = (got - expected).abs().max().item()
-    scale = expected.abs().max().item()
-    print(f"{prompt}: max |logit diff| = {err:.2e} (max |logit| = {scale:.1f})")
-    assert err <= 1e-4 * max(1.0, scale)
+    assert_logits_match(ours, ref, *_inputs(models, prompt), prompt)
 
 
 @pytest.mark.parametrize("prompt", ["one-image", "three-images"])
 def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
     ours, ref, _, _ = models
-    ours_in, hf_in = _inputs(models, prompt)
-    with torch.inference_mode():
-        # No EOS on either side (see tests/test_model_parity.py for why not min_new_tokens).
-        out = ref.generate(**hf_in, max_new_tokens=32, do_sample=False, eos_token_id=None)
-    expected = out[0, len(ours_in.token_ids) :].tolist()
-    assert len(expected) == 32
-    got = greedy_generate(
-        ours, ours_in.token_ids, ours_in.images, ours_in.mrope_positions, ours_in.mrope_delta, 32
-    )
-    assert got == expected
+    assert_greedy_matches(ours, ref, *_inputs(models, prompt))
 
 
 @pytest.mark.parametrize("prompt", ["one-image", "three-images", "multi-turn-early-image"])

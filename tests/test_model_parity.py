@@ -95,10 +95,9 @@ def _inputs(models, name: str):
     return ours_in, hf_in
 
 
-@pytest.mark.parametrize("prompt", list(PROMPTS))
-def test_logits_match_reference(models, prompt: str) -> None:
-    ours, ref, _, _ = models
-    ours_in, hf_in = _inputs(models, prompt)
+def assert_logits_match(ours, ref, ours_in, hf_in, prompt: str) -> None:
+    """Our model's logits over the whole prompt equal HF's (relative to the largest logit). Shared with the
+    other families' tests (tests/test_families.py)."""
     with torch.inference_mode():
         expected = ref(**hf_in).logits[0]  # (L, V)
         x = prompt_embeddings(ours, ours_in.token_ids, ours_in.images)
@@ -110,10 +109,8 @@ def test_logits_match_reference(models, prompt: str) -> None:
     assert err <= 1e-4 * max(1.0, scale)
 
 
-@pytest.mark.parametrize("prompt", ["one-image", "three-images"])
-def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
-    ours, ref, _, _ = models
-    ours_in, hf_in = _inputs(models, prompt)
+def assert_greedy_matches(ours, ref, ours_in, hf_in) -> None:
+    """32 greedy tokens from our loop equal HF's generate()."""
     with torch.inference_mode():
         # No EOS on either side: random weights may emit it at any step, and we compare all 32 tokens.
         # NOTE: drop EOS rather than set min_new_tokens: min_new_tokens masks EOS in the logits, which
@@ -125,6 +122,18 @@ def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
         ours, ours_in.token_ids, ours_in.images, ours_in.mrope_positions, ours_in.mrope_delta, 32
     )
     assert got == expected
+
+
+@pytest.mark.parametrize("prompt", list(PROMPTS))
+def test_logits_match_reference(models, prompt: str) -> None:
+    ours, ref, _, _ = models
+    assert_logits_match(ours, ref, *_inputs(models, prompt), prompt)
+
+
+@pytest.mark.parametrize("prompt", ["one-image", "three-images"])
+def test_greedy_32_tokens_match_generate(models, prompt: str) -> None:
+    ours, ref, _, _ = models
+    assert_greedy_matches(ours, ref, *_inputs(models, prompt))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
