@@ -200,16 +200,21 @@ def test_constrained_and_free_requests_share_batches(llm: LLM) -> None:
     assert text.startswith("{") and engine.scheduler.kv.prefix_cache_hits > 0
 
 
-def test_compiling_grammar_does_not_stall_others(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A request whose grammar takes a while to compile waits; a free request keeps producing tokens."""
+def _compile_slowly(llm: LLM, monkeypatch: pytest.MonkeyPatch, seconds: float) -> None:
+    """Every grammar of `llm` takes `seconds` longer to compile."""
     compiler = llm.engine.structured.compiler
     real = compiler.compile
 
     def slow(params: StructuredOutputsParams) -> object:
-        time.sleep(1.0)
+        time.sleep(seconds)
         return real(params)
 
     monkeypatch.setattr(compiler, "compile", slow)
+
+
+def test_compiling_grammar_does_not_stall_others(llm: LLM, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request whose grammar takes a while to compile waits; a free request keeps producing tokens."""
+    _compile_slowly(llm, monkeypatch, 1.0)
     engine = llm.engine
     slow_req = llm.make_request(
         "a",
@@ -240,14 +245,7 @@ def test_a_compile_past_the_time_limit_fails_only_its_request(
     import vlmserve.engine.structured as structured
 
     monkeypatch.setattr(structured, "COMPILE_TIMEOUT_S", 0.2)
-    compiler = llm.engine.structured.compiler
-    real = compiler.compile
-
-    def slow(params: StructuredOutputsParams) -> object:
-        time.sleep(1.0)
-        return real(params)
-
-    monkeypatch.setattr(compiler, "compile", slow)
+    _compile_slowly(llm, monkeypatch, 1.0)
     engine = llm.engine
     constraint = StructuredOutputsParams(regex="[a-z]{3}")
     late = llm.make_request(
