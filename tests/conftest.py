@@ -56,6 +56,19 @@ def stop_process(process: subprocess.Popen[bytes], timeout: float = 30.0) -> int
     return process.returncode
 
 
+@contextlib.contextmanager
+def served(checkpoint: Path | str | None, log: Path, *flags: str) -> Iterator[str]:
+    """`start_vlmserve` for a with-block: its base URL inside; on leaving, the server is stopped, and when the
+    block ended normally it must have exited cleanly (uvicorn re-raises the SIGTERM it handled once shutdown
+    is complete: -SIGTERM is a clean exit)."""
+    process, url = start_vlmserve(checkpoint, log, *flags)
+    try:
+        yield url
+    finally:
+        code = stop_process(process)
+    assert code in (0, -signal.SIGTERM), log.read_text()
+
+
 def start_vlmserve(
     checkpoint: Path | str | None, log: Path, *flags: str, timeout: float = 120.0
 ) -> tuple[subprocess.Popen[bytes], str]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import serve_directory, start_vlmserve, stop_process
+from tests.conftest import serve_directory, served
 from tests.test_demo_model import DemoCase, generated_case, score
 from vlmserve.training import data
 
@@ -55,15 +54,14 @@ def image_host(image_dir: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def base_url(image_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("demo-server") / "server.log"
-    process, url = start_vlmserve(
+    with served(
         "demo",
         log,
         "--allowed-media-domains", "127.0.0.1",
         "--allowed-local-media-path", str(image_dir),
         "--log-level", "warning",
-    )  # fmt: skip
-    yield url
-    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+    ) as url:  # fmt: skip
+        yield url
 
 
 def image_url(case: DemoCase, name: str, transport: str, image_dir: Path, image_host: str) -> str:

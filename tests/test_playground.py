@@ -11,7 +11,6 @@ from __future__ import annotations
 import base64
 import os
 import shutil
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -19,7 +18,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.conftest import start_vlmserve, stop_process
+from tests.conftest import served
 from tests.test_demo_model import generated_case
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -44,9 +43,8 @@ CHROMIUM_ARGS = [
 @pytest.fixture(scope="module")
 def base_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("playground") / "server.log"
-    process, url = start_vlmserve("demo", log, "--log-level", "warning")
-    yield url
-    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+    with served("demo", log, "--log-level", "warning") as url:
+        yield url
 
 
 @pytest.fixture(scope="module")

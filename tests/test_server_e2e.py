@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import openai
 import pytest
 from PIL import Image
 
-from tests.conftest import serve_directory, start_vlmserve, stop_process
+from tests.conftest import serve_directory, served
 
 MODEL = "tiny"
 MAX_BODY_BYTES = 2_000_000
@@ -62,7 +61,7 @@ def base_url(
     tiny_checkpoint: Path, image_dir: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[str]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process, url = start_vlmserve(
+    with served(
         tiny_checkpoint,
         log,
         "--model-id", MODEL,
@@ -73,17 +72,15 @@ def base_url(
         "--allowed-local-media-path", str(image_dir),
         "--max-request-body-bytes", str(MAX_BODY_BYTES),
         "--log-level", "warning",
-    )  # fmt: skip
-    yield url
-    # uvicorn re-raises the SIGTERM it handled once shutdown is complete: -SIGTERM is a clean exit.
-    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+    ) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture(scope="module")
 def tp2_base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     """The same server with the model sharded over two ranks (`-tp 2`: a worker process, gloo)."""
     log = tmp_path_factory.mktemp("server-tp2") / "server.log"
-    process, url = start_vlmserve(
+    with served(
         tiny_checkpoint,
         log,
         "-tp", "2",
@@ -91,9 +88,8 @@ def tp2_base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory
         "--max-model-len", "2048",
         "--num-kv-blocks", "300",
         "--log-level", "warning",
-    )  # fmt: skip
-    yield url
-    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+    ) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture

@@ -9,7 +9,6 @@ One server process for the module, started with --enable-auto-tool-choice --tool
 from __future__ import annotations
 
 import json
-import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.conftest import start_vlmserve, stop_process
+from tests.conftest import served
 from vlmserve.api.tools import ToolCallStream, parse_tool_calls
 
 MODEL = "tiny"
@@ -78,7 +77,7 @@ ITEM_SCHEMA = {
 @pytest.fixture(scope="module")
 def base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("server") / "server.log"
-    process, url = start_vlmserve(
+    with served(
         tiny_checkpoint,
         log,
         "--model-id", MODEL,
@@ -87,9 +86,8 @@ def base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "--enable-auto-tool-choice",
         "--tool-call-parser", "hermes",
         "--log-level", "warning",
-    )  # fmt: skip
-    yield url
-    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+    ) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture

@@ -12,7 +12,6 @@ import base64
 import io
 import json
 import re
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -23,7 +22,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import random_image, start_vlmserve, stop_process
+from tests.conftest import random_image, served
 
 MODEL = "tiny"
 DASHBOARD = Path(__file__).parent.parent / "examples" / "grafana" / "vlmserve_dashboard.json"
@@ -49,7 +48,7 @@ def image_message(url: str, detail: str | None = None, text: str = "Describe.") 
 @pytest.fixture(scope="module")
 def base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     log = tmp_path_factory.mktemp("surface") / "server.log"
-    process, url = start_vlmserve(
+    with served(
         tiny_checkpoint,
         log,
         "--model-id", MODEL,
@@ -57,9 +56,8 @@ def base_url(tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) ->
         "--num-kv-blocks", "300",
         "--no-playground",
         "--log-level", "warning",
-    )  # fmt: skip
-    yield url
-    assert stop_process(process) in (0, -signal.SIGTERM), log.read_text()
+    ) as url:  # fmt: skip
+        yield url
 
 
 @pytest.fixture
