@@ -307,11 +307,8 @@ class RemoteModelServer:
                     continue
                 if isinstance(item, BaseException):
                     logger.warning("the replica serving %s failed mid-stream: %s", request_id, item)
-                    message = f"The replica serving {request_id} stopped mid-stream; retry the request."
-                    for index in range(n):
-                        if index not in finished:
-                            finished.add(index)
-                            yield CompletionDelta(request_id, index, "", [], None, "error", error=message)
+                    for delta in _replica_lost(request_id, n, finished):
+                        yield delta
                     return
                 assert isinstance(item, CompletionDelta)
                 if item.finished:
@@ -388,11 +385,8 @@ async def _relay(
                 # The replica died mid-stream: end every open choice the way an engine failure does. Ray's
                 # description of the dead actor (ids, pids, node addresses) goes to the log, not to the client.
                 logger.warning("the replica serving %s died mid-stream: %s", request_id, e)
-                message = f"The replica serving {request_id} stopped mid-stream; retry the request."
-                for index in range(n):
-                    if index not in finished:
-                        finished.add(index)
-                        yield CompletionDelta(request_id, index, "", [], None, "error", error=message)
+                for delta in _replica_lost(request_id, n, finished):
+                    yield delta
                 return
     finally:
         if len(finished) < n:
@@ -438,3 +432,12 @@ class OpenAiIngress:
 def ingress_class() -> type:
     """OpenAiIngress as a Ray Serve ASGI ingress (its app is built at replica start, not at import)."""
     return serve.ingress()(OpenAiIngress)
+
+
+def _replica_lost(request_id: str, n: int, finished: set[int]) -> list[CompletionDelta]:
+    """An error delta for each of the request's `n` choices not finished yet (added to `finished`): the
+    replica serving it stopped mid-stream, as an engine failure ends them."""
+    message = f"The replica serving {request_id} stopped mid-stream; retry the request."
+    open_choices = [i for i in range(n) if i not in finished]
+    finished.update(open_choices)
+    return [CompletionDelta(request_id, i, "", [], None, "error", error=message) for i in open_choices]
