@@ -21,6 +21,7 @@ Only used for CUDA tensors.
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -98,15 +99,17 @@ def _num_sms(index: int | None) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
+@dataclass(slots=True)
 class Tiles:
     """A GEMM's launch shape: tile sizes, warps, pipeline stages and the K splits."""
 
-    __slots__ = ("block_k", "block_m", "block_n", "k_per_split", "num_stages", "num_warps", "splits")
-
-    def __init__(self, block_m: int, block_n: int, block_k: int, num_warps: int, num_stages: int) -> None:
-        self.block_m, self.block_n, self.block_k = block_m, block_n, block_k
-        self.num_warps, self.num_stages = num_warps, num_stages
-        self.splits, self.k_per_split = 1, 0
+    block_m: int
+    block_n: int
+    block_k: int
+    num_warps: int
+    num_stages: int
+    splits: int = 1
+    k_per_split: int = 0  # K columns per split, a multiple of block_k
 
 
 def _tiles(
