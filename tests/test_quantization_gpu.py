@@ -163,7 +163,7 @@ def test_quantized_model_on_gpu_matches_cpu_reference_with_and_without_cuda_grap
 def test_paged_decode_reads_an_fp8_kv_cache(dtype: torch.dtype) -> None:
     from vlmserve.models.layers.attention import causal_attention
     from vlmserve.runner.kv_quant import FP8_KV, from_cache, gather, to_cache
-    from vlmserve.runner.triton_attention import PARTITION, paged_decode_attention
+    from vlmserve.runner.triton_attention import paged_decode_attention
 
     torch.manual_seed(0)
     hq, hkv, dim, page, num_blocks = 28, 4, 128, 16, 400
@@ -181,7 +181,7 @@ def test_paged_decode_reads_an_fp8_kv_cache(dtype: torch.dtype) -> None:
         bt[i, : len(t)] = t.int()
     q = torch.randn(len(seq_lens), hq, dim, device="cuda", dtype=dtype)
     lens = torch.tensor(seq_lens, dtype=torch.int32, device="cuda")
-    got = paged_decode_attention(q, k_cache, v_cache, bt, lens, dim**-0.5, -(-max(seq_lens) // PARTITION))
+    got = paged_decode_attention(q, k_cache, v_cache, bt, lens, dim**-0.5, max(seq_lens))
     for i, n in enumerate(seq_lens):
         ks = from_cache(gather(k_cache, tables[i]).reshape(-1, hkv, dim)[:n], torch.float64)
         vs = from_cache(gather(v_cache, tables[i]).reshape(-1, hkv, dim)[:n], torch.float64)

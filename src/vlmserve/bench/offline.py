@@ -219,7 +219,7 @@ def profile_w1(core: EngineCore, proc: Qwen2_5_VLProcessor, prompt: Prompt) -> N
         print(f"--- {phase}: wall {wall * 1e3:.1f} ms (profiled), kernel time {gpu:.1f} ms")
         print(
             prof.key_averages().table(
-                sort_by="self_device_time_total", row_limit=14, max_name_column_width=60
+                sort_by="self_device_time_total", row_limit=30, max_name_column_width=60
             )
         )
     while core.has_unfinished_requests():

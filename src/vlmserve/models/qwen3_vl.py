@@ -303,12 +303,13 @@ class Qwen3Model(nn.Module):
         """embeds (T, hidden); positions (3, T) or (T,); deepstack (T, n, hidden) added to the hidden states
         after layers 0 .. n-1 (zeros on text rows) -> (T, hidden) final-normed."""
         cos, sin = self.rotary(positions)  # (T, D) each, computed once for all layers
-        x = embeds
+        residual, delta = embeds, None
         for i, layer in enumerate(self.layers):
-            x = layer(x, cos, sin, attn)
+            residual, delta = layer(residual, delta, cos, sin, attn)
             if deepstack is not None and i < deepstack.shape[1]:
-                x = x + deepstack[:, i]
-        return self.norm(x)
+                # The layer's hidden state, then the features added to it (the same two roundings as HF's).
+                residual, delta = residual + delta, deepstack[:, i]
+        return self.norm.add_forward(delta, residual)[1]
 
 
 # ------------------------------------------------------------------------------------------ the model

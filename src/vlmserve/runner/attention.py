@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import causal_attention
-from vlmserve.runner.kv_quant import from_cache, gather, write_slots
+from vlmserve.runner.kv_quant import from_cache, gather, write_kv
 
 
 @dataclass
@@ -93,8 +93,7 @@ class TorchPagedAttention:
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]  # (N, bs, Hkv, D)
-        write_slots(k_cache, self.meta.slot_mapping, k)
-        write_slots(v_cache, self.meta.slot_mapping, v)
+        write_kv(k_cache, v_cache, self.meta.slot_mapping, k, v)
         out = torch.empty_like(q)  # (T, Hq, D)
         if self.meta.prefill_rows:
             self._prefill(q, k_cache, v_cache, out)

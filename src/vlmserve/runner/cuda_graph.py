@@ -37,7 +37,6 @@ class CudaGraphDecoder:
         self.runner = runner
         model, dev = runner.model, runner.device
         self.max_blocks = -(-max_model_len // runner.block_size)
-        self.num_partitions = runner.max_partitions
         self.sizes = sorted(
             {b for b in (1, 2, 4, 8, *range(16, 257, 16)) if b <= max_num_seqs} | {max_num_seqs}
         )
@@ -57,7 +56,7 @@ class CudaGraphDecoder:
                 self.tables[:b],
                 self.seq_lens[:b],
                 runner.scale,
-                self.num_partitions,
+                max_model_len,
             )
 
             def forward(b: int = b, attn: TritonDecodeAttention = attn) -> torch.Tensor:

@@ -11,6 +11,12 @@ from __future__ import annotations
 
 import torch
 
+from vlmserve.models.layers.fused import AVAILABLE as TRITON
+
+if TRITON:
+    import triton
+    import triton.language as tl
+
 FP8_KV = torch.float8_e4m3fn
 KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
 # The per-tensor scale of every layer's K and V (stored = value / scale).
@@ -60,6 +66,46 @@ def write_slots(cache: torch.Tensor, slots: torch.Tensor, x: torch.Tensor) -> No
     if cache.dtype == FP8_KV:  # index_copy_ has no float8 kernel: copy the same bytes as uint8
         cache, new = cache.view(torch.uint8), new.view(torch.uint8)
     cache.view(-1, hkv, dim).index_copy_(0, slots, new)
+
+
+if TRITON:
+
+    @triton.jit
+    def _write_kv_kernel(k_ptr, v_ptr, kc_ptr, vc_ptr, slots_ptr, stride_kt, stride_kh, stride_vt, stride_vh,
+                         HEADS: tl.constexpr, DIM: tl.constexpr, BLOCK_H: tl.constexpr):  # fmt: skip
+        # One program per token: its keys and values (all KV heads) into its cache slot.
+        t = tl.program_id(0)
+        slot = tl.load(slots_ptr + t)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, DIM)[None, :]
+        ok = h < HEADS
+        dst = slot * (HEADS * DIM) + h * DIM + d
+        tl.store(kc_ptr + dst, tl.load(k_ptr + t * stride_kt + h * stride_kh + d, mask=ok), mask=ok)
+        tl.store(vc_ptr + dst, tl.load(v_ptr + t * stride_vt + h * stride_vh + d, mask=ok), mask=ok)
+
+
+def write_kv(
+    k_cache: torch.Tensor, v_cache: torch.Tensor, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor
+) -> None:
+    """write_slots for the keys and the values at once: one launch on the GPU where the cache holds the
+    model's dtype (a power-of-two head dim, unit last strides); otherwise the two copies."""
+    _, _, hkv, dim = k_cache.shape
+    if (
+        TRITON
+        and k_cache.is_cuda
+        and k_cache.dtype == k.dtype == v.dtype
+        and k.shape[0]
+        and dim == triton.next_power_of_2(dim)
+        and k.stride(2) == 1
+        and v.stride(2) == 1
+    ):
+        _write_kv_kernel[(k.shape[0],)](
+            k, v, k_cache, v_cache, slots, k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+            HEADS=hkv, DIM=dim, BLOCK_H=triton.next_power_of_2(hkv),
+        )  # fmt: skip
+        return
+    write_slots(k_cache, slots, k)
+    write_slots(v_cache, slots, v)
 
 
 def gather(cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor:

@@ -221,15 +221,11 @@ class ModelRunner:
         self.generators: dict[str, torch.Generator | None] = {}
         self.sampler = Sampler()
         self.graphs: CudaGraphDecoder | None = None
-        self.max_partitions = 0  # the Triton decode kernel's partitions for max_model_len (GPU only)
-        if self.device.type == "cuda":
-            from vlmserve.runner.triton_attention import PARTITION
+        self.max_model_len = max_model_len
+        if self.device.type == "cuda" and not enforce_eager:
+            from vlmserve.runner.cuda_graph import CudaGraphDecoder
 
-            self.max_partitions = -(-max_model_len // PARTITION)
-            if not enforce_eager:
-                from vlmserve.runner.cuda_graph import CudaGraphDecoder
-
-                self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
+            self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
 
     # --- encoder ---------------------------------------------------------------------------------------
 
@@ -670,7 +666,7 @@ class ModelRunner:
         if self.device.type == "cuda":
             from vlmserve.runner.triton_attention import TritonPagedAttention
 
-            return TritonPagedAttention(self.kv_caches, meta, self.scale, self.max_partitions)
+            return TritonPagedAttention(self.kv_caches, meta, self.scale, self.max_model_len)
         return TorchPagedAttention(self.kv_caches, meta, self.scale)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], grammar_bitmask: Any = None) -> StepOutput:

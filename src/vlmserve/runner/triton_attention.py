@@ -8,6 +8,10 @@ partitions. Shapes are static given (batch, max partitions), so the kernel can l
 sequence lengths and block tables are read from device memory, and partitions past a sequence's end return
 at once without writing anything (the merge reads only the partitions a sequence's length covers), so a
 generous partition count (max_model_len's) costs a launch slot per empty program, not memory traffic.
+
+The partition length depends on the batch (`partition_for`): a few sequences need short partitions to give
+every SM work (one W1 sequence in 256-token partitions is 20 programs on 132 SMs), many sequences fill the GPU
+with long ones and fewer partials to merge.
 """
 
 from __future__ import annotations
@@ -22,10 +26,18 @@ import triton.language as tl
 from vlmserve.devices import to_device
 from vlmserve.models.layers.attention import flash_varlen
 from vlmserve.runner.attention import PagedAttentionMetadata, TorchPagedAttention, token_slots
-from vlmserve.runner.kv_quant import FP8_KV, FP8_KV_SCALE, from_cache, gather, write_slots
+from vlmserve.runner.kv_quant import FP8_KV, FP8_KV_SCALE, from_cache, gather, write_kv
 
-PARTITION = 256  # tokens per program: W1's ~1.2k-token context gives 5 programs per (sequence, KV head)
+PARTITION = 256  # tokens per program at larger batches
+SMALL_BATCH_PARTITION = 64  # at (sequences x KV heads) <= SMALL_BATCH_PROGRAMS
+SMALL_BATCH_PROGRAMS = 32
 BLOCK_N = 64  # tokens per inner iteration (several pages gathered at once)
+
+
+def partition_for(batch: int, kv_heads: int) -> int:
+    """Tokens per program for a decode batch: short partitions when few (sequence, KV head) pairs would leave
+    most SMs idle."""
+    return SMALL_BATCH_PARTITION if batch * kv_heads <= SMALL_BATCH_PROGRAMS else PARTITION
 
 
 @triton.jit(do_not_specialize=["stride_bt"])  # the eager path's table width changes from step to step
@@ -133,15 +145,19 @@ def paged_decode_attention(
     block_tables: torch.Tensor,
     seq_lens: torch.Tensor,
     scale: float,
-    num_partitions: int,
+    max_seq_len: int,
 ) -> torch.Tensor:
     """q (B, Hq, D); caches (N, page, Hkv, D); block_tables (B, max_blocks) int32; seq_lens (B,) int32.
 
-    num_partitions * PARTITION must cover the longest sequence. Returns (B, Hq, D) in q's dtype.
+    max_seq_len (no sequence is longer) sets the partition count: fixed for a given batch size (max_model_len
+    in the CUDA graphs and the eager steps alike), so serving compiles no new variants. Returns (B, Hq, D) in
+    q's dtype.
     """
     bsz, hq, dim = q.shape
     _, page, hkv, _ = k_cache.shape
     group = hq // hkv
+    part = partition_for(bsz, hkv)
+    num_partitions = -(-max_seq_len // part)
     acc = torch.empty(bsz, hq, num_partitions, dim, device=q.device, dtype=torch.float32)
     mx = torch.empty(bsz, hq, num_partitions, device=q.device, dtype=torch.float32)
     sm = torch.empty_like(mx)
@@ -167,7 +183,7 @@ def paged_decode_attention(
         GROUP_PAD=max(16, triton.next_power_of_2(group)),
         HEAD_DIM=dim,
         PAGE=page,
-        PART=PARTITION,
+        PART=part,
         BN=BLOCK_N,
         num_warps=4,
     )
@@ -182,7 +198,7 @@ def paged_decode_attention(
         num_partitions,
         HEAD_DIM=dim,
         P_PAD=max(2, triton.next_power_of_2(num_partitions)),
-        PART=PARTITION,
+        PART=part,
     )
     return out
 
@@ -198,21 +214,20 @@ class TritonDecodeAttention:
         block_tables: torch.Tensor,  # (B, max_blocks) int32
         seq_lens: torch.Tensor,  # (B,) int32
         scale: float,
-        num_partitions: int,
+        max_seq_len: int,
     ) -> None:
         self.kv_caches = kv_caches
         self.slot_mapping = slot_mapping
         self.block_tables = block_tables
         self.seq_lens = seq_lens
         self.scale = scale
-        self.num_partitions = num_partitions
+        self.max_seq_len = max_seq_len
 
     def __call__(self, layer_idx: int, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         k_cache, v_cache = self.kv_caches[layer_idx]
-        write_slots(k_cache, self.slot_mapping, k)
-        write_slots(v_cache, self.slot_mapping, v)
+        write_kv(k_cache, v_cache, self.slot_mapping, k, v)
         return paged_decode_attention(
-            q, k_cache, v_cache, self.block_tables, self.seq_lens, self.scale, self.num_partitions
+            q, k_cache, v_cache, self.block_tables, self.seq_lens, self.scale, self.max_seq_len
         )
 
 
@@ -222,19 +237,19 @@ class TritonPagedAttention(TorchPagedAttention):
     row's whole KV into one padded copy per layer; the prefill rows (in half precision) go through one
     variable-length flash call over their gathered contexts, the torch backend's per-row path otherwise.
 
-    `num_partitions` is fixed (max_model_len's, as in the CUDA graphs), not this step's longest sequence:
-    the merge kernel's partition count is a compile-time constant, and one per step would compile new
-    variants while serving."""
+    `max_seq_len` is max_model_len (as in the CUDA graphs), not this step's longest sequence: the merge
+    kernel's partition count is a compile-time constant, and one per step would compile new variants while
+    serving."""
 
     def __init__(
         self,
         kv_caches: list[tuple[torch.Tensor, torch.Tensor]],
         meta: PagedAttentionMetadata,
         scale: float,
-        num_partitions: int,
+        max_seq_len: int,
     ) -> None:
         super().__init__(kv_caches, meta, scale)
-        self.num_partitions = num_partitions
+        self.max_seq_len = max_seq_len
         if meta.decode_rows:
             self.decode_tables_i32 = self.decode_tables.to(torch.int32)
         self._flash: tuple[torch.Tensor | None, torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None = (
@@ -297,5 +312,5 @@ class TritonPagedAttention(TorchPagedAttention):
             self.decode_tables_i32,
             self.decode_lens,
             self.scale,
-            self.num_partitions,
+            self.max_seq_len,
         )

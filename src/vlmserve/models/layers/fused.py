@@ -42,6 +42,23 @@ if AVAILABLE:
         tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
 
     @triton.jit
+    def _add_rms_norm_kernel(x_ptr, r_ptr, w_ptr, sum_ptr, out_ptr, stride_x, stride_r, stride_sum, stride_out,
+                             n_cols, eps, BLOCK: tl.constexpr):  # fmt: skip
+        # sum = x + r rounded to the input dtype (as the unfused add), then the RMSNorm of that rounded sum.
+        row = tl.program_id(0)
+        cols = tl.arange(0, BLOCK)
+        mask = cols < n_cols
+        x = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+        r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+        s = (x + r).to(sum_ptr.dtype.element_ty)
+        tl.store(sum_ptr + row * stride_sum + cols, s, mask=mask)
+        s = s.to(tl.float32)
+        rstd = tl.rsqrt(tl.sum(s * s, 0) / n_cols + eps)
+        w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+        y = (s * rstd).to(out_ptr.dtype.element_ty).to(tl.float32) * w.to(tl.float32)
+        tl.store(out_ptr + row * stride_out + cols, y.to(out_ptr.dtype.element_ty), mask=mask)
+
+    @triton.jit
     def _rotary_kernel(
         x_ptr,
         cos_ptr,
@@ -102,6 +119,23 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
             BLOCK=triton.next_power_of_2(shape[-1]),
         )
     return out.view(shape)
+
+
+def add_rms_norm(
+    x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(x + residual, rms_norm(x + residual)) for (..., H) inputs of one dtype, in one pass: one program per
+    row."""
+    shape = x.shape
+    x2, r2 = x.reshape(-1, shape[-1]), residual.reshape(-1, shape[-1])
+    total = torch.empty(x2.shape, dtype=x.dtype, device=x.device)
+    out = torch.empty(x2.shape, dtype=torch.promote_types(x.dtype, weight.dtype), device=x.device)
+    if x2.shape[0]:
+        _add_rms_norm_kernel[(x2.shape[0],)](
+            x2, r2, weight, total, out, x2.stride(0), r2.stride(0), total.stride(0), out.stride(0), shape[-1],
+            eps, BLOCK=triton.next_power_of_2(shape[-1]),
+        )  # fmt: skip
+    return total.view(shape), out.view(shape)
 
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

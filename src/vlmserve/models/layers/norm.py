@@ -1,4 +1,5 @@
-"""RMSNorm, computed in float32 and cast back before the weight multiply (as the reference does)."""
+"""RMSNorm, computed in float32 and cast back before the weight multiply (as the reference does); `add_forward`
+fuses the residual add before it."""
 
 from __future__ import annotations
 
@@ -23,3 +24,10 @@ class RMSNorm(nn.Module):
         # NOTE: the reference casts to the input dtype *before* multiplying by the weight; doing it after
         # changes bf16 results by one rounding step.
         return self.weight * x32.to(dtype)
+
+    def add_forward(self, x: torch.Tensor, residual: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(x + residual, its norm): a residual add and the next norm in one kernel on the GPU."""
+        if fused.use_fused(x) and x.dtype == residual.dtype:
+            return fused.add_rms_norm(x, residual, self.weight, self.eps)
+        total = x + residual
+        return total, self(total)

@@ -80,19 +80,28 @@ class Attention(nn.Module):
         self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
     ) -> torch.Tensor:
         t = x.shape[0]
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.reshape(t, self.num_heads, self.head_dim)  # (T, Hq, D)
-        k = k.reshape(t, self.num_kv_heads, self.head_dim)  # (T, Hkv, D)
+        qkv = self.qkv_proj(x)
+        v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
         if self.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        v = v.view(t, self.num_kv_heads, self.head_dim)
+            q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
+            q = apply_rotary(self.q_norm(q.reshape(t, self.num_heads, self.head_dim)), cos, sin)
+            k = apply_rotary(self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)), cos, sin)
+        else:  # q's and k's heads lie side by side in the projection's output: one rotary over both
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                t, self.num_heads + self.num_kv_heads, self.head_dim
+            )
+            q, k = apply_rotary(qk, cos, sin).split([self.num_heads, self.num_kv_heads], dim=1)
         out = attn(self.layer_idx, q, k, v)  # (T, Hq, D)
         return self.o_proj(out.reshape(t, self.q_size))
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block around the given attention and MLP (a family passes its own variants)."""
+    """Pre-norm residual block around the given attention and MLP (a family passes its own variants).
+
+    The residual stream is carried as (residual, delta): a layer returns its MLP's output and the residual
+    before it instead of their sum, so each residual add happens inside the next norm's kernel (`add_forward`)
+    with the same rounding as the plain sum. The first layer gets delta=None (the embeddings are the residual);
+    the model's final norm adds the last delta."""
 
     def __init__(self, cfg: Qwen2TextConfig, self_attn: nn.Module, mlp: nn.Module) -> None:
         super().__init__()
@@ -102,10 +111,20 @@ class DecoderLayer(nn.Module):
         self.mlp = mlp
 
     def forward(
-        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, attn: AttentionBackend
-    ) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, attn)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        self,
+        residual: torch.Tensor,
+        delta: torch.Tensor | None,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        attn: AttentionBackend,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(residual, delta) -> (residual, delta) of the next layer; the hidden state is their sum."""
+        if delta is None:
+            h = self.input_layernorm(residual)
+        else:
+            residual, h = self.input_layernorm.add_forward(delta, residual)
+        residual, h = self.post_attention_layernorm.add_forward(self.self_attn(h, cos, sin, attn), residual)
+        return residual, self.mlp(h)
 
 
 class Qwen2Model(nn.Module):
@@ -124,7 +143,7 @@ class Qwen2Model(nn.Module):
     def forward(self, embeds: torch.Tensor, positions: torch.Tensor, attn: AttentionBackend) -> torch.Tensor:
         """embeds (T, hidden); positions (3, T) multimodal or (T,) text-only -> (T, hidden) final-normed."""
         cos, sin = self.rotary(positions)  # (T, D) each, computed once for all layers
-        x = embeds
+        residual, delta = embeds, None
         for layer in self.layers:
-            x = layer(x, cos, sin, attn)
-        return self.norm(x)
+            residual, delta = layer(residual, delta, cos, sin, attn)
+        return self.norm.add_forward(delta, residual)[1]
