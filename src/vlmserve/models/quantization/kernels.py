@@ -1,8 +1,8 @@
 """GPU GEMMs for quantized weights: FP8 (W8A8, activations quantized per token / per token-group on the fly)
 and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy).
 
-    fp8_linear   a Triton GEMM that quantizes activations in registers (per row and 128 columns), for
-                 block and per-channel scales; at prefill sizes with per-channel scales on Hopper+,
+    fp8_linear   a Triton GEMM with activations quantized per row and 128 columns (in registers at decode
+                 sizes, by one kernel beforehand above PREQUANT_MIN_ROWS), for block and per-channel scales; at prefill sizes with per-channel scales on Hopper+,
                  torch._scaled_mm (cuBLASLt, row-wise scales: activations per token)
     awq_linear   a Triton GEMM that unpacks the int4 weights in registers (a tile of packed bytes loaded once,
                  its two nibbles interleaved back into K order) and multiplies on the tensor cores
@@ -124,7 +124,7 @@ def _tiles(
     else:
         t = Tiles(64 if m <= 128 else 128, 128, block_k, 8 if m > 128 else 4, 3)
     for field, value in (override or {}).items():  # benchmarks and tests pin fields ("splits": 1 or more)
-        if field != "splits":
+        if field not in ("splits", "prequant"):
             setattr(t, field, value)
     m_tiles, n_tiles, k_tiles = -(-m // t.block_m), -(-n // t.block_n), -(-k // t.block_k)
     want = (override or {}).get("splits")
@@ -176,13 +176,14 @@ def _launch(
     bias: torch.Tensor | None,
     weights: tuple,
     tail: tuple,
+    dtype: torch.dtype | None = None,
     **meta: Any,
 ) -> torch.Tensor:
     """Run a GEMM kernel (x, *weights, bias, out, M, N, K, TILES_PER_SPLIT, stride_xm, stride_cm, *tail) over the
-    grid (M tiles, N tiles, K splits): the output directly when there is one split, else float32 partials
-    that `_splitk_reduce_kernel` adds up (with the bias)."""
+    grid (M tiles, N tiles, K splits): the output (in `dtype`, default x's) directly when there is one split,
+    else float32 partials that `_splitk_reduce_kernel` adds up (with the bias)."""
     m = x2.shape[0]
-    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    out = torch.empty(m, n, dtype=dtype or x2.dtype, device=x2.device)
     split = t.splits > 1
     part = torch.empty(t.splits, m, n, dtype=torch.float32, device=x2.device) if split else out
     has_bias = bias is not None
@@ -207,6 +208,25 @@ def _launch(
 if TRITON:
 
     @triton.jit
+    def _quantize_tile(x):
+        # (R, C) float32 -> e4m3 and one scale per row, as quantize_activations computes them (448: e4m3's
+        # largest value; 1e-12: MIN_SCALE).
+        a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
+        return tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv), a_s
+
+    @triton.jit
+    def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr):
+        # One program per (row, group of GROUP columns): the group's e4m3 values and scale.
+        row = tl.program_id(0)
+        g = tl.program_id(1)
+        k = g * GROUP + tl.arange(0, GROUP)
+        ok = k < K
+        x = tl.load(x_ptr + row * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+        a, a_s = _quantize_tile(x[None, :])
+        tl.store(q_ptr + row * stride_qm + k, tl.reshape(a, (GROUP,)), mask=ok)
+        tl.store(s_ptr + row * stride_sm + g + tl.arange(0, 1), a_s)
+
+    @triton.jit
     def _fp8_gemm_kernel(
         x_ptr,  # (M, K) activations, bf16 / fp16 / fp32
         b_ptr,  # (N, K) fp8
@@ -222,14 +242,18 @@ if TRITON:
         stride_bn,
         stride_bsn,
         GROUP_K,  # columns per weight scale (block_k; K for per-channel scales)
+        xs_ptr,  # PREQUANT: (M, cdiv(K, BLOCK_K)) float32 activation scales
+        stride_xsm,
+        PREQUANT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides GROUP_K; also the activation scale group (ACT_GROUP)
     ):
-        # Activations are quantized here, per row and BLOCK_K columns, in registers: no separate
-        # quantization kernels (at decode they would outnumber the GEMMs) and no FP8 copy of x in memory.
+        # Activations are quantized per row and BLOCK_K columns: at decode sizes here, in registers (no
+        # extra launch, no FP8 copy of x); with more rows once beforehand (PREQUANT), since every N tile's
+        # program would quantize the same activation tiles again.
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -244,11 +268,15 @@ if TRITON:
             k0 = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K
             k = k0 + offs_k
             k_ok = k < K
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                        other=0.0).to(tl.float32)  # fmt: skip
-            # The scale as quantize_activations computes it (448: e4m3's largest value; 1e-12: MIN_SCALE).
-            a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)  # (BLOCK_M,)
-            a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv)
+            x_ok = m_ok[:, None] & k_ok[None, :]
+            if PREQUANT:  # x_ptr: fp8 activations, xs_ptr: their (M, cdiv(K, BLOCK_K)) scales
+                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
+                a_s = tl.load(xs_ptr + offs_m * stride_xsm + k0 // BLOCK_K, mask=m_ok & (k0 < K), other=0.0)
+            else:
+                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0).to(
+                    tl.float32
+                )
+                a, a_s = _quantize_tile(x)
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0)  # fmt: skip
             b_s = tl.load(bs_ptr + offs_n * stride_bsn + k0 // GROUP_K, mask=n_ok & (k0 < K), other=0.0)
@@ -292,9 +320,23 @@ def fp8_triton(
     t = _tiles(m, n, k, tile_k, x2.device, tiles)
     if t.block_k != tile_k:
         raise ValueError(f"the FP8 kernel's K tile is its activation group ({tile_k}), got {t.block_k}")
-    tail = (weight.stride(0), scale.stride(0), group_k)
-    return _launch(_fp8_gemm_kernel, x2, n, t, bias, (weight, scale), tail)
+    prequant = (tiles or {}).get("prequant", int(m >= PREQUANT_MIN_ROWS))
+    if prequant:
+        xq = torch.empty(m, k, dtype=FP8, device=x2.device)
+        xs = torch.empty(m, triton.cdiv(k, tile_k), dtype=torch.float32, device=x2.device)
+        _quantize_act_kernel[(m, xs.shape[1])](
+            x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), GROUP=tile_k, num_warps=1
+        )
+        tail = (weight.stride(0), scale.stride(0), group_k, xs, xs.stride(0))
+        out = _launch(_fp8_gemm_kernel, xq, n, t, bias, (weight, scale), tail, PREQUANT=True, dtype=x2.dtype)
+        return out
+    tail = (weight.stride(0), scale.stride(0), group_k, x2, 0)
+    return _launch(_fp8_gemm_kernel, x2, n, t, bias, (weight, scale), tail, PREQUANT=False)
 
+
+# Rows from which the Triton FP8 GEMM reads activations quantized by one kernel beforehand instead of quantizing
+# them in every program (measured: benchmarks/RESULTS.md).
+PREQUANT_MIN_ROWS = 32
 
 # Rows up to which the fused Triton kernel runs even where _scaled_mm applies: its activation quantization
 # costs no extra launches, which at decode batch sizes weighs more than cuBLASLt's better tiles.
