@@ -65,7 +65,8 @@ class Fp8Linear(QuantizedLinear):
         dev = device
         groups = -(-in_features // self.block_k)
         self.weight = frozen(torch.empty(out_features, in_features, dtype=FP8, device=dev))
-        self.weight_scale = frozen(torch.empty(out_features, groups, dtype=torch.float32, device=dev))
+        # Column-major: the GPU kernel reads, per K block, the scales of consecutive output rows (coalesced).
+        self.weight_scale = frozen(torch.empty(groups, out_features, dtype=torch.float32, device=dev).t())
         self.bias = bias
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

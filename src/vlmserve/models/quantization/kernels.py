@@ -241,6 +241,7 @@ if TRITON:
         stride_cm,
         stride_bn,
         stride_bsn,
+        stride_bsk,
         GROUP_K,  # columns per weight scale (block_k; K for per-channel scales)
         xs_ptr,  # PREQUANT: (M, cdiv(K, BLOCK_K)) float32 activation scales
         stride_xsm,
@@ -279,7 +280,8 @@ if TRITON:
                 a, a_s = _quantize_tile(x)
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0)  # fmt: skip
-            b_s = tl.load(bs_ptr + offs_n * stride_bsn + k0 // GROUP_K, mask=n_ok & (k0 < K), other=0.0)
+            b_s = tl.load(bs_ptr + offs_n * stride_bsn + (k0 // GROUP_K) * stride_bsk, mask=n_ok & (k0 < K),
+                          other=0.0)  # fmt: skip
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
         _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
 
@@ -327,16 +329,16 @@ def fp8_triton(
         _quantize_act_kernel[(m, xs.shape[1])](
             x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), GROUP=tile_k, num_warps=1
         )
-        tail = (weight.stride(0), scale.stride(0), group_k, xs, xs.stride(0))
+        tail = (weight.stride(0), scale.stride(0), scale.stride(1), group_k, xs, xs.stride(0))
         out = _launch(_fp8_gemm_kernel, xq, n, t, bias, (weight, scale), tail, PREQUANT=True, dtype=x2.dtype)
         return out
-    tail = (weight.stride(0), scale.stride(0), group_k, x2, 0)
+    tail = (weight.stride(0), scale.stride(0), scale.stride(1), group_k, x2, 0)
     return _launch(_fp8_gemm_kernel, x2, n, t, bias, (weight, scale), tail, PREQUANT=False)
 
 
 # Rows from which the Triton FP8 GEMM reads activations quantized by one kernel beforehand instead of quantizing
-# them in every program (measured: benchmarks/RESULTS.md).
-PREQUANT_MIN_ROWS = 32
+# them in every program (faster from 16 rows up on the H200: benchmarks/RESULTS.md).
+PREQUANT_MIN_ROWS = 16
 
 # Rows up to which the fused Triton kernel runs even where _scaled_mm applies: its activation quantization
 # costs no extra launches, which at decode batch sizes weighs more than cuBLASLt's better tiles.
