@@ -102,6 +102,13 @@ def test_largest_step_is_capped_by_max_model_len() -> None:
     assert all(s.num_tokens == 64 and s.sample for s in sched.scheduled)
 
 
+def test_largest_step_without_images() -> None:
+    """No image allowed (limit_mm_per_prompt image 0): the step runs no encoder."""
+    sched = _step(_limits(), max_image_tokens=0).schedule()
+    assert not sched.encoder_inputs
+    assert sched.num_batched_tokens == 512 and all(s.sample for s in sched.scheduled)
+
+
 def test_largest_step_runs_through_the_runner(tiny_checkpoint: Path) -> None:
     """The profile step through the real runner and sampler (on the CPU here; on a GPU the engine measures
     it), every sampling feature and the grammar mask on: a token for every row that samples."""

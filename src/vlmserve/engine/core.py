@@ -206,9 +206,10 @@ class EngineCore:
         config = self.config
         # The scheduler's limits; num_blocks is the least that passes its checks, the step brings its own.
         limits = self._scheduler_config(1 + -(-config.max_model_len // config.block_size))
+        images = config.limit_mm_per_prompt.get("image", 1) > 0  # none when no prompt may carry one
         return kv_sizing.LargestStep(
             limits,
-            self._max_image_tokens(),
+            self._max_image_tokens() if images else 0,
             self.processor.patch_size,
             self.processor.spatial_merge_size,
             self.model.config.image_token_id,

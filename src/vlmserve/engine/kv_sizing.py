@@ -208,7 +208,16 @@ def measure(runner: ModelRunner, step: LargestStep) -> MemoryProfile:
     torch.cuda.empty_cache()
     before = torch.cuda.memory_reserved(device)
     torch.cuda.reset_peak_memory_stats(device)
-    runner.launch(step.schedule()).result()
+    try:
+        runner.launch(step.schedule()).result()
+    except torch.cuda.OutOfMemoryError as e:
+        limits = step.limits
+        raise ValueError(
+            f"the largest step (max_num_batched_tokens={limits.max_num_batched_tokens} over "
+            f"max_num_seqs={limits.max_num_seqs} requests, {step.image_tokens} image tokens to encode) does not "
+            "fit in GPU memory beside the weights; lower max_num_batched_tokens, max_num_seqs or max_pixels, "
+            "or shard the model over more GPUs (tensor_parallel_size)"
+        ) from e
     torch.cuda.synchronize(device)
     # Reserved rather than allocated: what the step took from the device, the allocator's rounding and
     # fragmentation included.

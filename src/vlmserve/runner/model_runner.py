@@ -270,9 +270,7 @@ class ModelRunner:
         self._allocate(num_blocks)
         if self.use_graphs:
             self._capture_graphs()
-            # The capture's warm-up forwards ran on side streams: the allocator keeps their freed blocks for
-            # those streams, where nothing would use them again.
-            torch.cuda.empty_cache()
+            torch.cuda.empty_cache()  # as measure_graph_memory measured them: without the warm-ups' blocks
         if self.workers is not None:
             self.workers.wait_ready()
 
