@@ -289,8 +289,9 @@ class ModelRunner:
     def measure_graph_memory(self) -> int:
         """Device bytes the decode CUDA graphs take (0 without graphs), measured before the sized cache
         exists: captured on the cache there is now, then dropped (`allocate_kv_cache` captures them again
-        on the new cache, whose address they read). What their capture leaves in use: the graphs' shared
-        memory pool, their outputs, each instantiated graph, the capture streams' cuBLAS workspaces."""
+        on the new cache, whose address they read). Counted: all the capture leaves in use (the graphs' shared
+        memory pool and outputs, each instantiated graph, and what a first capture sets up once, such as the
+        capture streams' cuBLAS workspaces); an upper bound, since a second capture reuses some of it."""
         if not self.use_graphs:
             return 0
         if self.workers is not None:
