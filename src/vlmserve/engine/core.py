@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 
 from vlmserve.config import EngineConfig
+from vlmserve.engine import kv_sizing
 from vlmserve.engine.detokenizer import IncrementalDetokenizer
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
@@ -137,9 +138,16 @@ class EngineCore:
         self.eos_token_ids = tuple(self.processor.eos_token_ids or self.model.config.eos_token_ids)
         dtype = kv_storage_dtype(config.kv_cache_dtype, next(self.model.parameters()).dtype, device)
         per_block = kv_bytes_per_block(self.model, config.block_size, dtype)
-        num_blocks = config.num_kv_blocks or self._blocks_from_memory(per_block, device)
-        # Validated (one max_model_len sequence must fit, ...) before the runner allocates the cache.
-        scheduler_config = self._scheduler_config(num_blocks)
+        # On a GPU without num_kv_blocks, the runner starts with a cache for the largest step alone; that
+        # step's measured memory sizes the real one (engine/kv_sizing.py).
+        step = None
+        if config.num_kv_blocks is not None:
+            num_blocks = config.num_kv_blocks
+        elif device.type == "cuda":
+            step = self._largest_step()
+            num_blocks = step.num_blocks
+        else:
+            num_blocks = max(2, config.kv_cache_memory_bytes // per_block)
         runner_kwargs = dict(
             num_blocks=num_blocks,
             block_size=config.block_size,
@@ -147,7 +155,11 @@ class EngineCore:
             max_model_len=config.max_model_len,
             max_num_seqs=config.max_num_seqs,
             enforce_eager=config.enforce_eager,
+            capture_graphs=step is None,
         )
+        if step is None:
+            # Validated (one max_model_len sequence must fit, ...) before the runner allocates the cache.
+            scheduler_config = self._scheduler_config(num_blocks)
         if self.workers is not None:
             self.workers.start_runners(runner_kwargs)
         self.runner = ModelRunner(
@@ -159,16 +171,56 @@ class EngineCore:
         )
         if self.workers is not None:
             self.workers.wait_ready()
+        if step is not None:
+            profile = kv_sizing.measure(self.runner, step)
+            num_blocks = profile.kv_blocks(config.gpu_memory_utilization, per_block)
+            logger.info(
+                "GPU memory: %.2f GiB in use without a KV cache, %.2f GiB peak activations of the largest "
+                "step, %.2f GiB for CUDA graphs; at gpu_memory_utilization=%s of %.2f GiB: %d KV blocks",
+                profile.in_use / 2**30,
+                profile.activations / 2**30,
+                profile.graphs / 2**30,
+                config.gpu_memory_utilization,
+                profile.total / 2**30,
+                num_blocks,
+            )
+            scheduler_config = self._scheduler_config(num_blocks)
+            self.runner.allocate_kv_cache(num_blocks)
+            free, total = torch.cuda.mem_get_info(device)
+            logger.info(
+                "GPU memory in use with the KV cache and CUDA graphs: %.2f GiB (the largest step adds "
+                "%.2f GiB: %.2f GiB of %.2f GiB)",
+                (total - free) / 2**30,
+                profile.activations / 2**30,
+                (total - free + profile.activations) / 2**30,
+                total * config.gpu_memory_utilization / 2**30,
+            )
         return num_blocks, per_block, scheduler_config
+
+    def _max_image_tokens(self) -> int:
+        """Tokens of the largest image the processor can produce."""
+        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
+        return max(self.config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
+
+    def _largest_step(self) -> kv_sizing.LargestStep:
+        config = self.config
+        # The scheduler's limits; num_blocks is the least that passes its checks, the step brings its own.
+        limits = self._scheduler_config(1 + -(-config.max_model_len // config.block_size))
+        images = config.limit_mm_per_prompt.get("image", 1) > 0  # none when no prompt may carry one
+        return kv_sizing.LargestStep(
+            limits,
+            self._max_image_tokens() if images else 0,
+            self.processor.patch_size,
+            self.processor.spatial_merge_size,
+            self.model.config.image_token_id,
+            self.model.config.text.vocab_size,
+        )
 
     def _scheduler_config(self, num_blocks: int) -> SchedulerConfig:
         config = self.config
         # One image must fit into a step's encoder budget and into the encoder cache, whatever the
         # token budget: size both for the largest image the processor can produce.
-        unit = (self.processor.patch_size * self.processor.spatial_merge_size) ** 2
-        max_image_tokens = (
-            max(config.mm_processor_kwargs.get("max_pixels", 0), self.processor.max_pixels) // unit
-        )
+        max_image_tokens = self._max_image_tokens()
         return SchedulerConfig(
             max_num_seqs=config.max_num_seqs,
             max_num_batched_tokens=config.max_num_batched_tokens,
@@ -180,22 +232,6 @@ class EngineCore:
             max_encoder_tokens_per_step=max(config.max_num_batched_tokens, max_image_tokens),
             max_queued_requests=config.max_queued_requests,
         )
-
-    def _blocks_from_memory(self, per_block: int, device: torch.device) -> int:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-            free, total = torch.cuda.mem_get_info(device)
-            used_by_others = total - free - torch.cuda.memory_allocated(device)
-            # Activations at the token budget: measured by the runner's warm-up in a later pass; until
-            # then reserve a conservative slice for them.
-            budget = (
-                total * self.config.gpu_memory_utilization
-                - torch.cuda.memory_allocated(device)
-                - used_by_others
-            )
-            budget -= max(2 << 30, 0.05 * total)
-            return max(2, int(budget // per_block))
-        return max(2, self.config.kv_cache_memory_bytes // per_block)
 
     # --- requests ----------------------------------------------------------------------------------------
 

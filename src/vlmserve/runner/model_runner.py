@@ -98,6 +98,19 @@ class StepOutput:
         return result
 
 
+@dataclass(frozen=True)
+class AllocateKVCache:
+    """To a tensor-parallel worker: `allocate_kv_cache(num_blocks)` on its runner, then report ready."""
+
+    num_blocks: int
+
+
+@dataclass(frozen=True)
+class MeasureGraphMemory:
+    """To a tensor-parallel worker: `measure_graph_memory()` on its runner (its graph capture's collectives
+    meet rank 0's), then report ready."""
+
+
 # An input token id not known on the host yet: sampled by the step still running, read on the device.
 PENDING = -1
 
@@ -190,7 +203,10 @@ class ModelRunner:
         patchify: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
         kv_cache_dtype: torch.dtype | None = None,
         workers: WorkerGroup | None = None,
+        capture_graphs: bool = True,
     ) -> None:
+        """`capture_graphs=False`: no CUDA graphs yet (a runner whose cache is sized from a measured step:
+        `allocate_kv_cache` captures them once the cache has its final size)."""
         self.model = model
         # The other tensor-parallel ranks (rank 0, this runner, sends them each step); None without.
         self.workers = workers
@@ -203,29 +219,90 @@ class ModelRunner:
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
         self.one_thread_small_steps = weight_bytes <= SMALL_CPU_MODEL_BYTES
         self.block_size = block_size
-        self.num_blocks = num_blocks
         self.eos_token_ids = list(eos_token_ids)
         t = model.config.text
-        shape = (num_blocks, block_size, model.num_kv_heads, t.head_dim)
-        kv_dtype = kv_cache_dtype or self.dtype  # FP8 (runner/kv_quant.py) or the model's dtype
-        self.kv_caches = [
-            (
-                torch.zeros(shape, dtype=kv_dtype, device=self.device),
-                torch.zeros(shape, dtype=kv_dtype, device=self.device),
-            )
-            for _ in range(t.num_hidden_layers)
-        ]
+        self.kv_dtype = kv_cache_dtype or self.dtype  # FP8 (runner/kv_quant.py) or the model's dtype
+        self.num_blocks = 0
+        self.kv_caches: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self._allocate(num_blocks)
         self.scale = t.head_dim**-0.5
         self.image_token_id = model.config.image_token_id
         self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> (tokens, hidden)
         self.generators: dict[str, torch.Generator | None] = {}
         self.sampler = Sampler()
         self.graphs: CudaGraphDecoder | None = None
-        self.max_model_len = max_model_len
-        if self.device.type == "cuda" and not enforce_eager:
-            from vlmserve.runner.cuda_graph import CudaGraphDecoder
+        self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
+        self.use_graphs = self.device.type == "cuda" and not enforce_eager
+        if self.use_graphs and capture_graphs:
+            self._capture_graphs()
 
-            self.graphs = CudaGraphDecoder(self, max_num_seqs, max_model_len)
+    # --- KV cache and graphs -------------------------------------------------------------------------
+
+    def _allocate(self, num_blocks: int) -> None:
+        t = self.model.config.text
+        shape = (num_blocks, self.block_size, self.model.num_kv_heads, t.head_dim)
+        self.num_blocks = num_blocks
+        self.kv_caches = [
+            (
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+                torch.zeros(shape, dtype=self.kv_dtype, device=self.device),
+            )
+            for _ in range(t.num_hidden_layers)
+        ]
+
+    def _capture_graphs(self) -> None:
+        from vlmserve.runner.cuda_graph import CudaGraphDecoder
+
+        self.graphs = CudaGraphDecoder(self, self.max_num_seqs, self.max_model_len)
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        """Replace the KV cache with one of `num_blocks` blocks (on every tensor-parallel rank), then capture
+        the CUDA graphs, which read the cache at its address. Nothing computed before survives: KV, encoder
+        outputs, per-request generators. Made for the engine's start, after the step that measured memory."""
+        if self.workers is not None:
+            self.workers.send(AllocateKVCache(num_blocks))
+        self.free_kv_cache()  # the old cache goes before the new one is allocated
+        self._allocate(num_blocks)
+        if self.use_graphs:
+            self._capture_graphs()
+            torch.cuda.empty_cache()  # as measure_graph_memory measured them: without the warm-ups' blocks
+        if self.workers is not None:
+            self.workers.wait_ready()
+
+    def free_kv_cache(self) -> None:
+        """Drop this rank's KV cache and everything that holds on to it or to earlier steps (the graphs, the
+        encoder outputs, the generators) until `allocate_kv_cache` makes a new one."""
+        self.graphs = None
+        self.encoder_cache.clear()
+        self.generators.clear()
+        self._unsent_free.clear()
+        self.kv_caches = []
+        self.num_blocks = 0
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def measure_graph_memory(self) -> int:
+        """Device bytes the decode CUDA graphs take (0 without graphs), measured before the sized cache
+        exists: captured on the cache there is now, then dropped (`allocate_kv_cache` captures them again
+        on the new cache, whose address they read). Counted: all the capture leaves in use (the graphs' shared
+        memory pool and outputs, each instantiated graph, and what a first capture sets up once, such as the
+        capture streams' cuBLAS workspaces); an upper bound, since a second capture reuses some of it."""
+        if not self.use_graphs:
+            return 0
+        if self.workers is not None:
+            self.workers.send(MeasureGraphMemory())  # the captures' all-reduces run on every rank
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()
+        free_before = torch.cuda.mem_get_info(self.device)[0]
+        self._capture_graphs()
+        torch.cuda.synchronize(self.device)
+        torch.cuda.empty_cache()  # the warm-ups' blocks (default pool) go back; the graphs' pool stays
+        used = free_before - torch.cuda.mem_get_info(self.device)[0]
+        self.graphs = None
+        torch.cuda.empty_cache()
+        if self.workers is not None:
+            self.workers.wait_ready()
+        return used
 
     # --- encoder ---------------------------------------------------------------------------------------
 
@@ -648,6 +725,13 @@ class ModelRunner:
             return self._forward(None, self._decode_device(decode, sample, [], None))
         assert step.eager is not None
         return self._forward(self._encoder_patches(step.images), self._eager_device(step.eager, [], None))
+
+    def run_worker_call(self, call: AllocateKVCache | MeasureGraphMemory) -> None:
+        """A rank other than 0: the call rank 0's runner makes on itself at the same time."""
+        if isinstance(call, AllocateKVCache):
+            self.allocate_kv_cache(call.num_blocks)
+        else:
+            self.measure_graph_memory()
 
     def run_worker_step(self, step: StepInputs) -> None:
         """A rank other than 0: `execute` under the same modes as rank 0's step."""

@@ -4,6 +4,7 @@
       scheduler, KV bookkeeping, sampling          load_model(tp=rank r): reads only its shards
       rank 0: ModelRunner(workers=WorkerGroup)     ModelRunner (same KV block count as rank 0)
         step -> StepInputs --- pipe (pickled) -->  loop: recv StepInputs -> runner.execute
+        (at start: AllocateKVCache, ...)   ----->        or a runner call -> "ready"
         execute (its shard)  <== all-reduce / gather over gloo (CPU) or NCCL (GPU) ==> execute
 
 Rank 0 runs in the driver's process (as vLLM's uniproc executor with multiproc workers does): the scheduler's
@@ -380,7 +381,7 @@ def worker_main(
     from vlmserve.models.loader import load_model
     from vlmserve.models.processor import Qwen2_5_VLProcessor
     from vlmserve.runner.kv_quant import kv_storage_dtype
-    from vlmserve.runner.model_runner import ModelRunner
+    from vlmserve.runner.model_runner import ModelRunner, StepInputs
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -423,7 +424,17 @@ def worker_main(
             step = pickle.loads(data)
             if step is None:
                 return
-            runner.run_worker_step(step)
+            if isinstance(step, StepInputs):
+                runner.run_worker_step(step)
+                continue
+            # A call outside the step loop (the KV cache sized at start): rank 0 waits for its answer.
+            try:
+                runner.run_worker_call(step)
+            except BaseException as e:
+                with contextlib.suppress(Exception):
+                    conn.send(("failed", f"{type(e).__name__}: {e}"))
+                raise
+            conn.send(("ready", None))
     except BaseException:
         logger.exception("tensor-parallel worker %d: step failed; exiting", rank)
         os._exit(1)
