@@ -353,6 +353,128 @@ def test_engine_survives_a_constraint_that_fails_to_compile(llm: LLM) -> None:
     assert finished["good"].finish_reason == "length"
 
 
+def _run_with_fill_thread(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch, requests: list, thread: bool
+) -> tuple[list[tuple], list[str]]:
+    """Run `requests` with every mask filled on the calling thread, or (`thread`) on the fill thread;
+    (each choice's token ids, text and finish reason; the names of the threads that filled masks). Checks
+    that no fill starts with a row of a request that has finished."""
+    import threading
+
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "PARALLEL_FILL_MIN_ROWS", 1 if thread else 10_000)
+    engine = llm.engine
+    fillers: list[str] = []
+    compute, start = structured._compute_masks, structured.StructuredOutputs.start_fill
+
+    def spy_compute(*args: object) -> None:
+        fillers.append(threading.current_thread().name)
+        compute(*args)  # type: ignore[arg-type]
+
+    def spy_start(self: structured.StructuredOutputs, request_ids: list[str], background: bool) -> object:
+        for rid in request_ids:
+            req = engine.scheduler.requests.get(rid)
+            if self.has_matcher(rid):
+                assert req is not None and not req.is_finished, f"{rid} finished but its mask is filled"
+        return start(self, request_ids, background)
+
+    monkeypatch.setattr(structured, "_compute_masks", spy_compute)
+    monkeypatch.setattr(structured.StructuredOutputs, "start_fill", spy_start)
+    outs = llm.run(requests)
+    monkeypatch.undo()  # the next run's spies wrap the originals, not these
+    assert engine.structured.num_tracked == 0
+    return [(c.token_ids, c.text, c.finish_reason) for o in outs for c in o.outputs], fillers
+
+
+def test_masks_filled_on_the_fill_thread_give_the_same_outputs(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's masks start filling on the fill thread as soon as the previous step's tokens advanced the
+    matchers (with the asynchronous loop, while that step is detokenized): the outputs are the ones of
+    masks filled when the sampler asks for them, while requests finish at every point of a step: by
+    max_tokens and by a complete structure (before the next mask starts), by a stop string (after it
+    started), with n > 1 and a free request beside them."""
+    cases = [
+        SamplingParams(
+            n=2,
+            temperature=1.0,
+            seed=3,
+            max_tokens=40,
+            structured_outputs=StructuredOutputsParams(json=SCHEMA),
+        ),
+        SamplingParams(
+            temperature=1.0, seed=4, max_tokens=7, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+        ),
+        SamplingParams(
+            temperature=1.0,
+            seed=5,
+            max_tokens=40,
+            ignore_eos=True,
+            structured_outputs=StructuredOutputsParams(choice=["yes", "no way"]),
+        ),
+        SamplingParams(
+            temperature=1.0,
+            seed=6,
+            max_tokens=40,
+            stop=[";"],
+            structured_outputs=StructuredOutputsParams(regex=r"[a-z]{2};[a-z]{9}"),
+        ),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True),
+    ]
+    runs = []
+    for thread in (False, True):
+        requests = [llm.make_request(f"Item {i}.", [], p, f"fill-{thread}-{i}") for i, p in enumerate(cases)]
+        runs.append(_run_with_fill_thread(llm, monkeypatch, requests, thread))
+    (inline, inline_fillers), (threaded, threaded_fillers) = runs
+    assert threaded == inline
+    assert set(inline_fillers) == {"MainThread"}
+    on_thread = [name.startswith("vlmserve-masks") for name in threaded_fillers]
+    # The asynchronous loop fills a step queued in a later call (prefill) when it samples, on its own thread.
+    assert sum(on_thread) > len(on_thread) / 2
+    assert all(on_thread) or llm.engine.async_scheduling
+    # (choice rows: the two of case 0, then one each) every way to end happened
+    assert inline[2][2] == "length"
+    assert inline[3][1] in ("yes", "no way") and inline[3][2] == "stop"
+    assert re.fullmatch(r"[a-z]{2}", inline[4][1]) and inline[4][2] == "stop"
+    assert inline[5][2] == "length"
+
+
+def test_aborts_between_steps_with_masks_on_the_fill_thread(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fill outlives a step: a request aborted between steps (its matcher dropped) cannot be in a fill
+    still running, and the others go on."""
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "PARALLEL_FILL_MIN_ROWS", 1)
+    engine = llm.engine
+    params = SamplingParams(n=2, max_tokens=50, structured_outputs=StructuredOutputsParams(json=SCHEMA))
+    engine.add_request(llm.make_request("a", [], params, "aborted"))
+    engine.add_request(
+        llm.make_request(
+            "b",
+            [],
+            SamplingParams(n=2, max_tokens=12, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
+            "kept",
+        )
+    )
+    finished = {}
+    for i in range(40):
+        if i == 4:
+            assert engine.structured.num_tracked == 4
+            engine.abort("aborted")
+            assert engine.structured.num_tracked == 2
+        for d in engine.step():
+            assert d.request_id != "aborted" or i < 4
+            if d.finished:
+                finished[(d.request_id, d.index)] = d.finish_reason
+        if not engine.has_unfinished_requests():
+            break
+    assert finished == {("kept", 0): "length", ("kept", 1): "length"}
+    assert engine.structured.num_tracked == 0
+
+
 @pytest.mark.parametrize("vocab", [100, 128, 131])
 def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
     rng = np.random.default_rng(vocab)

@@ -13,10 +13,11 @@ one extra row computed and dropped. Requests whose sampling needs their full his
 an output grammar) make the loop wait for N before scheduling N+1.
 
 Structured outputs (engine/structured.py): a constrained request is not ready to schedule until its grammar
-compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled when the
-sampler asks for it (their previous tokens are known by then, by the rule above; on a GPU the fill runs while
-the step's forward does), and each accepted token advances the request's matcher. A matcher that errs fails
-its request at the next step's start.
+compiled on the compile pool; each step's scheduled constrained rows get one bitmask, started as soon as
+their matchers are current (with the asynchronous loop: right after the previous step's tokens advanced
+them, so that the fill runs on its thread while this one detokenizes that step) and joined when the sampler
+asks for it; on a GPU all of it runs while the step's forward does. A matcher that errs fails its request
+at the next step's start.
 
 Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It is driven by
 one engine client's loop (a thread in async_engine.py, a child process in engine_process.py, or the offline
@@ -253,6 +254,7 @@ class EngineCore:
         if not self.async_scheduling:
             sched = self._schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
+            self._start_mask(sched)  # every matcher is current: fill while the inputs are built
             deltas = self._apply(sched, self.runner.launch(sched))
             if self._undelivered:  # requests whose grammar failed to compile
                 deltas, self._undelivered = self._undelivered + deltas, []
@@ -268,6 +270,7 @@ class EngineCore:
         sched = self._schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
         if prev is None:
+            self._start_mask(sched)
             self._in_flight = (sched, self.runner.launch(sched))
         else:
             self._last_scheduled += [s.request.request_id for s in prev[0].scheduled]
@@ -277,8 +280,10 @@ class EngineCore:
             step = self.runner.prepare(sched, prev[1], defer_sampling=known)
             if step.decode_only and (step.sampling_deferred or not known):
                 # A decode step is cheap to queue: queue it behind `prev`, then do prev's host work meanwhile.
+                # Its masks start filling as soon as prev's tokens advanced the matchers, while prev's
+                # tokens are detokenized, and are joined when its sampling is queued.
                 self._in_flight = (sched, step.run())
-                self._undelivered += self._apply(*prev)
+                self._undelivered += self._apply(*prev, next_step=sched if step.sampling_deferred else None)
                 self._in_flight[1].sample_now()
             else:
                 # An eager step is thousands of kernel launches: queued now, they would hold the host until
@@ -307,6 +312,14 @@ class EngineCore:
         )
         return sched
 
+    @staticmethod
+    def _start_mask(sched: SchedulerOutput) -> None:
+        """Start filling the step's grammar masks (the matchers of its rows must be current). Called only
+        where the step samples within the same step() call, so that no fill outlives the call: between
+        calls the matchers are the caller's (abort) to touch."""
+        if sched.grammar_bitmask is not None:
+            sched.grammar_bitmask.start()
+
     def _poll_grammars(self) -> None:
         ready, failed = self.structured.poll()
         for rid in ready:
@@ -323,20 +336,33 @@ class EngineCore:
             r.num_pending_tokens and r.sampling_params.reads_output_tokens for r in self.scheduler.running
         )
 
-    def _apply(self, sched: SchedulerOutput, out: StepOutput) -> list[CompletionDelta]:
-        """Wait for a launched step's tokens; update the scheduler and detokenize."""
+    def _apply(
+        self, sched: SchedulerOutput, out: StepOutput, next_step: SchedulerOutput | None = None
+    ) -> list[CompletionDelta]:
+        """Wait for a launched step's tokens; update the scheduler and the matchers, then detokenize.
+        `next_step`: the step queued behind this one, whose masks wait for these tokens; they start filling
+        once the matchers advanced, before the detokenizing."""
         sampled = out.result()
         for s in sched.scheduled:
             if s.request.num_output_tokens == 0:
                 self._prompt_tokens_computed += s.num_tokens
         updated = self.scheduler.update_from_output(sched, {rid: t.token_id for rid, t in sampled.items()})
+        structured = self.structured
         for req in updated:
-            if not req.is_finished and self.structured.has_matcher(req.request_id):
-                self.structured.accept(req.request_id, req.output_token_ids[-1])
-                if self.structured.is_complete(req.request_id):
-                    # Nothing more can follow (e.g. the grammar consumed EOS under ignore_eos): stop here
-                    # rather than sample from a mask that allows no token.
-                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            rid = req.request_id
+            if not structured.has_matcher(rid):
+                continue
+            if not req.is_finished:
+                structured.accept(rid, req.output_token_ids[-1])
+                if not structured.is_complete(rid):
+                    continue
+                # Nothing more can follow (e.g. the grammar consumed EOS under ignore_eos): stop here
+                # rather than sample from a mask that allows no token.
+                self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+            # Finished: its row in the next step is dropped, so that step's mask need not fill one.
+            structured.remove(rid)
+        if next_step is not None:
+            self._start_mask(next_step)
         self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 
