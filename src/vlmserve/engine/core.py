@@ -13,11 +13,11 @@ one extra row computed and dropped. Requests whose sampling needs their full his
 an output grammar) make the loop wait for N before scheduling N+1.
 
 Structured outputs (engine/structured.py): a constrained request is not ready to schedule until its grammar
-compiled on the compile pool; each step's scheduled constrained rows get one bitmask, started as soon as
-their matchers are current (with the asynchronous loop: right after the previous step's tokens advanced
-them, so that the fill runs on its thread while this one detokenizes that step) and joined when the sampler
-asks for it; on a GPU all of it runs while the step's forward does. A matcher that errs fails its request
-at the next step's start.
+compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled when the
+sampler asks for it (their previous tokens are known by then, by the rule above) or, with the asynchronous
+loop, started on a fill thread as soon as the previous step's tokens advanced the matchers, while this
+thread detokenizes that step, and joined when the sampler asks; on a GPU all of it runs while the step's
+forward does. A matcher that errs fails its request at the next step's start.
 
 Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It is driven by
 one engine client's loop (a thread in async_engine.py, a child process in engine_process.py, or the offline
@@ -42,7 +42,7 @@ from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 from vlmserve.engine.request import Request, RequestStatus, requests_from_engine_request
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
+from vlmserve.engine.structured import GrammarCompiler, PendingBitmask, StructuredOutputs
 from vlmserve.models.layers.parallel import check_tensor_parallel
 from vlmserve.models.loader import load_model, read_config
 from vlmserve.models.processor import Qwen2_5_VLProcessor
@@ -254,7 +254,6 @@ class EngineCore:
         if not self.async_scheduling:
             sched = self._schedule()
             self._last_scheduled = [s.request.request_id for s in sched.scheduled]
-            self._start_mask(sched)  # every matcher is current: fill while the inputs are built
             deltas = self._apply(sched, self.runner.launch(sched))
             if self._undelivered:  # requests whose grammar failed to compile
                 deltas, self._undelivered = self._undelivered + deltas, []
@@ -270,7 +269,6 @@ class EngineCore:
         sched = self._schedule()
         self._last_scheduled = [s.request.request_id for s in sched.scheduled]
         if prev is None:
-            self._start_mask(sched)
             self._in_flight = (sched, self.runner.launch(sched))
         else:
             self._last_scheduled += [s.request.request_id for s in prev[0].scheduled]
@@ -283,7 +281,9 @@ class EngineCore:
                 # Its masks start filling as soon as prev's tokens advanced the matchers, while prev's
                 # tokens are detokenized, and are joined when its sampling is queued.
                 self._in_flight = (sched, step.run())
-                self._undelivered += self._apply(*prev, next_step=sched if step.sampling_deferred else None)
+                self._undelivered += self._apply(
+                    *prev, next_masks=sched.grammar_bitmask if step.sampling_deferred else None
+                )
                 self._in_flight[1].sample_now()
             else:
                 # An eager step is thousands of kernel launches: queued now, they would hold the host until
@@ -312,14 +312,6 @@ class EngineCore:
         )
         return sched
 
-    @staticmethod
-    def _start_mask(sched: SchedulerOutput) -> None:
-        """Start filling the step's grammar masks (the matchers of its rows must be current). Called only
-        where the step samples within the same step() call, so that no fill outlives the call: between
-        calls the matchers are the caller's (abort) to touch."""
-        if sched.grammar_bitmask is not None:
-            sched.grammar_bitmask.start()
-
     def _poll_grammars(self) -> None:
         ready, failed = self.structured.poll()
         for rid in ready:
@@ -337,11 +329,15 @@ class EngineCore:
         )
 
     def _apply(
-        self, sched: SchedulerOutput, out: StepOutput, next_step: SchedulerOutput | None = None
+        self, sched: SchedulerOutput, out: StepOutput, next_masks: PendingBitmask | None = None
     ) -> list[CompletionDelta]:
         """Wait for a launched step's tokens; update the scheduler and the matchers, then detokenize.
-        `next_step`: the step queued behind this one, whose masks wait for these tokens; they start filling
-        once the matchers advanced, before the detokenizing."""
+        `next_masks`: the masks of the step queued behind this one, which wait for these tokens: they start
+        filling (on the fill thread) once the matchers advanced, while this thread detokenizes.
+
+        NOTE: only here, where the next step samples later in the same step() call. A fill must not outlive
+        the call (between calls the matchers are the caller's to touch: abort), and none is started before
+        the forward of a synchronous CPU step, whose threads it would slow down more than it saves."""
         sampled = out.result()
         for s in sched.scheduled:
             if s.request.num_output_tokens == 0:
@@ -361,8 +357,8 @@ class EngineCore:
                 self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
             # Finished: its row in the next step is dropped, so that step's mask need not fill one.
             structured.remove(rid)
-        if next_step is not None:
-            self._start_mask(next_step)
+        if next_masks is not None:
+            next_masks.start()
         self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 

@@ -6,8 +6,8 @@ a bad constraint with a 400 naming the field); compiling grammars off the step l
 cached by the constraint and bounded in size and compile time (`GrammarCompiler`); and the per-request
 matchers of the engine (`StructuredOutputs`): a request whose grammar is compiling is not ready to schedule
 (others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`pending_bitmask`:
-started as soon as its rows' matchers are current, on a fill thread for larger batches, and joined when the
-sampler asks for it), and each accepted token advances its request's matcher (`accept`).
+filled when the sampler asks for it, or started on a fill thread as soon as its rows' matchers are current
+and joined then), and each accepted token advances its request's matcher (`accept`).
 
 Why llguidance (over xgrammar): no Python dependencies, one abi3 wheel, 20x faster compiles of large schemas
 and masks of the same order; figures in benchmarks/RESULTS.md.
@@ -204,14 +204,13 @@ class GrammarBitmask:
 
 
 class PendingBitmask:
-    """A step's bitmask, filled once the matchers of its rows are current and joined when the sampler asks
-    for it (`resolve()`).
+    """A step's bitmask, filled when the sampler asks for it (`resolve()`), or started earlier (`start()`)
+    and joined then.
 
-    The engine calls `start()` as soon as the tokens its rows' matchers need are accepted: with the
-    asynchronous loop, right after the previous step's matchers advanced, so that the fill runs on the fill
-    thread while the engine thread detokenizes and builds that step's deltas. Unstarted, `resolve()` fills
-    on the calling thread. The matchers cannot move in between: they advance only with tokens of steps
-    already sampled, and this step samples only after `resolve()`."""
+    With the asynchronous loop the engine calls `start()` right after the previous step's tokens advanced
+    the matchers, so that the fill runs on the fill thread while the engine thread detokenizes and builds
+    that step's deltas. The matchers cannot move between the start and the sampling: they advance only with
+    tokens of steps already sampled, and this step samples only after `resolve()`."""
 
     def __init__(self, outputs: StructuredOutputs, request_ids: list[str]) -> None:
         self._outputs = outputs
