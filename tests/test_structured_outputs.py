@@ -435,7 +435,7 @@ def test_masks_filled_on_the_fill_thread_give_the_same_outputs(
         assert sum(on_thread) > len(on_thread) / 2
     else:  # nothing to overlap: the synchronous loop fills when the sampler asks
         assert not any(on_thread)
-    # (choice rows: the two of case 0, then one each) every way to end happened
+    # Every way to end happened (output rows: case 0's two choices, then one per case).
     assert inline[2][2] == "length"
     assert inline[3][1] in ("yes", "no way") and inline[3][2] == "stop"
     assert re.fullmatch(r"[a-z]{2}", inline[4][1]) and inline[4][2] == "stop"
@@ -445,24 +445,37 @@ def test_masks_filled_on_the_fill_thread_give_the_same_outputs(
 def test_aborts_between_steps_with_masks_on_the_fill_thread(
     llm: LLM, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """No fill outlives a step: a request aborted between steps (its matcher dropped) cannot be in a fill
-    still running, and the others go on."""
+    """No fill outlives the step() call that started it, so a request aborted between steps (its matcher
+    dropped) is in no fill still running; the other requests go on to their end."""
     import vlmserve.engine.structured as structured
 
     monkeypatch.setattr(structured, "PARALLEL_FILL_MIN_ROWS", 1)
+    running: list[int] = []  # one entry per fill in progress
+    fills: list[int] = []
+    compute = structured._compute_masks
+
+    def counted(*args: object) -> None:
+        running.append(1)
+        fills.append(1)
+        try:
+            compute(*args)  # type: ignore[arg-type]
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(structured, "_compute_masks", counted)
     engine = llm.engine
-    params = SamplingParams(n=2, max_tokens=50, structured_outputs=StructuredOutputsParams(json=SCHEMA))
-    engine.add_request(llm.make_request("a", [], params, "aborted"))
+    constraint = StructuredOutputsParams(json=SCHEMA)
     engine.add_request(
         llm.make_request(
-            "b",
-            [],
-            SamplingParams(n=2, max_tokens=12, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
-            "kept",
+            "a", [], SamplingParams(n=2, max_tokens=50, structured_outputs=constraint), "aborted"
         )
+    )
+    engine.add_request(
+        llm.make_request("b", [], SamplingParams(n=2, max_tokens=12, structured_outputs=constraint), "kept")
     )
     finished = {}
     for i in range(40):
+        assert not running  # between steps
         if i == 4:
             assert engine.structured.num_tracked == 4
             engine.abort("aborted")
@@ -473,6 +486,7 @@ def test_aborts_between_steps_with_masks_on_the_fill_thread(
                 finished[(d.request_id, d.index)] = d.finish_reason
         if not engine.has_unfinished_requests():
             break
+    assert fills and not running
     assert finished == {("kept", 0): "length", ("kept", 1): "length"}
     assert engine.structured.num_tracked == 0
 
