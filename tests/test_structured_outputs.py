@@ -353,6 +353,144 @@ def test_engine_survives_a_constraint_that_fails_to_compile(llm: LLM) -> None:
     assert finished["good"].finish_reason == "length"
 
 
+def _run_with_fill_thread(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch, requests: list, thread: bool
+) -> tuple[list[tuple], list[str]]:
+    """Run `requests` with every mask filled on the calling thread, or (`thread`) on the fill thread;
+    (each choice's token ids, text and finish reason; the names of the threads that filled masks). Checks
+    that no fill starts with a row of a request that has finished."""
+    import threading
+
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "PARALLEL_FILL_MIN_ROWS", 1 if thread else 10_000)
+    engine = llm.engine
+    fillers: list[str] = []
+    compute, start = structured._compute_masks, structured.StructuredOutputs.start_fill
+
+    def spy_compute(*args: object) -> None:
+        fillers.append(threading.current_thread().name)
+        compute(*args)  # type: ignore[arg-type]
+
+    def spy_start(self: structured.StructuredOutputs, request_ids: list[str], background: bool) -> object:
+        for rid in request_ids:
+            req = engine.scheduler.requests.get(rid)
+            if self.has_matcher(rid):
+                assert req is not None and not req.is_finished, f"{rid} finished but its mask is filled"
+        return start(self, request_ids, background)
+
+    monkeypatch.setattr(structured, "_compute_masks", spy_compute)
+    monkeypatch.setattr(structured.StructuredOutputs, "start_fill", spy_start)
+    outs = llm.run(requests)
+    monkeypatch.undo()  # the next run's spies wrap the originals, not these
+    assert engine.structured.num_tracked == 0
+    return [(c.token_ids, c.text, c.finish_reason) for o in outs for c in o.outputs], fillers
+
+
+def test_masks_filled_on_the_fill_thread_give_the_same_outputs(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With the asynchronous loop a step's masks start filling on the fill thread as soon as the previous
+    step's tokens advanced the matchers, while that step is detokenized: the outputs are the ones of masks
+    filled when the sampler asks for them, while requests finish at every point of a step: by
+    max_tokens and by a complete structure (before the next mask starts), by a stop string (after it
+    started), with n > 1 and a free request beside them."""
+    cases = [
+        SamplingParams(
+            n=2,
+            temperature=1.0,
+            seed=3,
+            max_tokens=40,
+            structured_outputs=StructuredOutputsParams(json=SCHEMA),
+        ),
+        SamplingParams(
+            temperature=1.0, seed=4, max_tokens=7, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+        ),
+        SamplingParams(
+            temperature=1.0,
+            seed=5,
+            max_tokens=40,
+            ignore_eos=True,
+            structured_outputs=StructuredOutputsParams(choice=["yes", "no way"]),
+        ),
+        SamplingParams(
+            temperature=1.0,
+            seed=6,
+            max_tokens=40,
+            stop=[";"],
+            structured_outputs=StructuredOutputsParams(regex=r"[a-z]{2};[a-z]{9}"),
+        ),
+        SamplingParams(temperature=1.0, seed=7, max_tokens=12, ignore_eos=True),
+    ]
+    runs = []
+    for thread in (False, True):
+        requests = [llm.make_request(f"Item {i}.", [], p, f"fill-{thread}-{i}") for i, p in enumerate(cases)]
+        runs.append(_run_with_fill_thread(llm, monkeypatch, requests, thread))
+    (inline, inline_fillers), (threaded, threaded_fillers) = runs
+    assert threaded == inline
+    assert set(inline_fillers) == {"MainThread"}
+    on_thread = [name.startswith("vlmserve-masks") for name in threaded_fillers]
+    if llm.engine.async_scheduling:
+        # Decode steps' masks; a step queued in a later call (a prefill) is filled when it samples.
+        assert sum(on_thread) > len(on_thread) / 2
+    else:  # nothing to overlap: the synchronous loop fills when the sampler asks
+        assert not any(on_thread)
+    # Every way to end happened (output rows: case 0's two choices, then one per case).
+    assert inline[2][2] == "length"
+    assert inline[3][1] in ("yes", "no way") and inline[3][2] == "stop"
+    assert re.fullmatch(r"[a-z]{2}", inline[4][1]) and inline[4][2] == "stop"
+    assert inline[5][2] == "length"
+
+
+def test_aborts_between_steps_with_masks_on_the_fill_thread(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No fill outlives the step() call that started it, so a request aborted between steps (its matcher
+    dropped) is in no fill still running; the other requests go on to their end."""
+    import vlmserve.engine.structured as structured
+
+    monkeypatch.setattr(structured, "PARALLEL_FILL_MIN_ROWS", 1)
+    running: list[int] = []  # one entry per fill in progress
+    fills: list[int] = []
+    compute = structured._compute_masks
+
+    def counted(*args: object) -> None:
+        running.append(1)
+        fills.append(1)
+        try:
+            compute(*args)  # type: ignore[arg-type]
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(structured, "_compute_masks", counted)
+    engine = llm.engine
+    constraint = StructuredOutputsParams(json=SCHEMA)
+    engine.add_request(
+        llm.make_request(
+            "a", [], SamplingParams(n=2, max_tokens=50, structured_outputs=constraint), "aborted"
+        )
+    )
+    engine.add_request(
+        llm.make_request("b", [], SamplingParams(n=2, max_tokens=12, structured_outputs=constraint), "kept")
+    )
+    finished = {}
+    for i in range(40):
+        assert not running  # between steps
+        if i == 4:
+            assert engine.structured.num_tracked == 4
+            engine.abort("aborted")
+            assert engine.structured.num_tracked == 2
+        for d in engine.step():
+            assert d.request_id != "aborted" or i < 4
+            if d.finished:
+                finished[(d.request_id, d.index)] = d.finish_reason
+        if not engine.has_unfinished_requests():
+            break
+    assert fills and not running
+    assert finished == {("kept", 0): "length", ("kept", 1): "length"}
+    assert engine.structured.num_tracked == 0
+
+
 @pytest.mark.parametrize("vocab", [100, 128, 131])
 def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
     rng = np.random.default_rng(vocab)

@@ -14,9 +14,10 @@ an output grammar) make the loop wait for N before scheduling N+1.
 
 Structured outputs (engine/structured.py): a constrained request is not ready to schedule until its grammar
 compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled when the
-sampler asks for it (their previous tokens are known by then, by the rule above; on a GPU the fill runs while
-the step's forward does), and each accepted token advances the request's matcher. A matcher that errs fails
-its request at the next step's start.
+sampler asks for it (their previous tokens are known by then, by the rule above) or, with the asynchronous
+loop, started on a fill thread as soon as the previous step's tokens advanced the matchers, while this
+thread detokenizes that step, and joined when the sampler asks; on a GPU all of it runs while the step's
+forward does. A matcher that errs fails its request at the next step's start.
 
 Owns request bookkeeping across those three (n > 1 fan-out, logprobs, stop strings, stats). It is driven by
 one engine client's loop (a thread in async_engine.py, a child process in engine_process.py, or the offline
@@ -42,7 +43,7 @@ from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta, TokenLogprob
 from vlmserve.engine.request import Request, RequestStatus, requests_from_engine_request
 from vlmserve.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
-from vlmserve.engine.structured import GrammarCompiler, StructuredOutputs
+from vlmserve.engine.structured import GrammarCompiler, PendingBitmask, StructuredOutputs
 from vlmserve.models.layers.parallel import check_tensor_parallel
 from vlmserve.models.loader import load_model, read_config
 from vlmserve.models.processor import Qwen2_5_VLProcessor
@@ -313,8 +314,12 @@ class EngineCore:
             step = self.runner.prepare(sched, prev[1], defer_sampling=known)
             if step.decode_only and (step.sampling_deferred or not known):
                 # A decode step is cheap to queue: queue it behind `prev`, then do prev's host work meanwhile.
+                # Its masks start filling as soon as prev's tokens advanced the matchers, while prev's
+                # tokens are detokenized, and are joined when its sampling is queued.
                 self._in_flight = (sched, step.run())
-                self._undelivered += self._apply(*prev)
+                self._undelivered += self._apply(
+                    *prev, next_masks=sched.grammar_bitmask if step.sampling_deferred else None
+                )
                 self._in_flight[1].sample_now()
             else:
                 # An eager step is thousands of kernel launches: queued now, they would hold the host until
@@ -359,20 +364,37 @@ class EngineCore:
             r.num_pending_tokens and r.sampling_params.reads_output_tokens for r in self.scheduler.running
         )
 
-    def _apply(self, sched: SchedulerOutput, out: StepOutput) -> list[CompletionDelta]:
-        """Wait for a launched step's tokens; update the scheduler and detokenize."""
+    def _apply(
+        self, sched: SchedulerOutput, out: StepOutput, next_masks: PendingBitmask | None = None
+    ) -> list[CompletionDelta]:
+        """Wait for a launched step's tokens; update the scheduler and the matchers, then detokenize.
+        `next_masks`: the masks of the step queued behind this one, which wait for these tokens: they start
+        filling (on the fill thread) once the matchers advanced, while this thread detokenizes.
+
+        NOTE: only here, where the next step samples later in the same step() call. A fill must not outlive
+        the call (between calls the matchers are the caller's to touch: abort), and none is started before
+        the forward of a synchronous CPU step, whose threads it would slow down more than it saves."""
         sampled = out.result()
         for s in sched.scheduled:
             if s.request.num_output_tokens == 0:
                 self._prompt_tokens_computed += s.num_tokens
         updated = self.scheduler.update_from_output(sched, {rid: t.token_id for rid, t in sampled.items()})
+        structured = self.structured
         for req in updated:
-            if not req.is_finished and self.structured.has_matcher(req.request_id):
-                self.structured.accept(req.request_id, req.output_token_ids[-1])
-                if self.structured.is_complete(req.request_id):
-                    # Nothing more can follow (e.g. the grammar consumed EOS under ignore_eos): stop here
-                    # rather than sample from a mask that allows no token.
-                    self.scheduler.finish_request(req.request_id, RequestStatus.FINISHED_STOPPED)
+            rid = req.request_id
+            if not structured.has_matcher(rid):
+                continue
+            if not req.is_finished:
+                structured.accept(rid, req.output_token_ids[-1])
+                if not structured.is_complete(rid):
+                    continue
+                # Nothing more can follow (e.g. the grammar consumed EOS under ignore_eos): stop here
+                # rather than sample from a mask that allows no token.
+                self.scheduler.finish_request(rid, RequestStatus.FINISHED_STOPPED)
+            # Finished: its row in the next step is dropped, so that step's mask need not fill one.
+            structured.remove(rid)
+        if next_masks is not None:
+            next_masks.start()
         self._tokens_generated += len(updated)  # not the rows dropped for requests that had finished
         return self._deltas(updated, sampled)
 

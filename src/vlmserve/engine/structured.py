@@ -5,9 +5,9 @@ llguidance grammar and checking it (`grammar_for`, `check_structured_outputs`: w
 a bad constraint with a 400 naming the field); compiling grammars off the step loop, in a small thread pool,
 cached by the constraint and bounded in size and compile time (`GrammarCompiler`); and the per-request
 matchers of the engine (`StructuredOutputs`): a request whose grammar is compiling is not ready to schedule
-(others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`pending_bitmask`,
-filled when the sampler asks for it, after the step's forward is queued), and each accepted token advances
-its request's matcher (`accept`).
+(others run meanwhile), each step gets one packed int32 bitmask for its constrained rows (`pending_bitmask`:
+filled when the sampler asks for it, or started on a fill thread as soon as its rows' matchers are current
+and joined then), and each accepted token advances its request's matcher (`accept`).
 
 Why llguidance (over xgrammar): no Python dependencies, one abi3 wheel, 20x faster compiles of large schemas
 and masks of the same order; figures in benchmarks/RESULTS.md.
@@ -52,9 +52,10 @@ COMPILE_TIMEOUT_S = 10.0
 # Compiled grammars kept for reuse (by constraint); a hit costs one matcher copy.
 GRAMMAR_CACHE_SIZE = 256
 COMPILE_THREADS = 2
-# Masks of fewer rows are filled on the calling thread: handing them to llguidance's thread pool costs more
-# than it saves there (8 rows of a 2k vocabulary: 0.68 ms through the pool, 0.06 ms in a loop; at a 152k
-# vocabulary the two are level on 2 cores; benchmarks/grammar_masks.py --serial).
+# Masks of fewer rows are filled on the calling thread, when they start: handing them to a thread (the fill
+# thread, llguidance's pool) costs more than it saves there (8 rows of a 2k vocabulary: 0.68 ms through the
+# pool, 0.06 ms in a loop; at a 152k vocabulary the two are level on 2 cores; benchmarks/grammar_masks.py
+# --serial).
 PARALLEL_FILL_MIN_ROWS = 16
 
 # Compact JSON (no free whitespace): a model cannot fill its output with spaces between tokens, and the
@@ -203,22 +204,57 @@ class GrammarBitmask:
 
 
 class PendingBitmask:
-    """A step's bitmask, filled when the sampler first asks for it (`resolve()`): by then the step's forward
-    is queued, so on a GPU the masks are computed while the device runs it. The matchers cannot move in
-    between: they advance only with tokens of steps already sampled, and a constrained request's last
-    token is known before it is scheduled again."""
+    """A step's bitmask, filled when the sampler asks for it (`resolve()`), or started earlier (`start()`)
+    and joined then.
+
+    With the asynchronous loop the engine calls `start()` right after the previous step's tokens advanced
+    the matchers, so that the fill runs on the fill thread while the engine thread detokenizes and builds
+    that step's deltas. The matchers cannot move between the start and the sampling: they advance only with
+    tokens of steps already sampled, and this step samples only after `resolve()`."""
 
     def __init__(self, outputs: StructuredOutputs, request_ids: list[str]) -> None:
         self._outputs = outputs
         self._request_ids = request_ids
+        self._fill: _Fill | None = None
         self._bitmask: GrammarBitmask | None = None
         self._resolved = False
 
+    def start(self) -> None:
+        """Start the fill (on the fill thread when the batch is large enough to gain from it). Only the rows
+        whose request still has a matcher now get a mask: one finished before this is not filled."""
+        if self._fill is None and not self._resolved:
+            self._fill = self._outputs.start_fill(self._request_ids, background=True)
+
     def resolve(self) -> GrammarBitmask | None:
         if not self._resolved:
-            self._bitmask = self._outputs.fill_bitmask(self._request_ids)
+            fill = self._fill or self._outputs.start_fill(self._request_ids, background=False)
+            self._bitmask = self._outputs.finish_fill(fill)
+            self._fill = None
             self._resolved = True
         return self._bitmask
+
+
+@dataclass
+class _Fill:
+    """One bitmask being filled: its rows' matchers, taken when it started, and the buffer they fill."""
+
+    request_ids: list[str]
+    matchers: list[Any]
+    bits: np.ndarray  # (R, ceil(V / 32)) int32
+    done: concurrent.futures.Future[None] | None = None  # while the fill thread works on it
+
+
+def _compute_masks(executor: Any, matchers: list[Any], bits: np.ndarray) -> None:
+    """Fill `bits`, one row per matcher: through llguidance's pool (`executor`) or row by row. Drops the GIL
+    for the whole computation."""
+    words = bits.shape[1]
+    if executor is None:
+        for i, matcher in enumerate(matchers):
+            matcher.unsafe_compute_mask_ptr(bits[i].ctypes.data, words * 4)
+    else:
+        executor.unsafe_compute_mask_ptr(
+            [(m, i) for i, m in enumerate(matchers)], bits.ctypes.data, words * 4, len(matchers)
+        )
 
 
 class StructuredOutputs:
@@ -229,6 +265,8 @@ class StructuredOutputs:
         self._pending: dict[str, _Pending] = {}
         self._matchers: dict[str, Any] = {}
         self._executor: Any = None
+        # One thread that fills a step's masks while the engine thread goes on (PendingBitmask.start).
+        self._fill_thread: concurrent.futures.ThreadPoolExecutor | None = None
         # Requests whose matcher erred (a parser limit hit computing a mask, a refused token): their output
         # no longer follows the constraint; the engine fails them (`take_errors`).
         self._errors: dict[str, str] = {}
@@ -288,35 +326,65 @@ class StructuredOutputs:
 
     def fill_bitmask(self, request_ids: Sequence[str]) -> GrammarBitmask | None:
         """One bitmask for the constrained requests among `request_ids` (those sampling this step), filled
-        by llguidance (in parallel for larger batches); None when none is constrained."""
-        rows = [(self._matchers[rid], rid) for rid in request_ids if rid in self._matchers]
+        now on this thread (by llguidance's pool for larger batches); None when none is constrained."""
+        return self.finish_fill(self.start_fill(request_ids, background=False))
+
+    def start_fill(self, request_ids: Sequence[str], background: bool) -> _Fill:
+        """Start filling the masks of the constrained requests among `request_ids` as their matchers are
+        now: on the fill thread when `background` and the batch is large enough to gain from it, else here.
+        `finish_fill` collects it, on the engine thread."""
+        rows = [(rid, m) for rid in request_ids if (m := self._matchers.get(rid)) is not None]
+        matchers = [m for _, m in rows]
+        bits = np.empty((len(rows), (self.compiler.vocab_size + 31) // 32), dtype=np.int32)
+        fill = _Fill([rid for rid, _ in rows], matchers, bits)
         if not rows:
-            return None
-        words = (self.compiler.vocab_size + 31) // 32
-        bits = np.empty((len(rows), words), dtype=np.int32)
-        if len(rows) < PARALLEL_FILL_MIN_ROWS:
-            for i, (matcher, _) in enumerate(rows):
-                matcher.unsafe_compute_mask_ptr(bits[i].ctypes.data, words * 4)  # drops the GIL
-        else:
+            return fill
+        executor = None
+        if len(rows) >= PARALLEL_FILL_MIN_ROWS:
             if self._executor is None:
                 self._executor = llguidance.LLExecutor()
-            self._executor.unsafe_compute_mask_ptr(
-                [(m, i) for i, (m, _) in enumerate(rows)], bits.ctypes.data, words * 4, len(rows)
-            )
+            executor = self._executor
+        if not (background and executor is not None):
+            _compute_masks(executor, matchers, bits)
+            return fill
+        if self._fill_thread is None:
+            self._fill_thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="vlmserve-masks")
+        # NOTE: a thread waiting for the GIL gets it only when the holder blocks or after the switch interval
+        # (5 ms), so a fill merely submitted would start when this thread waits for it, not before. Wait
+        # until the fill thread is on its way into llguidance (which drops the GIL) before going on.
+        started = threading.Event()
+
+        def run() -> None:
+            started.set()
+            _compute_masks(executor, matchers, bits)
+
+        fill.done = self._fill_thread.submit(run)
+        started.wait()
+        return fill
+
+    def finish_fill(self, fill: _Fill) -> GrammarBitmask | None:
+        """Wait for a fill; its rows that cannot be used allow every token this step and their requests
+        go among the errors (`take_errors`; the engine fails them next step). None when it has no row."""
+        if not fill.request_ids:
+            return None
+        if fill.done is not None:
+            fill.done.result()
+        bits = fill.bits
         # A row that allows no token: the grammar cannot go on with this model's vocabulary (e.g. a choice of
         # strings whose bytes no token spells). Sampling from it would pick an arbitrary token.
         empty = ~bits.any(axis=1)
-        for i, (matcher, rid) in enumerate(rows):
-            if (
-                matcher.is_error() or empty[i]
-            ):  # its row allows everything this step; the engine fails it next
-                self._errors[rid] = matcher.get_error() or (
-                    "it allows no token of this model's vocabulary here (the grammar cannot be completed "
-                    "with this tokenizer)"
-                )
+        for i, matcher in enumerate(fill.matchers):
+            if matcher.is_error() or empty[i]:
+                # Its row allows everything this step; the engine fails its request at the next step.
+                rid = fill.request_ids[i]
                 bits[i] = -1
-                del self._matchers[rid]
-        return GrammarBitmask([rid for _, rid in rows], bits)
+                if self._matchers.get(rid) is matcher:  # not finished or removed since the fill started
+                    del self._matchers[rid]
+                    self._errors[rid] = matcher.get_error() or (
+                        "it allows no token of this model's vocabulary here (the grammar cannot be "
+                        "completed with this tokenizer)"
+                    )
+        return GrammarBitmask(fill.request_ids, bits)
 
     def accept(self, request_id: str, token_id: int) -> None:
         """Advance a request's matcher by its sampled token. A refused token puts the request among the
