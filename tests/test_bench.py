@@ -107,9 +107,11 @@ def test_poisson_arrivals_follow_the_seeded_schedule(server: str, tmp_path: Path
     # not earlier requests finished.
     gaps = np.random.default_rng(seed).exponential(1.0 / rate, n - 1)
     expected = np.concatenate([[0.0], np.cumsum(gaps)])
-    # A request is never sent early (the schedule is absolute), and late only by event-loop delays.
+    # A request is never sent early (the schedule is absolute), and late only by event-loop delays: on a
+    # 2-core machine that also runs the server, up to a few hundred ms (the tight bound is checked without a
+    # server below).
     lateness = np.array([r["start_s"] for r in report["requests"]]) - expected
-    assert np.all(lateness > -0.005) and np.all(lateness < 0.2), lateness
+    assert np.all(lateness > -0.005) and np.all(lateness < 0.5), lateness
 
 
 async def test_poisson_loop_sends_on_schedule_while_earlier_requests_run() -> None:
