@@ -29,7 +29,7 @@ from vlmserve.config import EngineArgs
 from vlmserve.engine.build_config import build_engine_config
 from vlmserve.engine.core import EngineCore
 from vlmserve.engine.inputs import EngineRequest
-from vlmserve.engine.sampling_params import SamplingParams
+from vlmserve.engine.sampling_params import SamplingParams, StructuredOutputsParams
 from vlmserve.models.processor import Qwen2_5_VLProcessor
 
 WORKLOADS = {"W1": ((1280, 720), 1235, 128), "W2": ((448, 448), None, 512)}
@@ -109,14 +109,19 @@ def run_steady(
     out_len: int,
     concurrency: int,
     arrival_delay_ms: float = 0.0,
+    json_schema: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Closed loop inside the engine: `concurrency` requests in flight, the next one added as soon as one
     finishes, so that new requests' prefill and vision work share steps with running decodes, as on a
     server under steady load. Preprocessing is done before the clock starts: this is the engine's ceiling
     for the same load that `vlmserve bench --concurrency N` puts on a server. With `arrival_delay_ms`, a
     finished request's successor arrives after a uniform random delay up to that (a client's round trip and
-    a front's preprocessing spread arrivals over several steps instead of one)."""
-    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    a front's preprocessing spread arrivals over several steps instead of one). With `json_schema`, every
+    request's output must follow it (structured outputs), as `vlmserve bench --json-schema` asks a server."""
+    structured = StructuredOutputsParams(json=json_schema) if json_schema is not None else None
+    params = SamplingParams(
+        temperature=0.0, max_tokens=out_len, ignore_eos=True, structured_outputs=structured
+    )
     processed = [proc.process(p.text, [p.image]) for p in prompts]
     pending = iter(enumerate(processed))
     rng = random.Random(0)
@@ -289,6 +294,11 @@ def main(argv: list[str] | None = None) -> None:
         "arriving up to 30 ms after its predecessor finished (repeatable)",
     )
     ap.add_argument("--profile-steady", action="store_true", help="cProfile the last --steady run's loop")
+    ap.add_argument(
+        "--json-schema",
+        type=Path,
+        help="a JSON schema file: the --steady runs are repeated with every request's output under it",
+    )
     args = ap.parse_args(argv)
 
     from vlmserve.checkpoints.checkpoint import write_checkpoint
@@ -350,6 +360,7 @@ def main(argv: list[str] | None = None) -> None:
             r["tpot_ms_all_runs"] = [x["tpot_mean_ms"] for x in runs]
         results[f"w1_batch{b}"] = r
         print(f"W1 batch {b}:", r, flush=True)
+    schema = json.loads(args.json_schema.read_text()) if args.json_schema else None
     for spec in args.steady:
         name, conc, count, *delay = spec.split(":")
         size, target, out_len = WORKLOADS[name]
@@ -358,6 +369,12 @@ def main(argv: list[str] | None = None) -> None:
         r = run_steady(core, proc, prompts, out_len, int(conc), float(delay[0]) if delay else 0.0)
         results[f"steady_{spec.replace(':', '_')}"] = r
         print(f"steady {spec}:", r, flush=True)
+        if schema is not None:
+            prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
+            seed += int(count)
+            r = run_steady(core, proc, prompts, out_len, int(conc), float(delay[0]) if delay else 0.0, schema)
+            results[f"steady_{spec.replace(':', '_')}_json"] = r
+            print(f"steady {spec} under the JSON schema:", r, flush=True)
     if args.profile_steady and args.steady:
         import cProfile
         import pstats
@@ -368,9 +385,10 @@ def main(argv: list[str] | None = None) -> None:
         seed += int(count)
         profiler = cProfile.Profile()
         profiler.enable()
-        run_steady(core, proc, prompts, out_len, int(conc))
+        run_steady(core, proc, prompts, out_len, int(conc), json_schema=schema)
         profiler.disable()
         pstats.Stats(profiler).sort_stats("tottime").print_stats(30)
+        pstats.Stats(profiler).sort_stats("cumulative").print_stats(40)
     if args.w2_concurrency:
         w2_size, _, w2_out = WORKLOADS["W2"]
         prompts = [make_prompt(proc, w2_size, None, seed=seed + i) for i in range(args.w2_concurrency)]
