@@ -148,6 +148,39 @@ def test_dummy_weights_with_quantization(tmp_path: Path, fmt: str) -> None:
     assert torch.isfinite(y).all() and y.abs().max() > 0
 
 
+def test_dummy_block_fp8_weights_are_block_scaled_as_a_checkpoint_would_be() -> None:
+    """Random weights of a block-scaled method get one scale per [128, 128] block, as the generator's
+    checkpoints (and the released ones) have them, so that benchmarks on dummy weights run the block-scaled
+    kernels a real checkpoint runs."""
+    from vlmserve.checkpoints.quantized_checkpoint import fp8_block_quantize
+    from vlmserve.models.quantization.fp8 import quantize_blocks
+
+    w = torch.randn(300, 520)
+    q, scale = quantize_blocks(w, (128, 128))
+    ref_q, ref_inv = fp8_block_quantize(w, (128, 128))
+    assert torch.equal(q.float(), ref_q.float())
+    assert torch.equal(scale, ref_inv.repeat_interleave(128, 0)[:300])
+
+
+def test_cublas_block_scales_only_for_whole_128x128_blocks() -> None:
+    """The per-row scales laid out for cuBLASLt's 128x128 block scaling: (K/128 padded to 4, N/128) with
+    stride (1, padded), the block's scale in each place; None where the rows of a 128-row block differ (a
+    fused projection whose shards start off a block boundary), for per-channel scales and other blocks."""
+    from vlmserve.models.quantization.fp8 import quantize_blocks, quantize_per_channel
+    from vlmserve.models.quantization.kernels import cublas_block_scales
+
+    w = torch.randn(384, 1280)  # 10 K blocks: padded to 12
+    _, scale = quantize_blocks(w, (128, 128))
+    got = cublas_block_scales(scale.t().contiguous().t(), 128)  # column-major, as Fp8Linear stores them
+    assert got.shape == (12, 3) and got.stride() == (1, 12)
+    assert torch.equal(got[:10], scale[::128].t()) and not got[10:].any()
+    # q (256 rows) then k and v of 64 rows each, each shard quantized on its own: k and v share a 128-row block
+    shards = [quantize_blocks(torch.randn(r, 256), (128, 128))[1] for r in (256, 64, 64)]
+    assert cublas_block_scales(torch.cat(shards), 128) is None
+    assert cublas_block_scales(quantize_per_channel(w)[1], 1280) is None
+    assert cublas_block_scales(quantize_blocks(w, (64, 64))[1], 64) is None
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 

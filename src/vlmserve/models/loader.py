@@ -277,7 +277,7 @@ def load_model(
     model.model.rotary.rebuild(device)
     if load_format == "dummy":
         fill_dummy(model, device)
-        return model.eval()
+        return finalize_quantized(model).eval()
     if load_format != "auto":
         raise CheckpointError(f"load_format {load_format!r} is not supported; use auto or dummy")
     files = safetensors_files(path)
@@ -298,7 +298,16 @@ def load_model(
             f"the checkpoint in {path} lacks {len(missing)} tensor(s) the model needs, e.g. {shown} "
             "(incomplete download, or weights of another model?)"
         )
-    return model.eval()
+    return finalize_quantized(model).eval()
+
+
+def finalize_quantized(model: torch.nn.Module) -> torch.nn.Module:
+    """Each quantized linear's post-load step (QuantizedLinear.finalize), once all weights are in place."""
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, QuantizedLinear):
+                module.finalize()
+    return model
 
 
 def quantization_method(

@@ -42,6 +42,10 @@ class QuantizedLinear(nn.Module, ABC):
     def init_random(self, weight: torch.Tensor) -> None:
         """Fill from a float (out, in) weight (random weights for `load_format="dummy"`)."""
 
+    def finalize(self) -> None:
+        """Called once every weight is in place, on the device it runs on: derive what the kernels read
+        beside the stored tensors."""
+
 
 def frozen(t: torch.Tensor) -> nn.Parameter:
     """A parameter that autograd leaves alone (integer and float8 tensors cannot require grad)."""

@@ -44,6 +44,18 @@ def quantize_per_channel(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tens
     return (w / scale).clamp(-FP8_MAX, FP8_MAX).to(FP8), scale
 
 
+def quantize_blocks(weight: torch.Tensor, block: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) float -> (N, K) fp8 and (N, ceil(K / block_k)) float32 per-row scales, one scale per
+    (block_n, block_k) block (the amax of each block maps to FP8's largest value), repeated over its rows."""
+    n, k = weight.shape
+    bn, bk = block
+    nb, kb = -(-n // bn), -(-k // bk)
+    w = F.pad(weight.float(), (0, kb * bk - k, 0, nb * bn - n)).view(nb, bn, kb, bk)
+    scale = (w.abs().amax(dim=(1, 3)) / FP8_MAX).clamp(min=MIN_SCALE)  # (nb, kb)
+    q = (w / scale[:, None, :, None]).clamp(-FP8_MAX, FP8_MAX).to(FP8).view(nb * bn, kb * bk)[:n, :k]
+    return q, scale.repeat_interleave(bn, dim=0)[:n]
+
+
 def dequantize(weight: torch.Tensor, scale: torch.Tensor, block_k: int) -> torch.Tensor:
     """(N, K) fp8, (N, Kb) scales -> (N, K) float32."""
     k = weight.shape[1]
@@ -56,32 +68,50 @@ class Fp8Linear(QuantizedLinear):
         in_features: int,
         out_features: int,
         bias: nn.Parameter | None,
-        block_k: int | None,
+        block: tuple[int, int] | None,
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.block_k = block_k or in_features
+        self.block = block  # (rows, columns) per scale of a block-scaled checkpoint; None: per channel
+        self.block_k = block[1] if block else in_features
         dev = device
         groups = -(-in_features // self.block_k)
         self.weight = frozen(torch.empty(out_features, in_features, dtype=FP8, device=dev))
         # Column-major: the GPU kernel reads, per K block, the scales of consecutive output rows (coalesced).
         self.weight_scale = frozen(torch.empty(groups, out_features, dtype=torch.float32, device=dev).t())
         self.bias = bias
+        # The scales again as cuBLASLt's 128x128 block-scaled GEMM reads them (finalize), where they are
+        # such blocks: its batch and prefill sizes' GEMM on Hopper.
+        self.cublas_block_scales: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
             from vlmserve.models.quantization import kernels
 
-            return kernels.fp8_linear(x, self.weight, self.weight_scale, self.block_k, self.bias)
+            return kernels.fp8_linear(
+                x,
+                self.weight,
+                self.weight_scale,
+                self.block_k,
+                self.bias,
+                block_scales=self.cublas_block_scales,
+            )
         w = dequantize(self.weight, self.weight_scale, self.block_k).to(x.dtype)
         return F.linear(x, w, self.bias)
 
     def init_random(self, weight: torch.Tensor) -> None:
-        # Per-channel scales, each repeated over the row's groups: any block_k can hold them.
-        q, scale = quantize_per_channel(weight)
+        # As the checkpoint would hold it: one scale per block, or per channel (repeated over the row's
+        # groups when block_k < K).
+        q, scale = quantize_blocks(weight, self.block) if self.block else quantize_per_channel(weight)
         self.weight.copy_(q)
         self.weight_scale.copy_(scale.expand_as(self.weight_scale))
+
+    def finalize(self) -> None:
+        if self.weight.is_cuda:
+            from vlmserve.models.quantization import kernels
+
+            self.cublas_block_scales = kernels.cublas_block_scales(self.weight_scale, self.block_k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_k={self.block_k}, bias={self.bias is not None}"
@@ -117,11 +147,8 @@ class Fp8Method(QuantizationMethod):
 
     def make_linear(self, linear: nn.Linear) -> Fp8Linear:
         return Fp8Linear(
-            linear.in_features, linear.out_features, linear.bias, self._block_k(), linear.weight.device
+            linear.in_features, linear.out_features, linear.bias, self.block, linear.weight.device
         )
-
-    def _block_k(self) -> int | None:
-        return self.block[1] if self.block else None
 
     def _scale_rows(self, scale: torch.Tensor, rows: int, prefix: str) -> torch.Tensor:
         """A checkpoint's scale tensor -> (rows, Kb) float32, one row per output channel."""

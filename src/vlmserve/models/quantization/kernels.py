@@ -1,9 +1,11 @@
 """GPU GEMMs for quantized weights: FP8 (W8A8, activations quantized per token / per token-group on the fly)
 and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy).
 
-    fp8_linear   a Triton GEMM with activations quantized per row and 128 columns (in registers at decode
-                 sizes, by one kernel beforehand above PREQUANT_MIN_ROWS), for block and per-channel scales; at prefill sizes with per-channel scales on Hopper+,
-                 torch._scaled_mm (cuBLASLt, row-wise scales: activations per token)
+    fp8_linear   at decode sizes, a Triton GEMM with activations quantized per row and 128 columns (in
+                 registers up to PREQUANT_MIN_ROWS rows, by one kernel beforehand above), for block and
+                 per-channel scales; from SCALED_MM_MIN_ROWS rows on Hopper, torch._scaled_mm (cuBLASLt):
+                 128x128 block scales with activations per row and 128 columns, or per-channel scales with
+                 activations per row
     awq_linear   a Triton GEMM that unpacks the int4 weights in registers (a tile of packed bytes loaded once,
                  its two nibbles interleaved back into K order) and multiplies on the tensor cores
 
@@ -215,7 +217,8 @@ if TRITON:
         return tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv), a_s
 
     @triton.jit
-    def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, GROUP: tl.constexpr):
+    def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
+                             GROUP: tl.constexpr):  # fmt: skip
         # One program per (row, group of GROUP columns): the group's e4m3 values and scale.
         row = tl.program_id(0)
         g = tl.program_id(1)
@@ -224,7 +227,7 @@ if TRITON:
         x = tl.load(x_ptr + row * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
         a, a_s = _quantize_tile(x[None, :])
         tl.store(q_ptr + row * stride_qm + k, tl.reshape(a, (GROUP,)), mask=ok)
-        tl.store(s_ptr + row * stride_sm + g + tl.arange(0, 1), a_s)
+        tl.store(s_ptr + row * stride_sm + g * stride_sg + tl.arange(0, 1), a_s)
 
     @triton.jit
     def _fp8_gemm_kernel(
@@ -286,6 +289,22 @@ if TRITON:
         _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
 
 
+def quantize_act_groups(
+    x2: torch.Tensor, group: int, outer_major: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (M, K) fp8 and (M, cdiv(K, group)) float32 scales, one per row and `group` columns, by one
+    Triton kernel; outer_major: the scales' stride is (1, M), as cuBLASLt's 1x128 block scaling reads them."""
+    m, k = x2.shape
+    groups = triton.cdiv(k, group)
+    xq = torch.empty(m, k, dtype=FP8, device=x2.device)
+    xs = torch.empty(groups, m, dtype=torch.float32, device=x2.device).t() if outer_major else (
+        torch.empty(m, groups, dtype=torch.float32, device=x2.device))  # fmt: skip
+    _quantize_act_kernel[(m, groups)](
+        x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), xs.stride(1), GROUP=group, num_warps=1
+    )
+    return xq, xs
+
+
 # The Triton kernel's activation scale group: a K tile (128 columns, or less where a weight block is smaller).
 ACT_GROUP = 128
 
@@ -324,11 +343,7 @@ def fp8_triton(
         raise ValueError(f"the FP8 kernel's K tile is its activation group ({tile_k}), got {t.block_k}")
     prequant = (tiles or {}).get("prequant", int(m >= PREQUANT_MIN_ROWS))
     if prequant:
-        xq = torch.empty(m, k, dtype=FP8, device=x2.device)
-        xs = torch.empty(m, triton.cdiv(k, tile_k), dtype=torch.float32, device=x2.device)
-        _quantize_act_kernel[(m, xs.shape[1])](
-            x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), GROUP=tile_k, num_warps=1
-        )
+        xq, xs = quantize_act_groups(x2, tile_k)
         tail = (weight.stride(0), scale.stride(0), scale.stride(1), group_k, xs, xs.stride(0))
         out = _launch(_fp8_gemm_kernel, xq, n, t, bias, (weight, scale), tail, PREQUANT=True, dtype=x2.dtype)
         return out
@@ -340,9 +355,13 @@ def fp8_triton(
 # them in every program (faster from 16 rows up on the H200: benchmarks/RESULTS.md).
 PREQUANT_MIN_ROWS = 16
 
-# Rows up to which the fused Triton kernel runs even where _scaled_mm applies: its activation quantization
-# costs no extra launches, which at decode batch sizes weighs more than cuBLASLt's better tiles.
+# Rows from which torch._scaled_mm (cuBLASLt) runs where it applies: below, the split-K Triton kernel streams
+# the weights faster (it quantizes the activations without extra launches); from 64 rows on the H200 the two
+# are level, and cuBLASLt's tiles pull ahead with the batch (128 rows: 1.4x, 1024: 2x; benchmarks/RESULTS.md).
 SCALED_MM_MIN_ROWS = 64
+
+# cuBLASLt's block-scaled FP8 GEMM: 128x128 weight blocks, activations in 1x128 groups (Hopper).
+CUBLAS_BLOCK = 128
 
 
 def scaled_mm_applies(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> bool:
@@ -359,30 +378,78 @@ def scaled_mm_applies(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
     )
 
 
+def cublas_block_scales(scale: torch.Tensor, block_k: int) -> torch.Tensor | None:
+    """Per-row weight scales (N, K/128) -> the (K/128 rounded up to 4, N/128) view of (N/128, that) that
+    cuBLASLt's 128x128 block scaling reads, or None when they are not 128x128 blocks (per-channel scales,
+    other block sizes, N or K no multiple of 128, or rows of one 128-row block with different scales: a
+    fused projection whose shards do not start on a 128-row boundary)."""
+    n, groups = scale.shape
+    if block_k != CUBLAS_BLOCK or n % CUBLAS_BLOCK:
+        return None
+    rows = scale.reshape(n // CUBLAS_BLOCK, CUBLAS_BLOCK, groups)
+    if not bool((rows == rows[:, :1]).all()):
+        return None
+    padded = -(-groups // 4) * 4
+    blocks = torch.zeros(n // CUBLAS_BLOCK, padded, dtype=torch.float32, device=scale.device)
+    blocks[:, :groups] = rows[:, 0]
+    return blocks.t()
+
+
+def block_scaled_mm_applies(
+    x2: torch.Tensor, weight: torch.Tensor, block_scales: torch.Tensor | None
+) -> bool:
+    """cuBLASLt's block-scaled FP8 GEMM: 128x128 weight blocks (cublas_block_scales), bf16 output, K a
+    multiple of 128, an H100/H200 (the scaling mode is Hopper's)."""
+    return (
+        block_scales is not None
+        and TRITON
+        and hasattr(torch, "_scaled_mm")
+        and x2.dtype == torch.bfloat16
+        and weight.shape[1] % CUBLAS_BLOCK == 0
+        and _capability(x2.device.index) == (9, 0)
+    )
+
+
 @functools.cache
 def _capability(index: int | None) -> tuple[int, int]:
     return tuple(torch.cuda.get_device_capability(index))
 
 
 def fp8_scaled_mm(
-    x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+    x2: torch.Tensor,
+    weight: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    block_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    xq, xs = quantize_activations(x2, x2.shape[1])  # (M, K), (M, 1): per token
+    """torch._scaled_mm: with block_scales, activations per row and 128 columns against 128x128 weight
+    blocks; without, activations per row against per-channel weight scales."""
+    if block_scales is not None:
+        xq, xs = quantize_act_groups(x2, CUBLAS_BLOCK, outer_major=True)
+        scale_b = block_scales
+    else:
+        xq, xs = quantize_activations(x2, x2.shape[1])  # (M, K), (M, 1): per token
+        xq, scale_b = xq.contiguous(), scale.view(1, -1)
     out = torch._scaled_mm(
-        xq.contiguous(),
+        xq,
         weight.t(),  # (K, N) column-major, as cuBLASLt wants the second operand
         scale_a=xs,
-        scale_b=scale.view(1, -1),
+        scale_b=scale_b,
         out_dtype=x2.dtype,
     )
     return out if bias is None else out + bias
 
 
-def fp8_backend(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor) -> str:
-    """'scaled_mm' for per-channel weights at prefill sizes on Hopper+, else 'triton' (or 'torch' without
-    Triton). NOTE: a heuristic, to be replaced by per-shape measurements on the target GPU."""
-    if x2.shape[0] >= SCALED_MM_MIN_ROWS and scaled_mm_applies(x2, weight, scale):
-        return "scaled_mm"
+def fp8_backend(
+    x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_scales: torch.Tensor | None = None
+) -> str:
+    """'scaled_mm_block' / 'scaled_mm' where cuBLASLt's block-scaled / row-wise FP8 GEMM applies from
+    SCALED_MM_MIN_ROWS rows, else 'triton' (or 'torch' without Triton)."""
+    if x2.shape[0] >= SCALED_MM_MIN_ROWS:
+        if block_scaled_mm_applies(x2, weight, block_scales):
+            return "scaled_mm_block"
+        if scaled_mm_applies(x2, weight, scale):
+            return "scaled_mm"
     return "triton" if TRITON else "torch"
 
 
@@ -394,16 +461,23 @@ def fp8_linear(
     bias: torch.Tensor | None,
     backend: str = "auto",
     tiles: dict | None = None,
+    block_scales: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """x (..., K) @ dequant(weight (N, K), scale (N, Kb)).T + bias -> (..., N) in x's dtype.
-    backend: auto | scaled_mm | triton (tests pin one); tiles: the Triton launch shape (benchmarks)."""
+    backend: auto | scaled_mm | scaled_mm_block | triton (tests pin one); tiles: the Triton launch shape
+    (benchmarks); block_scales: the same scales as cublas_block_scales lays them out, where they are 128x128
+    blocks (None: the block-scaled cuBLASLt GEMM is not used)."""
     shape = x.shape
     x2 = x.reshape(-1, shape[-1])
     if x2.shape[0] == 0:
         return x.new_empty(*shape[:-1], weight.shape[0])
     if backend == "auto":
-        backend = fp8_backend(x2, weight, scale)
-    if backend == "scaled_mm":
+        backend = fp8_backend(x2, weight, scale, block_scales)
+    if backend == "scaled_mm_block":
+        if block_scales is None:
+            raise ValueError("backend scaled_mm_block needs block_scales (cublas_block_scales)")
+        out = fp8_scaled_mm(x2 if x2.stride(1) == 1 else x2.contiguous(), weight, scale, bias, block_scales)
+    elif backend == "scaled_mm":
         out = fp8_scaled_mm(x2, weight, scale, bias)
     elif backend == "triton":
         out = fp8_triton(x2, weight, scale, block_k, bias, tiles)
