@@ -254,6 +254,78 @@ def test_sampling_that_reads_earlier_tokens_waits_only_in_its_sampling(
     assert out[0].outputs[0].token_ids == expected[0].outputs[0].token_ids
 
 
+def test_after_a_deferred_sampling_the_next_forward_is_queued_before_step_returns(
+    tiny_checkpoint: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A deferred sampling (penalties, a grammar) waits for the previous step's tokens; the forward after it
+    is queued right behind it, in the same step() call, so that the device does not idle while the call
+    hands its deltas out and the next step is scheduled. A newcomer's prefill is still queued only after
+    the running step was applied, and the outputs are the synchronous loop's."""
+    sync, llm = _engines(tiny_checkpoint)
+    events: list[str] = []
+    runner = llm.engine.runner
+    prepare = runner.prepare
+
+    def traced_prepare(sched, prev=None, defer_sampling=False):
+        step = prepare(sched, prev, defer_sampling)
+        run = step.run
+
+        def traced_run():
+            out = run()
+            if sched.scheduled:
+                prefill = any(s.num_tokens > 1 for s in sched.scheduled)
+                events.append("prefill" if prefill else "sample" if out.deferred is None else "forward")
+            return out
+
+        step.run = traced_run
+        return step
+
+    result, sample_now = StepOutput.result, StepOutput.sample_now
+
+    def traced_result(self):
+        events.append("wait")
+        return result(self)
+
+    def traced_sample_now(self):
+        if self.deferred is not None:
+            events.append("sample")
+        sample_now(self)
+
+    monkeypatch.setattr(runner, "prepare", traced_prepare)
+    monkeypatch.setattr(StepOutput, "result", traced_result)
+    monkeypatch.setattr(StepOutput, "sample_now", traced_sample_now)
+    params = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, repetition_penalty=1.3)
+    engine = llm.engine
+    first = llm.make_request("Count with me", [], params)
+    engine.add_request(first)
+    calls: list[list[str]] = []
+    outputs: dict[str, list[int]] = {}
+    newcomer = llm.make_request("A second, longer prompt " * 3, [], params)
+    while engine.has_unfinished_requests():
+        if len(calls) == 5:
+            engine.add_request(newcomer)
+        for d in engine.step():
+            outputs.setdefault(d.request_id, []).extend(d.token_ids)
+        calls.append(events[:])
+        events.clear()
+    # Decode calls after the first: the previous step's tokens, this one's sampling, the next forward.
+    steady = [c for c in calls[2:5]]
+    assert all(c == ["wait", "sample", "forward"] for c in steady), calls
+    # The newcomer (added before call 5): scheduled at the end of call 5 with the running step unapplied,
+    # so that step is applied there and the prefill queued first thing in call 6.
+    assert calls[5][-1] == "wait" and "prefill" not in calls[5], calls
+    assert calls[6][0] == "prefill", calls
+    expected = sync.run(
+        [
+            sync.make_request("Count with me", [], params),
+            sync.make_request("A second, longer prompt " * 3, [], params),
+        ]
+    )
+    assert outputs[first.request_id] == expected[0].outputs[0].token_ids
+    assert outputs[newcomer.request_id] == expected[1].outputs[0].token_ids
+    assert engine.scheduler.kv.num_used_blocks == 0
+
+
 def _tight(ckpt: Path, asyn: bool) -> LLM:
     kw = dict(max_model_len=256, max_num_batched_tokens=64, max_num_seqs=8, num_kv_blocks=40, block_size=16)
     return LLM(str(ckpt), async_scheduling=asyn, **kw)
