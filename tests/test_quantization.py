@@ -163,22 +163,24 @@ def test_dummy_block_fp8_weights_are_block_scaled_as_a_checkpoint_would_be() -> 
 
 
 def test_cublas_block_scales_only_for_whole_128x128_blocks() -> None:
-    """The per-row scales laid out for cuBLASLt's 128x128 block scaling: (K/128 padded to 4, N/128) with
-    stride (1, padded), the block's scale in each place; None where the rows of a 128-row block differ (a
-    fused projection whose shards start off a block boundary), for per-channel scales and other blocks."""
+    """The per-row scales laid out for cuBLASLt's 128x128 block scaling: (K/128, N/128) with stride
+    (1, K/128), the block's scale in each place; None where the rows of a 128-row block differ (a fused
+    projection whose shards start off a block boundary), for per-channel scales, other blocks, and K blocks
+    no multiple of 4."""
     from vlmserve.models.quantization.fp8 import quantize_blocks, quantize_per_channel
     from vlmserve.models.quantization.kernels import cublas_block_scales
 
-    w = torch.randn(384, 1280)  # 10 K blocks: padded to 12
+    w = torch.randn(384, 1536)  # 12 K blocks
     _, scale = quantize_blocks(w, (128, 128))
     got = cublas_block_scales(scale.t().contiguous().t(), 128)  # column-major, as Fp8Linear stores them
     assert got.shape == (12, 3) and got.stride() == (1, 12)
-    assert torch.equal(got[:10], scale[::128].t()) and not got[10:].any()
+    assert torch.equal(got, scale[::128].t())
     # q (256 rows) then k and v of 64 rows each, each shard quantized on its own: k and v share a 128-row block
-    shards = [quantize_blocks(torch.randn(r, 256), (128, 128))[1] for r in (256, 64, 64)]
+    shards = [quantize_blocks(torch.randn(r, 512), (128, 128))[1] for r in (256, 64, 64)]
     assert cublas_block_scales(torch.cat(shards), 128) is None
-    assert cublas_block_scales(quantize_per_channel(w)[1], 1280) is None
+    assert cublas_block_scales(quantize_per_channel(w)[1], 1536) is None
     assert cublas_block_scales(quantize_blocks(w, (64, 64))[1], 64) is None
+    assert cublas_block_scales(quantize_blocks(torch.randn(384, 1280), (128, 128))[1], 128) is None
 
 
 # --- errors ---------------------------------------------------------------------------------------------

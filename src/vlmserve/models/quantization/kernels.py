@@ -217,14 +217,15 @@ if TRITON:
         return tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv), a_s
 
     @triton.jit
-    def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, stride_sm, stride_sg,
+    def _quantize_act_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, stride_qm, stride_sm, stride_sg,
                              GROUP: tl.constexpr):  # fmt: skip
-        # One program per (row, group of GROUP columns): the group's e4m3 values and scale.
+        # One program per (row, group of GROUP columns): the group's e4m3 values and scale; rows from M on
+        # (padding) are zeros.
         row = tl.program_id(0)
         g = tl.program_id(1)
         k = g * GROUP + tl.arange(0, GROUP)
         ok = k < K
-        x = tl.load(x_ptr + row * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + row * stride_xm + k, mask=ok & (row < M), other=0.0).to(tl.float32)
         a, a_s = _quantize_tile(x[None, :])
         tl.store(q_ptr + row * stride_qm + k, tl.reshape(a, (GROUP,)), mask=ok)
         tl.store(s_ptr + row * stride_sm + g * stride_sg + tl.arange(0, 1), a_s)
@@ -290,17 +291,19 @@ if TRITON:
 
 
 def quantize_act_groups(
-    x2: torch.Tensor, group: int, outer_major: bool = False
+    x2: torch.Tensor, group: int, outer_major: bool = False, rows: int | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(M, K) -> (M, K) fp8 and (M, cdiv(K, group)) float32 scales, one per row and `group` columns, by one
-    Triton kernel; outer_major: the scales' stride is (1, M), as cuBLASLt's 1x128 block scaling reads them."""
+    """(M, K) -> (R, K) fp8 and (R, cdiv(K, group)) float32 scales, one per row and `group` columns, by one
+    Triton kernel, R = `rows` (default M; rows past M are zeros); outer_major: the scales' stride is (1, R),
+    as cuBLASLt's 1x128 block scaling reads them."""
     m, k = x2.shape
+    r = rows or m
     groups = triton.cdiv(k, group)
-    xq = torch.empty(m, k, dtype=FP8, device=x2.device)
-    xs = torch.empty(groups, m, dtype=torch.float32, device=x2.device).t() if outer_major else (
-        torch.empty(m, groups, dtype=torch.float32, device=x2.device))  # fmt: skip
-    _quantize_act_kernel[(m, groups)](
-        x2, xq, xs, k, x2.stride(0), xq.stride(0), xs.stride(0), xs.stride(1), GROUP=group, num_warps=1
+    xq = torch.empty(r, k, dtype=FP8, device=x2.device)
+    xs = torch.empty(groups, r, dtype=torch.float32, device=x2.device).t() if outer_major else (
+        torch.empty(r, groups, dtype=torch.float32, device=x2.device))  # fmt: skip
+    _quantize_act_kernel[(r, groups)](
+        x2, xq, xs, m, k, x2.stride(0), xq.stride(0), xs.stride(0), xs.stride(1), GROUP=group, num_warps=1
     )
     return xq, xs
 
@@ -379,20 +382,18 @@ def scaled_mm_applies(x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tenso
 
 
 def cublas_block_scales(scale: torch.Tensor, block_k: int) -> torch.Tensor | None:
-    """Per-row weight scales (N, K/128) -> the (K/128 rounded up to 4, N/128) view of (N/128, that) that
-    cuBLASLt's 128x128 block scaling reads, or None when they are not 128x128 blocks (per-channel scales,
-    other block sizes, N or K no multiple of 128, or rows of one 128-row block with different scales: a
-    fused projection whose shards do not start on a 128-row boundary)."""
+    """Per-row weight scales (N, K/128) -> the (K/128, N/128) view of (N/128, K/128) that cuBLASLt's 128x128
+    block scaling reads, or None where that GEMM does not apply: per-channel scales, other block sizes, N
+    no multiple of 128, a number of K blocks no multiple of 4 (the scales' rows must be 16-byte aligned: the
+    layout for the others, a padded stride, is not verified on a GPU yet), or rows of one 128-row block
+    with different scales (a fused projection whose shards do not start on a 128-row boundary)."""
     n, groups = scale.shape
-    if block_k != CUBLAS_BLOCK or n % CUBLAS_BLOCK:
+    if block_k != CUBLAS_BLOCK or n % CUBLAS_BLOCK or groups % 4:
         return None
     rows = scale.reshape(n // CUBLAS_BLOCK, CUBLAS_BLOCK, groups)
     if not bool((rows == rows[:, :1]).all()):
         return None
-    padded = -(-groups // 4) * 4
-    blocks = torch.zeros(n // CUBLAS_BLOCK, padded, dtype=torch.float32, device=scale.device)
-    blocks[:, :groups] = rows[:, 0]
-    return blocks.t()
+    return rows[:, 0].float().contiguous().t()
 
 
 def block_scaled_mm_applies(
@@ -424,8 +425,11 @@ def fp8_scaled_mm(
 ) -> torch.Tensor:
     """torch._scaled_mm: with block_scales, activations per row and 128 columns against 128x128 weight
     blocks; without, activations per row against per-channel weight scales."""
+    m = x2.shape[0]
     if block_scales is not None:
-        xq, xs = quantize_act_groups(x2, CUBLAS_BLOCK, outer_major=True)
+        # cuBLASLt's block scaling takes row counts that are multiples of 16 (its scales' leading dimension):
+        # the rows are padded with zeros and the padding's outputs dropped.
+        xq, xs = quantize_act_groups(x2, CUBLAS_BLOCK, outer_major=True, rows=-(-m // 16) * 16)
         scale_b = block_scales
     else:
         xq, xs = quantize_activations(x2, x2.shape[1])  # (M, K), (M, 1): per token
@@ -436,7 +440,7 @@ def fp8_scaled_mm(
         scale_a=xs,
         scale_b=scale_b,
         out_dtype=x2.dtype,
-    )
+    )[:m]
     return out if bias is None else out + bias
 
 
