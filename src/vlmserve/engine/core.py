@@ -9,9 +9,8 @@ With asynchronous scheduling (the default on a GPU) a step is one step ahead of 
 so the host's work for one step (scheduling, input building, detokenizing, stop checks) runs while the GPU
 computes the other, instead of leaving the GPU idle between steps. A token sampled by N reaches N+1's inputs
 on the device. What that costs: a request that stops on a token's value (eos, stop id, stop string) has
-one extra row computed and dropped. Requests whose sampling reads their earlier tokens' values (penalties,
-an output grammar) have N+1's forward queued all the same; only its sampling waits for N's tokens on the
-host, and the forward of N+2 is queued right behind that sampling, before step() returns.
+one extra row computed and dropped. Requests whose sampling needs their full history (penalties, min_tokens,
+an output grammar) make the loop wait for N before scheduling N+1.
 
 Structured outputs (engine/structured.py): a constrained request is not ready to schedule until its grammar
 compiled on the compile pool; each step's scheduled constrained rows get one bitmask, filled when the
@@ -112,10 +111,6 @@ class EngineCore:
         self.async_scheduling = config.async_scheduling
         self._in_flight: tuple[SchedulerOutput, StepOutput] | None = None  # launched, not yet applied
         self._to_launch: tuple[SchedulerOutput, PreparedStep] | None = None  # prepared, queued next call
-        # A decode step whose forward was queued behind `_in_flight` before the last call returned, its
-        # sampling deferred (it reads `_in_flight`'s tokens): applied steps' host work and the caller's turn
-        # then overlap that forward (_queue_next_forward).
-        self._queued_forward: tuple[SchedulerOutput, StepOutput] | None = None
         # Deltas of applied steps not yet returned: a failure later in the same step() call hands them out with
         # its error deltas (a request that finished in them has no other way to get its last delta).
         self._undelivered: list[CompletionDelta] = []
@@ -305,20 +300,6 @@ class EngineCore:
             # The step before it was applied in the last call: only this one's requests can fail here.
             self._last_scheduled = [s.request.request_id for s in queued.scheduled]
             self._in_flight = (queued, step.run())
-        if self._queued_forward is not None:
-            # Its forward has been queued since the last call: apply the step before it, then queue its
-            # sampling and the next forward.
-            prev, self._in_flight, self._queued_forward = self._in_flight, self._queued_forward, None
-            assert prev is not None
-            self._last_scheduled = [
-                s.request.request_id for s in (*prev[0].scheduled, *self._in_flight[0].scheduled)
-            ]
-            self._undelivered += self._apply(*prev, next_masks=self._in_flight[0].grammar_bitmask)
-            self._in_flight[1].sample_now()
-            if self._needs_known_tokens():
-                self._queue_next_forward()
-            deltas, self._undelivered = self._undelivered, []
-            return deltas
         prev = self._in_flight
         known = prev is not None and self._needs_known_tokens()
         sched = self._schedule()
@@ -340,8 +321,6 @@ class EngineCore:
                     *prev, next_masks=sched.grammar_bitmask if step.sampling_deferred else None
                 )
                 self._in_flight[1].sample_now()
-                if step.sampling_deferred:
-                    self._queue_next_forward()
             else:
                 # An eager step is thousands of kernel launches: queued now, they would hold the host until
                 # most of `prev` ran, and prev's tokens would wait for that. Hand them out first; the step
@@ -355,31 +334,6 @@ class EngineCore:
             self._undelivered += self._apply(sched, StepOutput([]))
         deltas, self._undelivered = self._undelivered, []
         return deltas
-
-    def _queue_next_forward(self) -> None:
-        """With `_in_flight`'s sampling just queued after its tokens' wait (a deferred sampling: grammar masks,
-        penalties), queue the next decode step's forward behind it now rather than at the start of the next
-        call: else the device idles from that sampling's end while this call hands its deltas out, the caller
-        takes its turn and the next step is scheduled and prepared (W2 under a JSON schema on an H200: a 12 ms
-        step against the forward's 6.6). The next step is scheduled with `_in_flight` not yet applied, as
-        every step of this loop is. A step that is not such a decode step (a newcomer's prefill) is not
-        queued behind an unapplied one: `_in_flight` is applied here and the step queued next call, as
-        step() does."""
-        assert self._in_flight is not None
-        sched = self._schedule()
-        self._last_scheduled += [s.request.request_id for s in sched.scheduled]
-        if not sched.scheduled:
-            self._undelivered += self._apply(*self._in_flight)
-            self._in_flight = None
-            self._undelivered += self._apply(sched, StepOutput([]))
-            return
-        step = self.runner.prepare(sched, self._in_flight[1], defer_sampling=True)
-        if step.decode_only and step.sampling_deferred:
-            self._queued_forward = (sched, step.run())
-        else:
-            self._undelivered += self._apply(*self._in_flight)
-            self._in_flight = None
-            self._to_launch = (sched, step)
 
     def _schedule(self) -> SchedulerOutput:
         """The scheduler's next step, with the grammar masks of its constrained sampling rows."""
@@ -512,13 +466,13 @@ class EngineCore:
     def fail_scheduled(self, message: str) -> list[CompletionDelta]:
         """Finish the requests of the step that failed with an error (and of the step in flight with it);
         the rest keep running."""
-        self._in_flight = self._to_launch = self._queued_forward = None
+        self._in_flight = self._to_launch = None
         rids = dict.fromkeys(rid for rid in self._last_scheduled if rid in self._choices)
         delivered, self._undelivered = self._undelivered, []
         return delivered + self._fail(list(rids), message)
 
     def fail_all(self, message: str) -> list[CompletionDelta]:
-        self._in_flight = self._to_launch = self._queued_forward = None
+        self._in_flight = self._to_launch = None
         delivered, self._undelivered = self._undelivered, []
         return delivered + self._fail(list(self._choices), message)
 
