@@ -359,8 +359,8 @@ def fp8_triton(
 PREQUANT_MIN_ROWS = 16
 
 # Rows from which torch._scaled_mm (cuBLASLt) runs where it applies: below, the split-K Triton kernel streams
-# the weights faster (it quantizes the activations without extra launches); from 64 rows on the H200 the two
-# are level, and cuBLASLt's tiles pull ahead with the batch (128 rows: 1.4x, 1024: 2x; benchmarks/RESULTS.md).
+# the weights faster (it quantizes the activations without extra launches); from here cuBLASLt's tiles win, more
+# so the larger the batch (per-size figures: benchmarks/RESULTS.md).
 SCALED_MM_MIN_ROWS = 64
 
 # cuBLASLt's block-scaled FP8 GEMM: 128x128 weight blocks, activations in 1x128 groups (Hopper).
