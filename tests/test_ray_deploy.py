@@ -313,9 +313,10 @@ def test_runtime_env_reaches_the_replicas(py_app: openai.OpenAI) -> None:
 def test_client_disconnect_aborts_the_request_in_the_replica(
     ray_cluster: Cluster, py_app: openai.OpenAI
 ) -> None:
-    # 16 choices of 480 tokens, four at a time (max_num_seqs): far more work than the abort takes to reach
-    # the replica, however fast the engine runs.
-    n, max_tokens = 16, 480
+    # 48 choices of 480 tokens, four at a time (max_num_seqs): far more work than the abort takes to reach
+    # the replica, however fast the engine runs (16 were once all generated before an abort arrived through
+    # a Ray cluster on two busy cores; the test ends at the abort either way).
+    n, max_tokens = 48, 480
     before = engine_stats("py", "b")["generation_tokens_total"]
     body = {"model": "b", "prompt": "go", "max_tokens": max_tokens, "n": n, "stream": True, **NO_EOS}
     with httpx.stream("POST", ray_cluster.url("/py/v1/completions"), json=body, timeout=60) as response:
