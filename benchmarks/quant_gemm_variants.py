@@ -13,6 +13,9 @@ GEMM was adopted):
                                  (sum_k q x - z sum_k x) * s; _halves: a byte holds k and k + 64 of a K tile
                                  (no nibble interleave)
     fp8_smm_128x128              torch._scaled_mm with 1x128 activation and 128x128 weight scales (cuBLASLt)
+    fp8_fused_reduce             the current split-K kernel with the split reduction fused into it (the last
+                                 program of an output tile adds the partials): one launch per linear, not two
+                                 (not yet timed on a GPU)
 """
 
 from __future__ import annotations
@@ -207,7 +210,7 @@ def _launch_t(kernel, x2, n, t, weights, tail, **meta):
 
 def tiles(m, n, k, bk, dev, over=None):
     if INTERP:
-        over = {**(over or {}), "splits": 1 + (m % 2)}
+        over = {"splits": 1 + (m % 2), **(over or {})}
     t = kernels._tiles(m, n, k, bk, dev, over)
     return t
 
@@ -245,6 +248,70 @@ def halves_pack(qw):
     n, k = q.shape
     q = q.view(n, k // 128, 2, 64)
     return (q[:, :, 0] | (q[:, :, 1] << 4)).reshape(n, k // 2).to(torch.uint8).contiguous()
+
+
+@triton.jit
+def _fp8_fused_reduce_kernel(x_ptr, b_ptr, bs_ptr, part_ptr, count_ptr, c_ptr, M, N, K, TILES_PER_SPLIT,
+                             stride_xm, stride_cm, stride_bn, stride_bsn, stride_bsk, GROUP_K,
+                             SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                             BLOCK_K: tl.constexpr):
+    # The current split-K FP8 kernel (activations quantized in registers), but the split reduction fused: each
+    # program stores its float32 partial tile, then takes a ticket on its output tile's counter; the program
+    # holding the last ticket adds the SPLITS partials, writes the output and resets the counter (so a CUDA
+    # graph can replay it). No second kernel per linear.
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_s = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    m_ok = offs_m < M
+    n_ok = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for i in range(0, TILES_PER_SPLIT):
+        k0 = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K
+        k = k0 + offs_k
+        k_ok = k < K
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                    other=0.0).to(tl.float32)
+        a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
+        a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv)
+        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
+        b_s = tl.load(bs_ptr + offs_n * stride_bsn + (k0 // GROUP_K) * stride_bsk, mask=n_ok & (k0 < K), other=0.0)
+        acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
+    ok = m_ok[:, None] & n_ok[None, :]
+    tile = offs_m[:, None] * N + offs_n[None, :]
+    tl.store(part_ptr + pid_s * M * N + tile, acc, mask=ok)
+    tl.debug_barrier()  # every thread's partial stored before the ticket is taken
+    counter = count_ptr + pid_m * tl.num_programs(1) + pid_n
+    ticket = tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu")
+    if ticket == SPLITS - 1:
+        total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for s in range(0, SPLITS):
+            total += tl.load(part_ptr + s * M * N + tile, mask=ok, other=0.0, cache_modifier=".cg")
+        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], total.to(c_ptr.dtype.element_ty), mask=ok)
+        tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
+
+
+_COUNTERS: dict = {}
+
+
+def fp8_fused_reduce(x2, w, s, over=None):
+    """x2 (M, K) @ dequant(w, s).T with the split reduction inside the GEMM kernel (decode sizes)."""
+    m, k = x2.shape
+    n = w.shape[0]
+    t = tiles(m, n, k, 128, x2.device, over)
+    grid = (triton.cdiv(m, t.block_m), triton.cdiv(n, t.block_n), t.splits)
+    key = (x2.device, grid[0] * grid[1])
+    if key not in _COUNTERS:  # zeroed once; every call leaves it zeroed
+        _COUNTERS[key] = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x2.device)
+    out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
+    part = torch.empty(t.splits, m, n, dtype=torch.float32, device=x2.device)
+    _fp8_fused_reduce_kernel[grid](x2, w, s, part, _COUNTERS[key], out, m, n, k, t.k_per_split // t.block_k,
+                                   x2.stride(0), out.stride(0), w.stride(0), s.stride(0), s.stride(1), 128,
+                                   SPLITS=t.splits, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
+                                   num_warps=t.num_warps, num_stages=t.num_stages)
+    return out
 
 
 @triton.jit
@@ -304,6 +371,8 @@ def main():
                         s128[:, : k // 128] = sinv
                         s128 = s128.t()
                         cands["fp8_smm_128x128"] = (lambda: scaled_mm_block(x, qb, sb_cm, s128), ref8)
+                if m < kernels.PREQUANT_MIN_ROWS:
+                    cands["fp8_fused_reduce"] = (lambda: fp8_fused_reduce(x, qb, sb_cm), ref8)
                 if m <= 64:
                     for tn, ov in (
                         ("", {}),
