@@ -183,6 +183,26 @@ def test_cublas_block_scales_only_for_whole_128x128_blocks() -> None:
     assert cublas_block_scales(quantize_blocks(torch.randn(384, 1280), (128, 128))[1], 128) is None
 
 
+def test_loading_lays_out_cublas_block_scales_where_the_blocks_are_whole(tmp_path: Path) -> None:
+    """load_model runs each quantized linear's finalize: an FP8 checkpoint with [128, 128] blocks gets the
+    cuBLASLt layout of its scales on o_proj, gate_up and down_proj, and none on q/k/v (k and v, 64 rows each,
+    share a 128-row block). A derived buffer: not in the state dict, moved with the module."""
+    from vlmserve.models.quantization.fp8 import Fp8Linear
+    from vlmserve.models.quantization.kernels import cublas_block_scales
+
+    text = dict(hidden_size=512, intermediate_size=1024, num_attention_heads=8, num_key_value_heads=1)
+    text["mrope_section"] = [8, 12, 12]
+    ckpt = write_quantized_checkpoint(tmp_path / "q", "fp8-block", text=text, seed=0)
+    model = load_model(ckpt, "float32", progress=False)
+    linears = {n: m for n, m in model.named_modules() if isinstance(m, Fp8Linear)}
+    blocked = {n.rsplit(".", 1)[-1] for n, m in linears.items() if m.cublas_block_scales is not None}
+    assert blocked == {"o_proj", "gate_up_proj", "down_proj"}
+    down = model.model.layers[0].mlp.down_proj
+    assert torch.equal(down.cublas_block_scales, cublas_block_scales(down.weight_scale, 128))
+    assert not any(k.endswith("cublas_block_scales") for k in model.state_dict())
+    assert "cublas_block_scales" in dict(down.named_buffers())  # what .to(device) moves
+
+
 # --- errors ---------------------------------------------------------------------------------------------
 
 

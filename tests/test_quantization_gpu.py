@@ -109,8 +109,9 @@ def test_fp8_scaled_mm_matches_reference() -> None:
 
 @needs_fp8
 def test_fp8_block_scaled_mm_matches_reference_and_replays_in_a_graph() -> None:
-    """cuBLASLt's 128x128 block-scaled GEMM (Hopper, from SCALED_MM_MIN_ROWS rows): odd row counts, K blocks
-    that need the scales padded to 4, bias; chosen by `auto` for such weights; the same in a CUDA graph."""
+    """cuBLASLt's 128x128 block-scaled GEMM (Hopper, from SCALED_MM_MIN_ROWS rows): row counts that are no
+    multiple of 4 (padded), 4 to 148 K blocks, bias; chosen by `auto` for such weights; the same in a CUDA
+    graph. Other GPUs never take this path (block_scaled_mm_applies), hence the skip there."""
     from vlmserve.models.quantization import fp8, kernels
 
     if torch.cuda.get_device_capability() != (9, 0):

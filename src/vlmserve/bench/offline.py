@@ -366,13 +366,14 @@ def main(argv: list[str] | None = None) -> None:
         size, target, out_len = WORKLOADS[name]
         prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
         seed += int(count)
-        r = run_steady(core, proc, prompts, out_len, int(conc), float(delay[0]) if delay else 0.0)
+        delay_ms = float(delay[0]) if delay else 0.0
+        r = run_steady(core, proc, prompts, out_len, int(conc), delay_ms)
         results[f"steady_{spec.replace(':', '_')}"] = r
         print(f"steady {spec}:", r, flush=True)
         if schema is not None:
             prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
             seed += int(count)
-            r = run_steady(core, proc, prompts, out_len, int(conc), float(delay[0]) if delay else 0.0, schema)
+            r = run_steady(core, proc, prompts, out_len, int(conc), delay_ms, schema)
             results[f"steady_{spec.replace(':', '_')}_json"] = r
             print(f"steady {spec} under the JSON schema:", r, flush=True)
     if args.profile_steady and args.steady:

@@ -82,8 +82,10 @@ class Fp8Linear(QuantizedLinear):
         self.weight_scale = frozen(torch.empty(groups, out_features, dtype=torch.float32, device=dev).t())
         self.bias = bias
         # The scales again as cuBLASLt's 128x128 block-scaled GEMM reads them (finalize), where they are
-        # such blocks: its batch and prefill sizes' GEMM on Hopper.
-        self.cublas_block_scales: torch.Tensor | None = None
+        # such blocks: its batch and prefill sizes' GEMM on Hopper. A buffer, so that .to() moves it; derived,
+        # so not saved.
+        self.cublas_block_scales: torch.Tensor | None
+        self.register_buffer("cublas_block_scales", None, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:
@@ -108,10 +110,9 @@ class Fp8Linear(QuantizedLinear):
         self.weight_scale.copy_(scale.expand_as(self.weight_scale))
 
     def finalize(self) -> None:
-        if self.weight.is_cuda:
-            from vlmserve.models.quantization import kernels
+        from vlmserve.models.quantization import kernels
 
-            self.cublas_block_scales = kernels.cublas_block_scales(self.weight_scale, self.block_k)
+        self.cublas_block_scales = kernels.cublas_block_scales(self.weight_scale, self.block_k)
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, block_k={self.block_k}, bias={self.bias is not None}"

@@ -296,6 +296,8 @@ def quantize_act_groups(
     """(M, K) -> (R, K) fp8 and (R, cdiv(K, group)) float32 scales, one per row and `group` columns, by one
     Triton kernel, R = `rows` (default M; rows past M are zeros); outer_major: the scales' stride is (1, R),
     as cuBLASLt's 1x128 block scaling reads them."""
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
     m, k = x2.shape
     r = rows or m
     groups = triton.cdiv(k, group)
@@ -427,8 +429,9 @@ def fp8_scaled_mm(
     blocks; without, activations per row against per-channel weight scales."""
     m = x2.shape[0]
     if block_scales is not None:
-        # cuBLASLt's block scaling takes row counts that are multiples of 16 (its scales' leading dimension):
-        # the rows are padded with zeros and the padding's outputs dropped.
+        # cuBLASLt's block scaling refuses row counts that are not multiples of 4 (probed on the H200): the
+        # rows are padded with zeros to a multiple of 16 (as served and tested) and the padding's outputs
+        # dropped.
         xq, xs = quantize_act_groups(x2, CUBLAS_BLOCK, outer_major=True, rows=-(-m // 16) * 16)
         scale_b = block_scales
     else:
@@ -480,7 +483,7 @@ def fp8_linear(
     if backend == "scaled_mm_block":
         if block_scales is None:
             raise ValueError("backend scaled_mm_block needs block_scales (cublas_block_scales)")
-        out = fp8_scaled_mm(x2 if x2.stride(1) == 1 else x2.contiguous(), weight, scale, bias, block_scales)
+        out = fp8_scaled_mm(x2, weight, scale, bias, block_scales)
     elif backend == "scaled_mm":
         out = fp8_scaled_mm(x2, weight, scale, bias)
     elif backend == "triton":
