@@ -12,7 +12,8 @@ GEMM was adopted):
     awq_swap / awq_swap_halves   the same for AWQ int4, zero and scale applied after the dot
                                  (sum_k q x - z sum_k x) * s; _halves: a byte holds k and k + 64 of a K tile
                                  (no nibble interleave)
-    fp8_smm_128x128              torch._scaled_mm with 1x128 activation and 128x128 weight scales (cuBLASLt)
+    fp8_smm_128x128              torch._scaled_mm with 1x128 activation and 128x128 weight scales (cuBLASLt;
+                                 since adopted: kernels.fp8_linear's scaled_mm_block backend)
     fp8_fused_reduce             the current split-K kernel with the split reduction fused into it (the last
                                  program of an output tile adds the partials): one launch per linear, not two
                                  (not yet timed on a GPU)
@@ -251,10 +252,28 @@ def halves_pack(qw):
 
 
 @triton.jit
-def _fp8_fused_reduce_kernel(x_ptr, b_ptr, bs_ptr, part_ptr, count_ptr, c_ptr, M, N, K, TILES_PER_SPLIT,
-                             stride_xm, stride_cm, stride_bn, stride_bsn, stride_bsk, GROUP_K,
-                             SPLITS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                             BLOCK_K: tl.constexpr):
+def _fp8_fused_reduce_kernel(
+    x_ptr,
+    b_ptr,
+    bs_ptr,
+    part_ptr,
+    count_ptr,
+    c_ptr,
+    M,
+    N,
+    K,
+    TILES_PER_SPLIT,
+    stride_xm,
+    stride_cm,
+    stride_bn,
+    stride_bsn,
+    stride_bsk,
+    GROUP_K,
+    SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     # The current split-K FP8 kernel (activations quantized in registers), but the split reduction fused: each
     # program stores its float32 partial tile, then takes a ticket on its output tile's counter; the program
     # holding the last ticket adds the SPLITS partials, writes the output and resets the counter (so a CUDA
@@ -272,12 +291,17 @@ def _fp8_fused_reduce_kernel(x_ptr, b_ptr, bs_ptr, part_ptr, count_ptr, c_ptr, M
         k0 = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K
         k = k0 + offs_k
         k_ok = k < K
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
-                    other=0.0).to(tl.float32)
+        x = tl.load(
+            x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :], other=0.0
+        ).to(tl.float32)
         a_s = tl.maximum(tl.max(tl.abs(x), axis=1) / 448.0, 1e-12)
         a = tl.clamp(x / a_s[:, None], -448.0, 448.0).to(tl.float8e4nv)
-        b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-        b_s = tl.load(bs_ptr + offs_n * stride_bsn + (k0 // GROUP_K) * stride_bsk, mask=n_ok & (k0 < K), other=0.0)
+        b = tl.load(
+            b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0
+        )
+        b_s = tl.load(
+            bs_ptr + offs_n * stride_bsn + (k0 // GROUP_K) * stride_bsk, mask=n_ok & (k0 < K), other=0.0
+        )
         acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
     ok = m_ok[:, None] & n_ok[None, :]
     tile = offs_m[:, None] * N + offs_n[None, :]
@@ -289,7 +313,9 @@ def _fp8_fused_reduce_kernel(x_ptr, b_ptr, bs_ptr, part_ptr, count_ptr, c_ptr, M
         total = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for s in range(0, SPLITS):
             total += tl.load(part_ptr + s * M * N + tile, mask=ok, other=0.0, cache_modifier=".cg")
-        tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], total.to(c_ptr.dtype.element_ty), mask=ok)
+        tl.store(
+            c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :], total.to(c_ptr.dtype.element_ty), mask=ok
+        )
         tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")
 
 
@@ -307,35 +333,31 @@ def fp8_fused_reduce(x2, w, s, over=None):
         _COUNTERS[key] = torch.zeros(grid[0] * grid[1], dtype=torch.int32, device=x2.device)
     out = torch.empty(m, n, dtype=x2.dtype, device=x2.device)
     part = torch.empty(t.splits, m, n, dtype=torch.float32, device=x2.device)
-    _fp8_fused_reduce_kernel[grid](x2, w, s, part, _COUNTERS[key], out, m, n, k, t.k_per_split // t.block_k,
-                                   x2.stride(0), out.stride(0), w.stride(0), s.stride(0), s.stride(1), 128,
-                                   SPLITS=t.splits, BLOCK_M=t.block_m, BLOCK_N=t.block_n, BLOCK_K=t.block_k,
-                                   num_warps=t.num_warps, num_stages=t.num_stages)
-    return out
-
-
-@triton.jit
-def _quant_t_kernel(x_ptr, q_ptr, s_ptr, M, K, stride_xm, GROUP: tl.constexpr):
-    row = tl.program_id(0)
-    g = tl.program_id(1)
-    k = g * GROUP + tl.arange(0, GROUP)
-    ok = k < K
-    x = tl.load(x_ptr + row * stride_xm + k, mask=ok, other=0.0).to(tl.float32)
-    a_s = tl.maximum(tl.max(tl.abs(x)) / 448.0, 1e-12)
-    tl.store(q_ptr + row * K + k, tl.clamp(x / a_s, -448.0, 448.0).to(tl.float8e4nv), mask=ok)
-    tl.store(s_ptr + g * M + row, a_s)
-
-
-def scaled_mm_block(x2, w, s_colmajor, s128=None):
-    """cuBLASLt blockwise: activations 1x128 (scales outer-dim-major), weights 1x128 (N, K/128) stride (1, N)
-    or 128x128 (s128: (K/128 padded to 4, N/128) as .t() of (N/128, L4))."""
-    m, k = x2.shape
-    xq = torch.empty(m, k, dtype=torch.float8_e4m3fn, device=x2.device)
-    xs = torch.empty(k // 128, m, dtype=torch.float32, device=x2.device)
-    _quant_t_kernel[(m, k // 128)](x2, xq, xs, m, k, x2.stride(0), GROUP=128, num_warps=1)
-    return torch._scaled_mm(
-        xq, w.t(), scale_a=xs.t(), scale_b=s_colmajor if s128 is None else s128, out_dtype=x2.dtype
+    _fp8_fused_reduce_kernel[grid](
+        x2,
+        w,
+        s,
+        part,
+        _COUNTERS[key],
+        out,
+        m,
+        n,
+        k,
+        t.k_per_split // t.block_k,
+        x2.stride(0),
+        out.stride(0),
+        w.stride(0),
+        s.stride(0),
+        s.stride(1),
+        128,
+        SPLITS=t.splits,
+        BLOCK_M=t.block_m,
+        BLOCK_N=t.block_n,
+        BLOCK_K=t.block_k,
+        num_warps=t.num_warps,
+        num_stages=t.num_stages,
     )
+    return out
 
 
 def main():
@@ -364,13 +386,14 @@ def main():
                     cands["bf16"] = (lambda: F.linear(x, w), None)
                     cands["fp8_cur"] = (lambda: kernels.fp8_linear(x, qb, sb_cm, 128, None), ref8)
                     cands["awq_cur"] = (lambda: kernels.awq_linear(x, aq, az, asc, 128, None), refq)
-                    if hasattr(torch, "_scaled_mm"):
-                        cands["fp8_smm_1x128"] = (lambda: scaled_mm_block(x, qb, sb_cm), ref8)
-                        l4 = -(-(k // 128) // 4) * 4
-                        s128 = torch.zeros(sinv.shape[0], l4, device=dev)
-                        s128[:, : k // 128] = sinv
-                        s128 = s128.t()
-                        cands["fp8_smm_128x128"] = (lambda: scaled_mm_block(x, qb, sb_cm, s128), ref8)
+                    blocks = kernels.cublas_block_scales(sb_cm, 128)
+                    if blocks is not None and kernels.block_scaled_mm_applies(x, qb, blocks):
+                        cands["fp8_smm_128x128"] = (
+                            lambda: kernels.fp8_linear(
+                                x, qb, sb_cm, 128, None, "scaled_mm_block", block_scales=blocks
+                            ),
+                            ref8,
+                        )
                 if m < kernels.PREQUANT_MIN_ROWS:
                     cands["fp8_fused_reduce"] = (lambda: fp8_fused_reduce(x, qb, sb_cm), ref8)
                 if m <= 64:
