@@ -8,6 +8,9 @@ holds. What the mask cost depends on is the token trie (how many tokens, how lon
 merges are not needed for that and are left empty.
 
     python benchmarks/grammar_masks.py --batch 128 --vocab 151643
+    # a checkpoint's own tokenizer and a schema file, on a host with 6 other busy processes:
+    python benchmarks/grammar_masks.py --tokenizer CKPT --logits 152064 \
+        --schema benchmarks/schemas/long_extraction.json --threads 4 --busy 6
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ import json
 import random
 import re
 import statistics
+import subprocess
 import sys
 import sysconfig
 import time
@@ -149,11 +153,20 @@ def main() -> None:
     ap.add_argument("--fields", type=int, default=50)
     ap.add_argument("--threads", type=int, default=0, help="LLExecutor threads (0: its default)")
     ap.add_argument("--serial", action="store_true", help="fill row by row on this thread, no executor")
+    ap.add_argument("--tokenizer", type=Path, help="a checkpoint dir: its tokenizer.json instead of --vocab")
+    ap.add_argument("--logits", type=int, default=0, help="with --tokenizer: the model's logits width")
+    ap.add_argument("--schema", type=Path, help="the masks' JSON schema (default: --fields generated fields)")
+    ap.add_argument("--busy", type=int, default=0, help="processes spinning on a core while masks fill")
     args = ap.parse_args()
 
     t0 = time.perf_counter()
-    vocab = synthetic_vocab(args.vocab)
-    tok = llguidance.LLTokenizer(tokenizer_json(vocab), eos_token=len(vocab) + 2)
+    if args.tokenizer:
+        text = (args.tokenizer / "tokenizer.json").read_text()
+        tok = llguidance.LLTokenizer(text, n_vocab=args.logits or None, eos_token=0)
+    else:
+        vocab = synthetic_vocab(args.vocab)
+        tok = llguidance.LLTokenizer(tokenizer_json(vocab), eos_token=len(vocab) + 2)
+    busy = [subprocess.Popen([sys.executable, "-c", "while True: pass"]) for _ in range(args.busy)]
     print(f"tokenizer: {tok.vocab_size} tokens, built in {time.perf_counter() - t0:.1f} s", file=sys.stderr)
 
     # Compile: a fresh 50-field schema each time (cold; salt defeats any internal cache), then the same
@@ -172,7 +185,8 @@ def main() -> None:
 
     # Masks: `batch` matchers of one schema, each advanced by tokens it allows (a random walk through the
     # grammar, so the rows sit at different states), one batched fill per step.
-    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema_with_fields(args.fields))
+    schema = json.loads(args.schema.read_text()) if args.schema else schema_with_fields(args.fields)
+    grammar = llguidance.LLMatcher.grammar_from_json_schema(schema)
     base = llguidance.LLMatcher(tok, grammar)
     matchers = [base.deep_copy() for _ in range(args.batch)]
     executor = llguidance.LLExecutor(args.threads) if args.threads else llguidance.LLExecutor()
@@ -199,6 +213,8 @@ def main() -> None:
         for m, token in picks:
             m.consume_token(token)
         consume_times.append(time.perf_counter() - t)
+    for p in busy:
+        p.kill()
 
     ms = lambda xs: 1000 * statistics.median(xs)  # noqa: E731
     print(
@@ -207,6 +223,8 @@ def main() -> None:
                 "llguidance": llguidance.__version__ if hasattr(llguidance, "__version__") else "?",
                 "vocab": tok.vocab_size,
                 "batch": args.batch,
+                "threads": "serial" if args.serial else (args.threads or "default"),
+                "busy_processes": args.busy,
                 "compile_50_fields_cold_ms_p50": round(ms(cold), 2),
                 "compile_50_fields_cold_ms_max": round(1000 * max(cold), 2),
                 "cached_copy_ms": round(1000 * cached, 3),

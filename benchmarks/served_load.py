@@ -69,6 +69,22 @@ def metric_lines(text: str, prefix: str) -> dict[str, float]:
     return out
 
 
+def engine_phases(phases_dir: Path) -> dict:
+    """The engine process's latest cumulative phase totals (benchmarks/site/sitecustomize.py)."""
+    time.sleep(0.6)  # one more snapshot
+    for f in phases_dir.glob("phases-*.json"):
+        return json.loads(f.read_text())
+    return {"seconds": {}, "calls": {}, "t": time.monotonic()}
+
+
+def phases_per_step(before: dict, after: dict) -> dict:
+    steps = after["calls"].get("EngineCore.step", 0) - before["calls"].get("EngineCore.step", 0)
+    out = {"steps": steps, "wall": round(1e3 * (after.get("t", 0) - before.get("t", 0)) / max(steps, 1), 3)}
+    for k, v in sorted(after["seconds"].items()):
+        out[k] = round(1e3 * (v - before["seconds"].get(k, 0.0)) / max(steps, 1), 3)
+    return out
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -79,6 +95,11 @@ def main() -> int:
     ap.add_argument("--stall-after", type=float, default=45.0)
     ap.add_argument("--load-timeout", type=float, default=400.0)
     ap.add_argument("--dump-stacks-site", type=Path, default=None)
+    ap.add_argument(
+        "--engine-phases",
+        action="store_true",
+        help="time the engine loop's phases in the engine process (benchmarks/site), ms per step per load",
+    )
     ap.add_argument("--extra-path", default=os.environ.get("PYTHONPATH", ""))
     ap.add_argument("server_flags", nargs="*")
     args = ap.parse_args()
@@ -93,10 +114,20 @@ def main() -> int:
             subprocess.run([sys.executable, "-c", code % model], env=env, check=True)
 
     server_path = [str(args.src.resolve()), args.extra_path]
+    if args.engine_phases and args.dump_stacks_site is None:
+        args.dump_stacks_site = ROOT / "benchmarks" / "site"
     if args.dump_stacks_site is not None:
         server_path.insert(0, str(args.dump_stacks_site.resolve()))
     server_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in server_path if p))
-    client_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(ROOT / "src"), args.extra_path] if p))
+    phases_dir = args.out / f"{args.label}-phases"
+    if args.engine_phases:
+        phases_dir.mkdir(exist_ok=True)
+        for stale in phases_dir.glob("phases-*"):
+            stale.unlink()
+        server_env["VLMSERVE_ENGINE_PHASES"] = str(phases_dir.resolve())
+    client_env = dict(
+        os.environ, PYTHONPATH=os.pathsep.join(p for p in [str(ROOT / "src"), args.extra_path] if p)
+    )
     port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = args.out / f"{args.label}-server.log"
@@ -139,6 +170,7 @@ def main() -> int:
             ]  # fmt: skip
             procs = [server.pid, *children(server.pid)]
             cpu0 = {p: cpu_seconds(p) for p in procs}
+            phases0 = engine_phases(phases_dir) if args.engine_phases else None
             start = time.monotonic()
             client = subprocess.Popen(bench, env=client_env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
             silent_since: float | None = None
@@ -155,7 +187,10 @@ def main() -> int:
                     silent_since = silent_since or time.monotonic()
                     if time.monotonic() - silent_since > args.stall_after:
                         stalled = True
-                        print(f"[{args.label}] {name}: /metrics silent for {args.stall_after} s: stacks", flush=True)
+                        print(
+                            f"[{args.label}] {name}: /metrics silent for {args.stall_after} s: stacks",
+                            flush=True,
+                        )
                         for p in [server.pid, *children(server.pid)]:
                             try:
                                 os.kill(p, signal.SIGUSR1)
@@ -171,6 +206,11 @@ def main() -> int:
             text = client.communicate()[0].decode(errors="replace")
             cpu = {str(p): round((cpu_seconds(p) - c) / wall, 2) for p, c in cpu0.items()}
             entry = {"stalled": stalled, "wall_s": wall, "cpu_cores_by_pid": cpu, "table": text[-3000:]}
+            if args.engine_phases:
+                entry["engine_phases_ms_per_step"] = phases_per_step(phases0, engine_phases(phases_dir))
+                print(
+                    f"[{args.label}] {name}: engine phases {entry['engine_phases_ms_per_step']}", flush=True
+                )
             if jpath.exists() and not stalled:
                 entry["metrics"] = json.loads(jpath.read_text())["metrics"]
             summary["loads"][name] = entry

@@ -507,6 +507,37 @@ def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
     assert torch.equal(out, expected)
 
 
+def test_apply_token_bitmask_every_row_without_row_index() -> None:
+    """rows None (every row constrained, in order) masks as the explicit rows 0..B-1 do."""
+    rng = np.random.default_rng(7)
+    logits = torch.from_numpy(rng.standard_normal((4, 70)).astype(np.float32))
+    bits = torch.from_numpy(rng.integers(-(2**31), 2**31, size=(4, 3), dtype=np.int64).astype(np.int32))
+    out = apply_token_bitmask(logits, None, bits)
+    assert torch.equal(out, apply_token_bitmask(logits, torch.arange(4), bits))
+    assert torch.isinf(out).any() and not torch.isinf(logits).any()  # a new tensor, the input untouched
+
+
+def test_masks_attached_after_the_tensors_sample_as_masks_given_up_front() -> None:
+    """The runner builds a step's sampling tensors while the masks fill, naming the constrained rows, and
+    attaches the masks after: same tensors, same tokens, and a constrained row short of min_tokens keeps
+    EOS allowed (its grammar decides when it may end) either way."""
+    from vlmserve.runner.sampler import Sampler, build_sampling_tensors, with_token_bitmask
+
+    vocab, batch = 200, 5
+    logits = torch.randn(batch, vocab)
+    params = [SamplingParams(temperature=0.0, min_tokens=4) for _ in range(batch)]
+    args = (params, [[]] * batch, [[1]] * batch, [None] * batch, [0], "cpu")
+    for rows in ([0, 1, 2, 3, 4], [1, 3]):
+        bits = _random_bitmask(len(rows), vocab, len(rows))
+        bits[:, 0] |= 1  # EOS (token 0) allowed by every grammar
+        up_front = build_sampling_tensors(*args, (rows, bits))
+        later = with_token_bitmask(build_sampling_tensors(*args, constrained_rows=rows), rows, bits)
+        assert later.min_tokens_rows == up_front.min_tokens_rows
+        assert all(r not in rows for r in later.min_tokens_rows)  # EOS masked only on free rows
+        assert (later.bitmask_rows is None) == (len(rows) == batch)
+        assert Sampler()(logits, later).token_ids == Sampler()(logits, up_front).token_ids
+
+
 def _random_bitmask(rows: int, vocab: int, seed: int) -> np.ndarray:
     rng = np.random.default_rng(seed)
     # Sparse masks, as grammars give: about 1 token in 64 allowed, and at least one per row.
@@ -568,6 +599,9 @@ def test_grammar_mask_on_cuda_matches_cpu() -> None:
     assert gpu_out.logprobs is not None and cpu_out.logprobs is not None
     for a, b in zip(gpu_out.logprobs, cpu_out.logprobs, strict=True):
         assert (a is None) == (b is None) and (a is None or abs(a - b) < 1e-4)
+    every = _random_bitmask(batch, vocab, 3)
+    cpu = apply_token_bitmask(logits, None, torch.from_numpy(every))
+    assert torch.equal(apply_token_bitmask(logits.cuda(), None, torch.from_numpy(every).cuda()).cpu(), cpu)
 
 
 def test_a_matcher_in_error_fails_only_its_request(llm: LLM) -> None:
@@ -675,3 +709,32 @@ def test_a_mask_that_allows_no_token_fails_the_request_as_the_clients(tiny_check
     collected.add(0, failed, first_of_prompt=True)
     with pytest.raises(InvalidRequestError, match="could not be followed"):
         collected.raise_error()
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_runner_mask_buffers_are_pinned_and_reused_after_their_copy() -> None:
+    """The masks fill pinned host memory that the sampler copies without staging; two buffers in turn, and a
+    buffer comes back only after the copy that read it ran (a fill must not overwrite masks in flight)."""
+    from types import SimpleNamespace
+
+    from vlmserve.runner.model_runner import ModelRunner, _MaskBuffer
+
+    runner = SimpleNamespace(
+        device=torch.device("cuda"),
+        max_num_seqs=8,
+        _mask_turn=0,
+        _mask_buffers=[_MaskBuffer(), _MaskBuffer()],
+    )
+    a = ModelRunner.mask_buffer(runner, 3, 5)
+    b = ModelRunner.mask_buffer(runner, 8, 5)
+    assert a.shape == (3, 5) and b.shape == (8, 5) and a.dtype == np.int32
+    assert torch.from_numpy(a).is_pinned() and a.ctypes.data != b.ctypes.data
+    a[:] = 7
+    dev = torch.from_numpy(a).to("cuda", non_blocking=True)
+    ModelRunner._mask_copied(runner, a)
+    assert runner._mask_buffers[runner._mask_turn ^ 1].copied is not None
+    again = ModelRunner.mask_buffer(runner, 2, 5)  # a's buffer: waits for the copy above, then hands it out
+    assert again.ctypes.data == a.ctypes.data
+    again[:] = 0
+    assert torch.equal(dev.cpu(), torch.full((3, 5), 7, dtype=torch.int32))

@@ -40,3 +40,29 @@ if _path and "serve" in sys.argv:
 
     signal.signal(signal.SIGTERM, _term)
     _prof.enable()
+
+# With VLMSERVE_ENGINE_PHASES=DIR, the engine process (a spawned child) times its loop's phases
+# (vlmserve.bench.offline.PHASES) and writes cumulative totals to DIR/phases-PID.json every 0.5 s;
+# served_load.py --engine-phases turns the difference over each load into ms per engine step.
+_phases_dir = os.environ.get("VLMSERVE_ENGINE_PHASES")
+if _phases_dir and "--multiprocessing-fork" in sys.argv:
+    import threading
+
+    def _phases() -> None:
+        import json
+        import time
+
+        while getattr(sys.modules.get("vlmserve.engine.core"), "EngineCore", None) is None:
+            time.sleep(0.2)
+        from vlmserve.bench.offline import phase_timers
+
+        path = os.path.join(_phases_dir, f"phases-{os.getpid()}.json")
+        with phase_timers() as totals:
+            while True:
+                tmp = path + ".tmp"
+                with open(tmp, "w") as f:
+                    json.dump({**totals.snapshot(), "t": time.monotonic()}, f)
+                os.replace(tmp, path)
+                time.sleep(0.5)
+
+    threading.Thread(target=_phases, name="phase-timers", daemon=True).start()

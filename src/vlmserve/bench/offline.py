@@ -16,7 +16,10 @@ import json
 import random
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +103,75 @@ def run_batch(
         "ttft_p50_ms": 1e3 * statistics.median(ttfts),
         "tpot_mean_ms": 1e3 * statistics.mean(tpots),
     }
+
+
+# Where a steady run's host time goes (--phases): inclusive wall time of these calls, per engine step.
+# _compute_masks runs on the mask-fill thread (llguidance's pool under it); finish_fill is the engine
+# thread's wait for it; PendingSamples.output is the wait for a step's tokens on the device. Served (through
+# benchmarks/site/sitecustomize.py) the engine process's loop times the same.
+PHASES = [
+    ("vlmserve.engine.core:EngineCore", "step"),
+    ("vlmserve.engine.core:EngineCore", "_schedule"),
+    ("vlmserve.engine.core:EngineCore", "_apply"),
+    ("vlmserve.engine.core:EngineCore", "_deltas"),
+    ("vlmserve.engine.scheduler:Scheduler", "update_from_output"),
+    ("vlmserve.runner.model_runner:ModelRunner", "prepare"),
+    ("vlmserve.runner.model_runner:ModelRunner", "_run_graph"),
+    ("vlmserve.runner.model_runner:ModelRunner", "_sample"),
+    ("vlmserve.runner.model_runner", "build_sampling_tensors"),
+    ("vlmserve.runner.sampler:Sampler", "sample"),
+    ("vlmserve.runner.sampler:PendingSamples", "output"),
+    ("vlmserve.engine.structured:StructuredOutputs", "start_fill"),
+    ("vlmserve.engine.structured:StructuredOutputs", "finish_fill"),
+    ("vlmserve.engine.structured:StructuredOutputs", "accept"),
+    ("vlmserve.engine.structured", "_compute_masks"),
+    ("vlmserve.engine.engine_process", "dumps"),  # served only: pickling the step's report
+]
+
+
+@dataclass
+class PhaseTotals:
+    """Inclusive wall seconds and call counts per timed function (`phase_timers`)."""
+
+    seconds: dict[str, float]
+    calls: dict[str, int]
+
+    def snapshot(self) -> dict[str, dict[str, float]]:
+        return {"seconds": dict(self.seconds), "calls": dict(self.calls)}
+
+
+@contextmanager
+def phase_timers(targets: list[tuple[str, str]] = PHASES) -> Iterator[PhaseTotals]:
+    """Wrap each (module[:class], function) with a wall-clock accumulator while the context is open."""
+    import importlib
+
+    totals = PhaseTotals({}, {})
+    lock = threading.Lock()
+    restore = []
+    for where, name in targets:
+        module, _, cls = where.partition(":")
+        owner: Any = importlib.import_module(module)
+        if cls:
+            owner = getattr(owner, cls)
+        fn = owner.__dict__[name] if cls else getattr(owner, name)
+        label = f"{cls or module.rsplit('.', 1)[-1]}.{name}"
+
+        def timed(*a: Any, _fn: Any = fn, _label: str = label, **k: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return _fn(*a, **k)
+            finally:
+                with lock:
+                    totals.seconds[_label] = totals.seconds.get(_label, 0.0) + time.perf_counter() - t
+                    totals.calls[_label] = totals.calls.get(_label, 0) + 1
+
+        setattr(owner, name, timed)
+        restore.append((owner, name, fn))
+    try:
+        yield totals
+    finally:
+        for owner, name, fn in restore:
+            setattr(owner, name, fn)
 
 
 def run_steady(
@@ -273,6 +345,16 @@ def hf_baseline(ckpt: Path, prompt: Prompt, out_len: int, batch: int, device: st
     return res
 
 
+def _steady(phases: bool, *args: Any) -> dict[str, Any]:
+    """run_steady, with its phases' host time per step in the result when `phases`."""
+    if not phases:
+        return run_steady(*args)
+    with phase_timers() as totals:
+        r = run_steady(*args)
+    r["phases_ms_per_step"] = {k: round(1e3 * v / r["steps"], 3) for k, v in sorted(totals.seconds.items())}
+    return r
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", help="checkpoint dir; default: a generated one of --preset")
@@ -294,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
         "arriving up to 30 ms after its predecessor finished (repeatable)",
     )
     ap.add_argument("--profile-steady", action="store_true", help="cProfile the last --steady run's loop")
+    ap.add_argument("--phases", action="store_true", help="time the engine loop's phases in --steady runs")
     ap.add_argument(
         "--json-schema",
         type=Path,
@@ -367,13 +450,13 @@ def main(argv: list[str] | None = None) -> None:
         prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
         seed += int(count)
         delay_ms = float(delay[0]) if delay else 0.0
-        r = run_steady(core, proc, prompts, out_len, int(conc), delay_ms)
+        r = _steady(args.phases, core, proc, prompts, out_len, int(conc), delay_ms)
         results[f"steady_{spec.replace(':', '_')}"] = r
         print(f"steady {spec}:", r, flush=True)
         if schema is not None:
             prompts = [make_prompt(proc, size, target, seed=seed + i) for i in range(int(count))]
             seed += int(count)
-            r = run_steady(core, proc, prompts, out_len, int(conc), delay_ms, schema)
+            r = _steady(args.phases, core, proc, prompts, out_len, int(conc), delay_ms, schema)
             results[f"steady_{spec.replace(':', '_')}_json"] = r
             print(f"steady {spec} under the JSON schema:", r, flush=True)
     if args.profile_steady and args.steady:

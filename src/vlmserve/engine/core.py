@@ -103,7 +103,8 @@ class EngineCore:
         self.structured = StructuredOutputs(
             GrammarCompiler(
                 self.processor.tokenizer.to_str(), self.model.config.text.vocab_size, self.eos_token_ids
-            )
+            ),
+            mask_buffer=self.runner.mask_buffer,
         )
         self._choices: dict[str, _Choice] = {}  # scheduler request id -> choice
         self._children: dict[str, list[str]] = {}  # caller's request id -> scheduler request ids

@@ -106,6 +106,7 @@ class _AllowAll:
 
     def __init__(self, bitmask: GrammarBitmask) -> None:
         self._bitmask = bitmask
+        self.request_ids = bitmask.request_ids
 
     def resolve(self) -> GrammarBitmask:
         return self._bitmask

@@ -22,10 +22,11 @@ import concurrent.futures
 import hashlib
 import json
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -57,6 +58,12 @@ COMPILE_THREADS = 2
 # pool, 0.06 ms in a loop; at a 152k vocabulary the two are level on 2 cores; benchmarks/grammar_masks.py
 # --serial).
 PARALLEL_FILL_MIN_ROWS = 16
+# Threads of llguidance's mask pool. Its default (80% of the CPUs, up to 32) was the slowest measured: on a
+# 16-core H200 host a 128-row fill of the long-extraction schema took 2.5 ms (2.9 with 10 busy processes)
+# against 2.0-2.2 with 2-4 threads (the rows barely fill in parallel), and served W2 under the schema made
+# 6,463 output tok/s with it, 8,051 with 4 threads, 6,788 with 1 (benchmarks/RESULTS.md). The idle workers
+# spin for work after each fill, taking cores from the engine thread and the front.
+MASK_FILL_THREADS = int(os.environ.get("VLMSERVE_MASK_FILL_THREADS", "0")) or min(4, os.cpu_count() or 1)
 
 # Compact JSON (no free whitespace): a model cannot fill its output with spaces between tokens, and the
 # output reads as OpenAI's and vLLM's do.
@@ -219,6 +226,11 @@ class PendingBitmask:
         self._bitmask: GrammarBitmask | None = None
         self._resolved = False
 
+    @property
+    def request_ids(self) -> list[str]:
+        """The constrained requests of the step, in sampling order (a row may lose its mask before the fill)."""
+        return self._request_ids
+
     def start(self) -> None:
         """Start the fill (on the fill thread when the batch is large enough to gain from it). Only the rows
         whose request still has a matcher now get a mask: one finished before this is not filled."""
@@ -260,8 +272,13 @@ def _compute_masks(executor: Any, matchers: list[Any], bits: np.ndarray) -> None
 class StructuredOutputs:
     """The constrained requests of one engine: their matchers, readiness, per-step masks and advancing."""
 
-    def __init__(self, compiler: GrammarCompiler) -> None:
+    def __init__(
+        self, compiler: GrammarCompiler, mask_buffer: Callable[[int, int], np.ndarray] | None = None
+    ) -> None:
+        """`mask_buffer(rows, words)`: host memory for one step's masks, (rows, words) int32 (the runner's
+        pinned buffers on a GPU); a fresh array when None."""
         self.compiler = compiler
+        self._mask_buffer = mask_buffer or (lambda rows, words: np.empty((rows, words), dtype=np.int32))
         self._pending: dict[str, _Pending] = {}
         self._matchers: dict[str, Any] = {}
         self._executor: Any = None
@@ -335,14 +352,14 @@ class StructuredOutputs:
         `finish_fill` collects it, on the engine thread."""
         rows = [(rid, m) for rid in request_ids if (m := self._matchers.get(rid)) is not None]
         matchers = [m for _, m in rows]
-        bits = np.empty((len(rows), (self.compiler.vocab_size + 31) // 32), dtype=np.int32)
+        bits = self._mask_buffer(len(rows), (self.compiler.vocab_size + 31) // 32)
         fill = _Fill([rid for rid, _ in rows], matchers, bits)
         if not rows:
             return fill
         executor = None
         if len(rows) >= PARALLEL_FILL_MIN_ROWS:
             if self._executor is None:
-                self._executor = llguidance.LLExecutor()
+                self._executor = llguidance.LLExecutor(MASK_FILL_THREADS)
             executor = self._executor
         if not (background and executor is not None):
             _compute_masks(executor, matchers, bits)

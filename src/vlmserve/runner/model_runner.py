@@ -37,7 +37,13 @@ from vlmserve.runner.attention import (
     padded_block_tables,
     token_slots,
 )
-from vlmserve.runner.sampler import PendingSamples, Sampler, build_sampling_tensors, make_generator
+from vlmserve.runner.sampler import (
+    PendingSamples,
+    Sampler,
+    build_sampling_tensors,
+    make_generator,
+    with_token_bitmask,
+)
 
 if TYPE_CHECKING:
     from vlmserve.runner.cuda_graph import CudaGraphDecoder
@@ -109,6 +115,14 @@ class AllocateKVCache:
 class MeasureGraphMemory:
     """To a tensor-parallel worker: `measure_graph_memory()` on its runner (its graph capture's collectives
     meet rank 0's), then report ready."""
+
+
+@dataclass
+class _MaskBuffer:
+    """A pinned host buffer for grammar masks and the event after the last copy that read it."""
+
+    host: torch.Tensor | None = None
+    copied: torch.cuda.Event | None = None
 
 
 # An input token id not known on the host yet: sampled by the step still running, read on the device.
@@ -230,6 +244,8 @@ class ModelRunner:
         self.encoder_cache: dict[str, torch.Tensor] = {}  # mm_hash -> (tokens, hidden)
         self.generators: dict[str, torch.Generator | None] = {}
         self.sampler = Sampler()
+        self._mask_buffers = [_MaskBuffer(), _MaskBuffer()]  # used in turn (mask_buffer)
+        self._mask_turn = 0
         self.graphs: CudaGraphDecoder | None = None
         self.max_num_seqs, self.max_model_len = max_num_seqs, max_model_len
         self.use_graphs = self.device.type == "cuda" and not enforce_eager
@@ -754,17 +770,12 @@ class ModelRunner:
         return TorchPagedAttention(self.kv_caches, meta, self.scale)
 
     def _sample(self, logits: torch.Tensor, reqs: list[Request], grammar_bitmask: Any = None) -> StepOutput:
-        token_bitmask = None
+        """Queue the sampling of `reqs` (row i = reqs[i]). `grammar_bitmask`: the step's masks, a
+        PendingBitmask (its `request_ids` are constrained, `resolve()` waits for their fill)."""
+        constrained_rows: list[int] = []
         if grammar_bitmask is not None:
-            # Filled now, on the host, while the device runs the forward queued above.
-            grammar_bitmask = grammar_bitmask.resolve()
-        if grammar_bitmask is not None:
-            # The engine fills the masks in sampling order; map by id all the same.
-            mask_row = {rid: i for i, rid in enumerate(grammar_bitmask.request_ids)}
-            rows = [j for j, r in enumerate(reqs) if r.request_id in mask_row]
-            if rows:
-                order = [mask_row[reqs[j].request_id] for j in rows]
-                token_bitmask = (rows, grammar_bitmask.bits[order])
+            constrained = set(grammar_bitmask.request_ids)
+            constrained_rows = [j for j, r in enumerate(reqs) if r.request_id in constrained]
         gens = []
         for r in reqs:
             if r.request_id not in self.generators:
@@ -777,8 +788,41 @@ class ModelRunner:
             gens,
             self.eos_token_ids,
             self.device,
-            token_bitmask,
             # Tokens this request samples in steps not yet applied (its own sample here is one of them).
             num_earlier_pending=[r.num_pending_tokens - 1 for r in reqs],
+            constrained_rows=constrained_rows,
         )
+        # The masks last: they may still be filling (on the fill thread) while the tensors above are built.
+        masks = grammar_bitmask.resolve() if grammar_bitmask is not None else None
+        if masks is not None:
+            mask_row = {rid: i for i, rid in enumerate(masks.request_ids)}
+            rows = [j for j, r in enumerate(reqs) if r.request_id in mask_row]
+            order = [mask_row[reqs[j].request_id] for j in rows]
+            # The engine fills the masks in sampling order: then they are used in place.
+            in_order = order == list(range(len(masks.request_ids)))
+            bits = masks.bits if in_order else masks.bits[order]
+            batch = with_token_bitmask(batch, rows, bits)
+            self._mask_copied(bits)
         return StepOutput([r.request_id for r in reqs], self.sampler.sample(logits, batch))
+
+    def mask_buffer(self, rows: int, words: int) -> np.ndarray:
+        """Host memory for one step's grammar masks, (rows, words) int32: the engine fills it, the sampler
+        copies it to the device. On a GPU it is pinned (the copy is queued without a staging copy), from
+        two buffers used in turn; a buffer is handed out again only once the copy that read it has run."""
+        if self.device.type != "cuda":
+            return np.empty((rows, words), dtype=np.int32)
+        self._mask_turn ^= 1
+        buf = self._mask_buffers[self._mask_turn]
+        if buf.host is None or buf.host.shape[0] < rows or buf.host.shape[1] != words:
+            buf.host = torch.empty((max(rows, self.max_num_seqs), words), dtype=torch.int32, pin_memory=True)
+        elif buf.copied is not None:
+            buf.copied.synchronize()
+        buf.copied = None
+        return buf.host[:rows].numpy()
+
+    def _mask_copied(self, bits: np.ndarray) -> None:
+        """Mark the mask buffer that holds `bits` (if one does) as read by the work queued so far."""
+        for buf in self._mask_buffers:
+            if buf.host is not None and bits.ctypes.data == buf.host.data_ptr():
+                buf.copied = torch.cuda.Event()
+                buf.copied.record()

@@ -31,6 +31,7 @@ before min_tokens.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -105,7 +106,7 @@ class SamplingTensors:
     has_min_p: bool
     max_num_logprobs: int | None  # None when no row wants logprobs
     # Grammar masks (structured outputs): bit j of bitmask[i] (int32 words, little-endian bits) allows token j
-    # in row bitmask_rows[i]. None when no row is constrained.
+    # in row bitmask_rows[i] (row i when bitmask_rows is None: every row is constrained). None when no row is.
     bitmask_rows: torch.Tensor | None = None  # (R,) int64
     bitmask: torch.Tensor | None = None  # (R, ceil(V / 32)) int32
 
@@ -136,6 +137,7 @@ def build_sampling_tensors(
     device: torch.device | str,
     token_bitmask: tuple[Sequence[int], np.ndarray] | None = None,
     num_earlier_pending: Sequence[int] | None = None,
+    constrained_rows: Sequence[int] = (),
 ) -> SamplingTensors:
     """Pack the sampling state of the requests that sample this step (row i = request i) into tensors.
 
@@ -146,6 +148,8 @@ def build_sampling_tensors(
     `eos_token_ids` are the model's end-of-sequence ids, masked with the request's stop_token_ids while
     it has fewer than min_tokens outputs (unless it set ignore_eos, in which case EOS does not stop it).
     `token_bitmask` is (rows, bits): the constrained rows and their packed grammar masks, (R,) and (R, W) int32.
+    `constrained_rows`: rows under a grammar whose masks are attached later (`with_token_bitmask`), so that
+    the tensors can be built while the masks are still being filled.
     """
     batch_size = len(params)
     for name, values in (
@@ -208,7 +212,7 @@ def build_sampling_tensors(
 
     mask_rows: list[int] = []
     mask_ids: list[int] = []
-    constrained_rows = set(token_bitmask[0]) if token_bitmask is not None else set()
+    constrained = set(constrained_rows) | (set(token_bitmask[0]) if token_bitmask is not None else set())
     for i, p in enumerate(params):
         # Tokens sampled before this one: the known ones plus those still being sampled (asynchronous loop).
         earlier = len(output_token_ids[i]) + (num_earlier_pending[i] if num_earlier_pending else 0)
@@ -216,7 +220,7 @@ def build_sampling_tensors(
             ids = set(p.stop_token_ids)
             # A grammar-constrained row ends when its structure is complete, and its mask allows EOS only
             # then: masking it too could leave the row no token at all.
-            if not p.ignore_eos and i not in constrained_rows:
+            if not p.ignore_eos and i not in constrained:
                 ids.update(eos_token_ids)
             mask_rows.extend([i] * len(ids))
             mask_ids.extend(sorted(ids))
@@ -227,21 +231,8 @@ def build_sampling_tensors(
     if 0 < len(asking) < batch_size:
         logprob_rows = to_device(torch.tensor(asking, dtype=torch.int64), device)
 
-    bitmask_rows = bitmask = None
-    if token_bitmask is not None and len(token_bitmask[0]):
-        rows, bits = token_bitmask
-        if bits.dtype != np.int32 or bits.ndim != 2 or bits.shape[0] != len(rows):
-            raise ValueError(
-                f"build_sampling_tensors: token_bitmask bits must be (rows, words) int32 with one row per "
-                f"constrained row ({len(rows)}), got {bits.dtype} {bits.shape}"
-            )
-        if not all(0 <= r < batch_size for r in rows):
-            raise ValueError(f"build_sampling_tensors: token_bitmask rows {list(rows)} outside the batch")
-        bitmask_rows = to_device(torch.tensor(list(rows), dtype=torch.int64), device)
-        bitmask = to_device(torch.from_numpy(np.ascontiguousarray(bits)), device)
-
     enabled_top_k = [k for k in top_k if k > 0]
-    return SamplingTensors(
+    batch = SamplingTensors(
         temperature=scalars[0],
         top_p=scalars[1],
         min_p=scalars[2],
@@ -268,9 +259,30 @@ def build_sampling_tensors(
         has_top_p=any(p < 1.0 for p in top_p),
         has_min_p=any(p > 0.0 for p in min_p),
         max_num_logprobs=max((num_logprobs[i] or 0 for i in asking), default=None),
-        bitmask_rows=bitmask_rows,
-        bitmask=bitmask,
     )
+    if token_bitmask is not None:
+        batch = with_token_bitmask(batch, *token_bitmask)
+    return batch
+
+
+def with_token_bitmask(batch: SamplingTensors, rows: Sequence[int], bits: np.ndarray) -> SamplingTensors:
+    """`batch` with the packed grammar masks `bits` (R, W) int32 of its rows `rows` (R,). `bits` in pinned
+    memory (the runner's mask buffers) is copied to the device without staging."""
+    if not len(rows):
+        return batch
+    if bits.dtype != np.int32 or bits.ndim != 2 or bits.shape[0] != len(rows):
+        raise ValueError(
+            f"build_sampling_tensors: token_bitmask bits must be (rows, words) int32 with one row per "
+            f"constrained row ({len(rows)}), got {bits.dtype} {bits.shape}"
+        )
+    if not all(0 <= r < batch.size for r in rows):
+        raise ValueError(f"build_sampling_tensors: token_bitmask rows {list(rows)} outside the batch")
+    device = batch.temperature.device
+    # Every row, in order (the common case: all requests under a grammar): no row indexing on the device.
+    every_row = len(rows) == batch.size and all(r == i for i, r in enumerate(rows))
+    bitmask_rows = None if every_row else to_device(torch.tensor(list(rows), dtype=torch.int64), device)
+    bitmask = to_device(torch.from_numpy(np.ascontiguousarray(bits)), device)
+    return dataclasses.replace(batch, bitmask_rows=bitmask_rows, bitmask=bitmask)
 
 
 class Sampler:
@@ -289,7 +301,7 @@ class Sampler:
                 f"Sampler: logits must be (batch, vocab) with batch = {batch.size} rows (one per request "
                 f"in the SamplingTensors), got shape {tuple(logits.shape)}"
             )
-        if batch.bitmask is not None and batch.bitmask_rows is not None:
+        if batch.bitmask is not None:
             logits = apply_token_bitmask(logits, batch.bitmask_rows, batch.bitmask)
         raw_logprobs = None
         if batch.max_num_logprobs is not None:
@@ -328,21 +340,38 @@ def process_logits(logits: torch.Tensor, batch: SamplingTensors) -> torch.Tensor
     return logits
 
 
-def apply_token_bitmask(logits: torch.Tensor, rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+def apply_token_bitmask(
+    logits: torch.Tensor, rows: torch.Tensor | None, bitmask: torch.Tensor
+) -> torch.Tensor:
     """`logits` (B, V) with the tokens that rows[i]'s bitmask[i] (W int32 words) does not allow set to -inf,
-    as a new tensor (the input is not modified). Bit j % 32 of word j // 32 allows token j; logits past
-    32 * W are forbidden, mask bits past V ignored. All rows in a few batched ops on the logits' device."""
+    as a new tensor (the input is not modified); `rows` None: bitmask[i] is row i's, for every row. Bit
+    j % 32 of word j // 32 allows token j; logits past 32 * W are forbidden, mask bits past V ignored. All
+    rows in a few batched ops on the logits' device."""
     num_rows, words = bitmask.shape
     vocab_size = logits.shape[1]
-    shifts = torch.arange(32, dtype=torch.int32, device=bitmask.device)  # (32,)
-    # An arithmetic shift sign-extends word 31's bit, but "& 1" keeps only bit k either way.
-    allowed = ((bitmask.unsqueeze(-1) >> shifts) & 1).to(torch.bool).reshape(num_rows, words * 32)  # (R, 32W)
+    # Word & (1 << k) is zero where bit k is clear (for k = 31 the weight is the sign bit: same test).
+    weights = _bit_weights(bitmask.device)
+    forbidden = (bitmask.unsqueeze(-1) & weights).eq(0).view(num_rows, words * 32)  # (R, 32W)
     if words * 32 < vocab_size:
-        allowed = torch.nn.functional.pad(allowed, (0, vocab_size - words * 32), value=False)
-    allowed = allowed[:, :vocab_size]  # (R, V)
+        forbidden = torch.nn.functional.pad(forbidden, (0, vocab_size - words * 32), value=True)
+    forbidden = forbidden[:, :vocab_size]  # (R, V)
+    if rows is None:
+        return logits.masked_fill(forbidden, float("-inf"))
     out = logits.clone()
-    out.index_copy_(0, rows, out.index_select(0, rows).masked_fill_(~allowed, float("-inf")))
+    out.index_copy_(0, rows, out.index_select(0, rows).masked_fill_(forbidden, float("-inf")))
     return out
+
+
+_BIT_WEIGHTS: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_weights(device: torch.device) -> torch.Tensor:
+    """(32,) int32: 1 << k for k in 0..31 (the last one is the sign bit), on `device`, made once."""
+    w = _BIT_WEIGHTS.get(device)
+    if w is None:
+        w = torch.bitwise_left_shift(torch.ones(32, dtype=torch.int32), torch.arange(32, dtype=torch.int32))
+        w = _BIT_WEIGHTS[device] = w.to(device)
+    return w
 
 
 def apply_penalties(logits: torch.Tensor, batch: SamplingTensors) -> torch.Tensor:
