@@ -58,11 +58,11 @@ COMPILE_THREADS = 2
 # pool, 0.06 ms in a loop; at a 152k vocabulary the two are level on 2 cores; benchmarks/grammar_masks.py
 # --serial).
 PARALLEL_FILL_MIN_ROWS = 16
-# Threads of llguidance's mask pool. Its default (80% of the CPUs, up to 32) was the slowest measured: on a
-# 16-core H200 host a 128-row fill of the long-extraction schema took 2.5 ms (2.9 with 10 busy processes)
-# against 2.0-2.2 with 2-4 threads (the rows barely fill in parallel), and served W2 under the schema made
-# 6,463 output tok/s with it, 8,051 with 4 threads, 6,788 with 1 (benchmarks/RESULTS.md). The idle workers
-# spin for work after each fill, taking cores from the engine thread and the front.
+# Threads of llguidance's mask pool (VLMSERVE_MASK_FILL_THREADS overrides). The rows of a step barely fill
+# in parallel: on a 16-core H200 host a 128-row fill of the long-extraction schema took 2.0-2.2 ms with 2-4
+# threads and 2.5 ms (2.9 with 10 other busy processes) with llguidance's default of 12
+# (benchmarks/grammar_masks.py); served, 4 and 12 threads are level (10,349 and 10,137 output tok/s, W2
+# under the schema, benchmarks/RESULTS.md). Fewer threads leave the cores to the engine thread and the front.
 MASK_FILL_THREADS = int(os.environ.get("VLMSERVE_MASK_FILL_THREADS", "0")) or min(4, os.cpu_count() or 1)
 
 # Compact JSON (no free whitespace): a model cannot fill its output with spaces between tokens, and the
