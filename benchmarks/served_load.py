@@ -100,6 +100,11 @@ def main() -> int:
         action="store_true",
         help="time the engine loop's phases in the engine process (benchmarks/site), ms per step per load",
     )
+    ap.add_argument(
+        "--engine-trace",
+        type=Path,
+        help="a torch.profiler trace of engine steps 1000-1040 to this file (benchmarks/trace_gaps.py reads it)",
+    )
     ap.add_argument("--extra-path", default=os.environ.get("PYTHONPATH", ""))
     ap.add_argument("server_flags", nargs="*")
     args = ap.parse_args()
@@ -114,11 +119,13 @@ def main() -> int:
             subprocess.run([sys.executable, "-c", code % model], env=env, check=True)
 
     server_path = [str(args.src.resolve()), args.extra_path]
-    if args.engine_phases and args.dump_stacks_site is None:
+    if (args.engine_phases or args.engine_trace) and args.dump_stacks_site is None:
         args.dump_stacks_site = ROOT / "benchmarks" / "site"
     if args.dump_stacks_site is not None:
         server_path.insert(0, str(args.dump_stacks_site.resolve()))
     server_env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in server_path if p))
+    if args.engine_trace:
+        server_env["VLMSERVE_ENGINE_TRACE"] = str(args.engine_trace.resolve())
     phases_dir = args.out / f"{args.label}-phases"
     if args.engine_phases:
         phases_dir.mkdir(exist_ok=True)

@@ -66,3 +66,43 @@ if _phases_dir and "--multiprocessing-fork" in sys.argv:
                 time.sleep(0.5)
 
     threading.Thread(target=_phases, name="phase-timers", daemon=True).start()
+
+# With VLMSERVE_ENGINE_TRACE=PATH, the engine process records a torch.profiler trace (host and device) of
+# engine steps VLMSERVE_ENGINE_TRACE_FROM (default 1000) to +VLMSERVE_ENGINE_TRACE_STEPS (default 40) and
+# writes it to PATH (Chrome trace JSON); benchmarks/trace_gaps.py reads where the device idled.
+_trace_path = os.environ.get("VLMSERVE_ENGINE_TRACE")
+if _trace_path and "--multiprocessing-fork" in sys.argv:
+    import threading
+
+    def _trace() -> None:
+        import time
+
+        while getattr(sys.modules.get("vlmserve.engine.core"), "EngineCore", None) is None:
+            time.sleep(0.2)
+        import torch
+        from torch.profiler import ProfilerActivity, profile
+
+        from vlmserve.engine.core import EngineCore
+
+        first = int(os.environ.get("VLMSERVE_ENGINE_TRACE_FROM", "1000"))
+        last = first + int(os.environ.get("VLMSERVE_ENGINE_TRACE_STEPS", "40"))
+        step = EngineCore.step
+        state = {"n": 0, "prof": None}
+        activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+
+        def traced(self, *a, **k):  # type: ignore[no-untyped-def]
+            state["n"] += 1
+            if state["n"] == first:
+                state["prof"] = profile(activities=activities, with_stack=True)
+                state["prof"].__enter__()
+            try:
+                return step(self, *a, **k)
+            finally:
+                if state["n"] == last and state["prof"] is not None:
+                    state["prof"].__exit__(None, None, None)
+                    state["prof"].export_chrome_trace(_trace_path)
+                    EngineCore.step = step
+
+        EngineCore.step = traced
+
+    threading.Thread(target=_trace, name="engine-trace", daemon=True).start()
