@@ -103,7 +103,7 @@ def main() -> int:
     ap.add_argument(
         "--engine-trace",
         type=Path,
-        help="a torch.profiler trace of engine steps 1000-1040 to this file (benchmarks/trace_gaps.py reads it)",
+        help="a torch.profiler trace of engine steps 1000-1040 to this file (read by benchmarks/trace_gaps.py)",
     )
     ap.add_argument("--extra-path", default=os.environ.get("PYTHONPATH", ""))
     ap.add_argument("server_flags", nargs="*")
