@@ -74,12 +74,13 @@ def engine_phases(phases_dir: Path) -> dict:
     time.sleep(0.6)  # one more snapshot
     for f in phases_dir.glob("phases-*.json"):
         return json.loads(f.read_text())
-    return {"seconds": {}, "calls": {}, "t": time.monotonic()}
+    return {"seconds": {}, "calls": {}}
 
 
 def phases_per_step(before: dict, after: dict) -> dict:
+    """ms per engine step of each phase over one load (its steps include the client's warm-up requests)."""
     steps = after["calls"].get("EngineCore.step", 0) - before["calls"].get("EngineCore.step", 0)
-    out = {"steps": steps, "wall": round(1e3 * (after.get("t", 0) - before.get("t", 0)) / max(steps, 1), 3)}
+    out = {"steps": steps}
     for k, v in sorted(after["seconds"].items()):
         out[k] = round(1e3 * (v - before["seconds"].get(k, 0.0)) / max(steps, 1), 3)
     return out

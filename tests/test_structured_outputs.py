@@ -507,6 +507,20 @@ def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
     assert torch.equal(out, expected)
 
 
+def test_mask_fill_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """VLMSERVE_MASK_FILL_THREADS sets the mask pool's size; a value that is not a count says so by name."""
+    from vlmserve.engine import structured
+
+    monkeypatch.setenv("VLMSERVE_MASK_FILL_THREADS", "3")
+    assert structured._mask_fill_threads() == 3
+    monkeypatch.delenv("VLMSERVE_MASK_FILL_THREADS")
+    assert 1 <= structured._mask_fill_threads() <= 4
+    for bad in ("four", "0", "-2"):
+        monkeypatch.setenv("VLMSERVE_MASK_FILL_THREADS", bad)
+        with pytest.raises(ValueError, match="VLMSERVE_MASK_FILL_THREADS must be a whole number"):
+            structured._mask_fill_threads()
+
+
 def test_apply_token_bitmask_every_row_without_row_index() -> None:
     """rows None (every row constrained, in order) masks as the explicit rows 0..B-1 do."""
     rng = np.random.default_rng(7)
@@ -715,7 +729,9 @@ def test_a_mask_that_allows_no_token_fails_the_request_as_the_clients(tiny_check
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_runner_mask_buffers_are_pinned_and_reused_after_their_copy() -> None:
     """The masks fill pinned host memory that the sampler copies without staging; two buffers in turn, and a
-    buffer comes back only after the copy that read it ran (a fill must not overwrite masks in flight)."""
+    buffer comes back only after the copy that read it ran: the copy here waits behind ~100 ms of device
+    work, so a buffer handed back early would be overwritten before it is read. (GPU only: on a CPU the
+    runner hands out fresh arrays, with no copy to wait for.)"""
     from types import SimpleNamespace
 
     from vlmserve.runner.model_runner import ModelRunner, _MaskBuffer
@@ -731,10 +747,11 @@ def test_runner_mask_buffers_are_pinned_and_reused_after_their_copy() -> None:
     assert a.shape == (3, 5) and b.shape == (8, 5) and a.dtype == np.int32
     assert torch.from_numpy(a).is_pinned() and a.ctypes.data != b.ctypes.data
     a[:] = 7
+    torch.cuda._sleep(200_000_000)  # ~100 ms of device time queued before the copy
     dev = torch.from_numpy(a).to("cuda", non_blocking=True)
     ModelRunner._mask_copied(runner, a)
     assert runner._mask_buffers[runner._mask_turn ^ 1].copied is not None
-    again = ModelRunner.mask_buffer(runner, 2, 5)  # a's buffer: waits for the copy above, then hands it out
+    again = ModelRunner.mask_buffer(runner, 2, 5)  # a's buffer: handed out once the copy above ran
     assert again.ctypes.data == a.ctypes.data
     again[:] = 0
     assert torch.equal(dev.cpu(), torch.full((3, 5), 7, dtype=torch.int32))

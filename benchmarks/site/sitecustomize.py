@@ -41,44 +41,49 @@ if _path and "serve" in sys.argv:
     signal.signal(signal.SIGTERM, _term)
     _prof.enable()
 
-# With VLMSERVE_ENGINE_PHASES=DIR, the engine process (a spawned child) times its loop's phases
-# (vlmserve.bench.offline.PHASES) and writes cumulative totals to DIR/phases-PID.json every 0.5 s;
-# served_load.py --engine-phases turns the difference over each load into ms per engine step.
+
+def _once_the_engine_is_loaded(fn, name: str) -> None:  # type: ignore[no-untyped-def]
+    """In the engine process (a spawned child), run `fn` on a thread of its own once EngineCore exists."""
+    import threading
+    import time
+
+    def wait_then_run() -> None:
+        while getattr(sys.modules.get("vlmserve.engine.core"), "EngineCore", None) is None:
+            time.sleep(0.2)
+        fn()
+
+    threading.Thread(target=wait_then_run, name=name, daemon=True).start()
+
+
+# With VLMSERVE_ENGINE_PHASES=DIR, the engine process times its loop's phases (vlmserve.bench.offline.PHASES)
+# and writes cumulative totals to DIR/phases-PID.json every 0.5 s; served_load.py --engine-phases turns the
+# difference over each load into ms per engine step.
 _phases_dir = os.environ.get("VLMSERVE_ENGINE_PHASES")
 if _phases_dir and "--multiprocessing-fork" in sys.argv:
-    import threading
 
     def _phases() -> None:
         import json
         import time
 
-        while getattr(sys.modules.get("vlmserve.engine.core"), "EngineCore", None) is None:
-            time.sleep(0.2)
         from vlmserve.bench.offline import phase_timers
 
         path = os.path.join(_phases_dir, f"phases-{os.getpid()}.json")
         with phase_timers() as totals:
             while True:
-                tmp = path + ".tmp"
-                with open(tmp, "w") as f:
-                    json.dump({**totals.snapshot(), "t": time.monotonic()}, f)
-                os.replace(tmp, path)
+                with open(path + ".tmp", "w") as f:
+                    json.dump(totals.snapshot(), f)
+                os.replace(path + ".tmp", path)
                 time.sleep(0.5)
 
-    threading.Thread(target=_phases, name="phase-timers", daemon=True).start()
+    _once_the_engine_is_loaded(_phases, "phase-timers")
 
 # With VLMSERVE_ENGINE_TRACE=PATH, the engine process records a torch.profiler trace (host and device) of
 # engine steps VLMSERVE_ENGINE_TRACE_FROM (default 1000) to +VLMSERVE_ENGINE_TRACE_STEPS (default 40) and
 # writes it to PATH (Chrome trace JSON); benchmarks/trace_gaps.py reads where the device idled.
 _trace_path = os.environ.get("VLMSERVE_ENGINE_TRACE")
 if _trace_path and "--multiprocessing-fork" in sys.argv:
-    import threading
 
     def _trace() -> None:
-        import time
-
-        while getattr(sys.modules.get("vlmserve.engine.core"), "EngineCore", None) is None:
-            time.sleep(0.2)
         import torch
         from torch.profiler import ProfilerActivity, profile
 
@@ -101,8 +106,9 @@ if _trace_path and "--multiprocessing-fork" in sys.argv:
                 if state["n"] == last and state["prof"] is not None:
                     state["prof"].__exit__(None, None, None)
                     state["prof"].export_chrome_trace(_trace_path)
-                    EngineCore.step = step
+                    if EngineCore.step is traced:  # unless another wrapper (the phase timers) went on top
+                        EngineCore.step = step
 
         EngineCore.step = traced
 
-    threading.Thread(target=_trace, name="engine-trace", daemon=True).start()
+    _once_the_engine_is_loaded(_trace, "engine-trace")

@@ -58,12 +58,23 @@ COMPILE_THREADS = 2
 # pool, 0.06 ms in a loop; at a 152k vocabulary the two are level on 2 cores; benchmarks/grammar_masks.py
 # --serial).
 PARALLEL_FILL_MIN_ROWS = 16
+
+
 # Threads of llguidance's mask pool (VLMSERVE_MASK_FILL_THREADS overrides). The rows of a step barely fill
 # in parallel: on a 16-core H200 host a 128-row fill of the long-extraction schema took 2.0-2.2 ms with 2-4
 # threads and 2.5 ms (2.9 with 10 other busy processes) with llguidance's default of 12
 # (benchmarks/grammar_masks.py); served, 4 and 12 threads are level (10,349 and 10,137 output tok/s, W2
 # under the schema, benchmarks/RESULTS.md). Fewer threads leave the cores to the engine thread and the front.
-MASK_FILL_THREADS = int(os.environ.get("VLMSERVE_MASK_FILL_THREADS", "0")) or min(4, os.cpu_count() or 1)
+def _mask_fill_threads() -> int:
+    value = os.environ.get("VLMSERVE_MASK_FILL_THREADS", "")
+    if not value:
+        return min(4, os.cpu_count() or 1)
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"VLMSERVE_MASK_FILL_THREADS must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
+MASK_FILL_THREADS = _mask_fill_threads()
 
 # Compact JSON (no free whitespace): a model cannot fill its output with spaces between tokens, and the
 # output reads as OpenAI's and vLLM's do.
@@ -352,10 +363,11 @@ class StructuredOutputs:
         `finish_fill` collects it, on the engine thread."""
         rows = [(rid, m) for rid in request_ids if (m := self._matchers.get(rid)) is not None]
         matchers = [m for _, m in rows]
-        bits = self._mask_buffer(len(rows), (self.compiler.vocab_size + 31) // 32)
+        words = (self.compiler.vocab_size + 31) // 32
+        if not rows:  # no buffer taken (the runner's are lent in turn)
+            return _Fill([], [], np.empty((0, words), dtype=np.int32))
+        bits = self._mask_buffer(len(rows), words)
         fill = _Fill([rid for rid, _ in rows], matchers, bits)
-        if not rows:
-            return fill
         executor = None
         if len(rows) >= PARALLEL_FILL_MIN_ROWS:
             if self._executor is None:

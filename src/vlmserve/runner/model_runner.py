@@ -813,11 +813,11 @@ class ModelRunner:
             return np.empty((rows, words), dtype=np.int32)
         self._mask_turn ^= 1
         buf = self._mask_buffers[self._mask_turn]
+        if buf.copied is not None:  # before writing it, or freeing it for a larger one
+            buf.copied.synchronize()
+            buf.copied = None
         if buf.host is None or buf.host.shape[0] < rows or buf.host.shape[1] != words:
             buf.host = torch.empty((max(rows, self.max_num_seqs), words), dtype=torch.int32, pin_memory=True)
-        elif buf.copied is not None:
-            buf.copied.synchronize()
-        buf.copied = None
         return buf.host[:rows].numpy()
 
     def _mask_copied(self, bits: np.ndarray) -> None:

@@ -272,11 +272,11 @@ def with_token_bitmask(batch: SamplingTensors, rows: Sequence[int], bits: np.nda
         return batch
     if bits.dtype != np.int32 or bits.ndim != 2 or bits.shape[0] != len(rows):
         raise ValueError(
-            f"build_sampling_tensors: token_bitmask bits must be (rows, words) int32 with one row per "
+            f"token bitmask: bits must be (rows, words) int32 with one row per "
             f"constrained row ({len(rows)}), got {bits.dtype} {bits.shape}"
         )
     if not all(0 <= r < batch.size for r in rows):
-        raise ValueError(f"build_sampling_tensors: token_bitmask rows {list(rows)} outside the batch")
+        raise ValueError(f"token bitmask: rows {list(rows)} outside the batch of {batch.size}")
     device = batch.temperature.device
     # Every row, in order (the common case: all requests under a grammar): no row indexing on the device.
     every_row = len(rows) == batch.size and all(r == i for i, r in enumerate(rows))
