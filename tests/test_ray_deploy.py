@@ -34,7 +34,7 @@ from ray import serve
 from tests.conftest import free_port, random_image
 from vlmserve import LLMConfig, build_openai_app
 from vlmserve.deploy import cluster
-from vlmserve.deploy.server import ReplicaState
+from vlmserve.deploy.server import CHANNEL_IDLE_S, ReplicaState
 
 pytestmark = pytest.mark.slow
 
@@ -326,6 +326,41 @@ def test_client_disconnect_aborts_the_request_in_the_replica(
     wait_for(lambda: engine_stats("py", "b")["num_requests_running"] == 0, timeout=30, what="the abort")
     generated = engine_stats("py", "b")["generation_tokens_total"] - before
     assert 0 < generated < n * max_tokens
+
+
+def test_a_client_leaving_leaves_the_channel_to_the_streams_on_it(
+    ray_cluster: Cluster, py_app: openai.OpenAI
+) -> None:
+    """The request whose first output opened the ingress's delta channel to a replica is abandoned by its
+    client; a stream that sends its deltas on that channel goes on to its end. (Ray Serve cancels the calls a
+    cancelled request made: the channel's call must not count among them. It did, and a client that left
+    during autoscaling failed another stream with "stopped mid-stream".)"""
+    handle = serve.get_deployment_handle("LLMServer:a", app_name="py")  # b sets a window: no channel
+    time.sleep(
+        CHANNEL_IDLE_S + 1
+    )  # a channel left open by earlier tests idles out: the next request opens one
+    before: ReplicaState = handle.replica_state.remote().result(timeout_s=30)
+    url = ray_cluster.url("/py/v1/completions")
+    body = {"model": "a", "prompt": "go", "max_tokens": 400, "stream": True, **NO_EOS}
+    started = threading.Event()
+    results: list[list[str] | Exception] = []
+    second = threading.Thread(target=lambda: results.append(_stream_events(url, body, started)))
+    with httpx.stream("POST", url, json=body, timeout=60) as opener:
+        lines = opener.iter_lines()
+        for _ in range(4):  # its first output is out: the ingress opens the channel behind it
+            next(lines)
+        time.sleep(0.5)
+        second.start()
+        assert started.wait(60)
+    # The opener's client has gone, with the second stream running.
+    second.join(60)
+    events = results[0]
+    assert isinstance(events, list) and events[-1] == "[DONE]", events
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert not any("error" in c for c in chunks), [c for c in chunks if "error" in c]
+    assert [c["choices"][0]["finish_reason"] for c in chunks if c["choices"]][-1] == "length"
+    after: ReplicaState = handle.replica_state.remote().result(timeout_s=30)
+    assert after.channel_requests - before.channel_requests == 1  # the second stream went on the channel
 
 
 def test_health_and_metrics_cover_every_model(ray_cluster: Cluster, py_app: openai.OpenAI) -> None:

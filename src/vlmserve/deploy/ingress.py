@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import itertools
 import logging
 import uuid
@@ -241,7 +242,10 @@ class RemoteModelServer:
     def _open_channel(self, replica_id: str) -> None:
         if replica_id not in self._channels:
             channel = self._channels[replica_id] = _Channel(replica_id)
-            channel.task = asyncio.create_task(self._read_channel(channel))
+            # In a context of its own, not the request's that opened it: Ray Serve cancels the calls a
+            # request made (read from its context) when the request is cancelled, and the channel serves
+            # every request on the replica, not only the one whose client may leave.
+            channel.task = asyncio.create_task(self._read_channel(channel), context=contextvars.Context())
 
     async def _read_channel(self, channel: _Channel) -> None:
         stream = self._stream.deltas.remote(self._channel_id, **{REPLICA_PIN_KWARG: channel.replica_id})
