@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import multiprocessing as mp
 import os
 import signal
 import subprocess
@@ -23,9 +24,10 @@ import torch
 from tests.conftest import random_image
 from vlmserve.config import EngineArgs
 from vlmserve.engine.async_engine import EngineDeadError
-from vlmserve.engine.engine_process import EngineProcess, dumps, loads
+from vlmserve.engine.engine_process import EngineProcess, dumps, loads, widen_pipe
 from vlmserve.engine.input_processor import InputProcessor
 from vlmserve.engine.inputs import EngineRequest, ImageFeature
+from vlmserve.engine.messages import StepReport
 from vlmserve.engine.outputs import CompletionDelta
 from vlmserve.engine.sampling_params import SamplingParams
 from vlmserve.engine.scheduler import QueueFullError
@@ -392,3 +394,32 @@ def test_a_step_that_makes_no_progress_is_reported_stalled_then_clears(
         assert "vlmserve-engine-reader" in stall_logs[0].getMessage()
     finally:
         engine.shutdown()
+
+
+def test_the_pipes_hold_many_step_reports_so_a_pausing_front_does_not_stop_the_engine(
+    engine: EngineProcess,
+) -> None:
+    import fcntl
+
+    if not hasattr(fcntl, "F_GETPIPE_SZ"):
+        pytest.skip("pipe buffer sizes are a Linux feature")
+    # Both pipes of a running engine process: a step report of 128 streams is ~15 KB, Linux's default
+    # buffer (64 KiB) holds four of them; the widened one holds dozens.
+    for conn in (engine._reports, engine._commands):
+        assert fcntl.fcntl(conn.fileno(), fcntl.F_GETPIPE_SZ) >= 1 << 20
+    # The engine side writes without blocking while nobody reads: 40 reports of 128 deltas each.
+    r, w = mp.get_context("spawn").Pipe(duplex=False)
+    widen_pipe(w)
+    report = StepReport(
+        stepped=True, deltas=[CompletionDelta(f"r{i}", 0, " w", [7], None, None) for i in range(128)]
+    )
+    data = dumps(report)
+    os.set_blocking(w.fileno(), False)
+    try:
+        for _ in range(40):
+            w.send_bytes(data)
+    finally:
+        os.set_blocking(w.fileno(), True)
+    assert [len(r.recv_bytes()) for _ in range(40)] == [len(data)] * 40
+    r.close()
+    w.close()

@@ -108,6 +108,29 @@ def dumps(obj: Any) -> bytes:
 loads = pickle.loads
 
 
+# A step report of 128 streams is ~15 KB: Linux's default pipe (64 KiB) holds four, so a front that stops
+# reading for a few steps (a GC pause, a burst of requests to parse) would block the engine's step loop.
+PIPE_BYTES = 1 << 20
+
+
+def widen_pipe(conn: Connection, size: int = PIPE_BYTES) -> int:
+    """Grow the kernel buffer of the pipe under `conn` to `size` bytes where the OS allows it (Linux, up to
+    /proc/sys/fs/pipe-max-size); returns the buffer's size, or 0 where it cannot be read."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system
+        return 0
+    setsz, getsz = getattr(fcntl, "F_SETPIPE_SZ", None), getattr(fcntl, "F_GETPIPE_SZ", None)
+    if setsz is None or getsz is None:
+        return 0
+    with contextlib.suppress(OSError):  # above the system's limit for unprivileged users: keep what it has
+        fcntl.fcntl(conn.fileno(), setsz, size)
+    try:
+        return int(fcntl.fcntl(conn.fileno(), getsz))
+    except OSError:
+        return 0
+
+
 def _picklable(exc: BaseException) -> BaseException:
     try:
         pickle.loads(dumps(exc))
@@ -221,6 +244,8 @@ class EngineProcess:
         ctx = mp.get_context("spawn")  # never fork a process that holds torch's threads
         child_commands, self._commands = ctx.Pipe(duplex=False)
         self._reports, child_reports = ctx.Pipe(duplex=False)
+        widen_pipe(self._commands)
+        widen_pipe(child_reports)
         self._process = ctx.Process(
             target=_child_main,
             args=(config, child_commands, child_reports, core_factory),
