@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+import jsonschema
 import openai
 import pytest
 
@@ -32,6 +33,7 @@ import ray
 from ray import serve
 
 from tests.conftest import free_port, random_image
+from tests.test_structured_server import ITEM_SCHEMA, PARAMETERS, TIME, WEATHER
 from vlmserve import LLMConfig, build_openai_app
 from vlmserve.deploy import cluster
 from vlmserve.deploy.server import CHANNEL_IDLE_S, ReplicaState
@@ -216,6 +218,41 @@ def test_errors_keep_their_status_through_ray(py_app: openai.OpenAI) -> None:
             )
         assert e.value.body["param"] == "max_tokens"  # type: ignore[index]
         assert e.value.body["code"] == "context_length_exceeded"  # type: ignore[index]
+
+
+def test_json_schemas_and_tool_calls_through_ray(py_app: openai.OpenAI) -> None:
+    # The constraint does the work (random weights): a streamed JSON-schema answer with an image that parses
+    # and validates, a required tool call whose arguments match the function's parameters, and a schema the
+    # grammar engine refuses answered 400 from the replica, as through `vlmserve serve`.
+    image = {"type": "image_url", "image_url": {"url": image_data_url()}}
+    stream = py_app.chat.completions.create(
+        model="a",
+        messages=[{"role": "user", "content": [image, {"type": "text", "text": "Extract the fields."}]}],
+        max_tokens=200,
+        stream=True,
+        response_format={"type": "json_schema", "json_schema": {"name": "doc", "schema": ITEM_SCHEMA}},
+    )
+    chunks = [c for c in stream if c.choices]
+    jsonschema.validate(json.loads("".join(c.choices[0].delta.content or "" for c in chunks)), ITEM_SCHEMA)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    out = py_app.chat.completions.create(
+        model="a",
+        messages=[{"role": "user", "content": "What is the weather in Paris?"}],
+        tools=[WEATHER, TIME],
+        tool_choice="required",
+        parallel_tool_calls=False,
+        max_tokens=120,
+    )
+    assert out.choices[0].finish_reason == "tool_calls"
+    (call,) = out.choices[0].message.tool_calls or []
+    jsonschema.validate(json.loads(call.function.arguments), PARAMETERS[call.function.name])
+    with pytest.raises(openai.BadRequestError) as e:
+        py_app.chat.completions.create(
+            model="a",
+            messages=[{"role": "user", "content": "hi"}],
+            extra_body={"guided_json": {"type": "array", "minItems": 4, "maxItems": 2}},
+        )
+    assert e.value.body["param"] == "guided_json"  # type: ignore[index]
 
 
 def test_responses_tokenize_playground_and_batch_through_ray(
