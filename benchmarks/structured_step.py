@@ -143,6 +143,7 @@ def main() -> None:
         "(benchmarks/grammar_masks.py), for a released tokenizer's mask cost; the detokenizer keeps the "
         "checkpoint's, so ids past it detokenize to nothing",
     )
+    ap.add_argument("--free", action="store_true", help="no schema: the same loop unconstrained, to compare")
     args = ap.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -171,11 +172,12 @@ def main() -> None:
         assert engine.structured.compiler.tokenizer is not None  # built before the clock starts
     runner = StandInRunner(args.forward_ms / 1000, args.sample_ms / 1000, tokenizer_size)
     engine.runner = runner  # type: ignore[assignment]
-    schema = Path(args.schema).read_text()
+    schema = "" if args.free else Path(args.schema).read_text()
     params = SamplingParams(
         temperature=1.0,
         max_tokens=args.warmup + args.steps + 8,
-        structured_outputs=StructuredOutputsParams(json=schema),
+        structured_outputs=None if args.free else StructuredOutputsParams(json=schema),
+        ignore_eos=args.free,
     )
     for i in range(args.concurrency):
         engine.add_request(llm.make_request(f"Extract the fields of document {i}.", [], params, f"r{i}"))

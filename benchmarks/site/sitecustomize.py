@@ -42,6 +42,13 @@ if _path and "serve" in sys.argv:
     _prof.enable()
 
 
+# With VLMSERVE_ENGINE_SWITCH_INTERVAL_MS=X, the engine process's GIL switch interval (default 5 ms): whether
+# a thread holding the GIL delays the engine thread when it comes back from a blocking call.
+_switch_ms = os.environ.get("VLMSERVE_ENGINE_SWITCH_INTERVAL_MS")
+if _switch_ms and "--multiprocessing-fork" in sys.argv:
+    sys.setswitchinterval(float(_switch_ms) / 1000)
+
+
 def _once_the_engine_is_loaded(fn, name: str) -> None:  # type: ignore[no-untyped-def]
     """In the engine process (a spawned child), run `fn` on a thread of its own once EngineCore exists."""
     import threading
@@ -78,8 +85,9 @@ if _phases_dir and "--multiprocessing-fork" in sys.argv:
     _once_the_engine_is_loaded(_phases, "phase-timers")
 
 # With VLMSERVE_ENGINE_TRACE=PATH, the engine process records a torch.profiler trace (host and device) of
-# engine steps VLMSERVE_ENGINE_TRACE_FROM (default 1000) to +VLMSERVE_ENGINE_TRACE_STEPS (default 40) and
-# writes it to PATH (Chrome trace JSON); benchmarks/trace_gaps.py reads where the device idled.
+# engine steps VLMSERVE_ENGINE_TRACE_FROM (default 1000) to +VLMSERVE_ENGINE_TRACE_STEPS (default 40), counting
+# only steps with VLMSERVE_ENGINE_TRACE_MIN_RUNNING (default 0) or more running requests, and writes it to
+# PATH (Chrome trace JSON); benchmarks/trace_gaps.py reads where the device idled.
 _trace_path = os.environ.get("VLMSERVE_ENGINE_TRACE")
 if _trace_path and "--multiprocessing-fork" in sys.argv:
 
@@ -91,14 +99,20 @@ if _trace_path and "--multiprocessing-fork" in sys.argv:
 
         first = int(os.environ.get("VLMSERVE_ENGINE_TRACE_FROM", "1000"))
         last = first + int(os.environ.get("VLMSERVE_ENGINE_TRACE_STEPS", "40"))
+        # Count only steps with at least this many running requests (the load's full batch, not its warm-up).
+        min_running = int(os.environ.get("VLMSERVE_ENGINE_TRACE_MIN_RUNNING", "0"))
+        # Python stacks name the host's work but slow it down several times at a full batch: 0 leaves them out.
+        with_stack = os.environ.get("VLMSERVE_ENGINE_TRACE_STACK", "1") != "0"
         step = EngineCore.step
         state = {"n": 0, "prof": None}
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
 
         def traced(self, *a, **k):  # type: ignore[no-untyped-def]
+            if state["prof"] is None and len(self.scheduler.running) < min_running:
+                return step(self, *a, **k)
             state["n"] += 1
             if state["n"] == first:
-                state["prof"] = profile(activities=activities, with_stack=True)
+                state["prof"] = profile(activities=activities, with_stack=with_stack)
                 state["prof"].__enter__()
             try:
                 return step(self, *a, **k)
