@@ -423,3 +423,25 @@ def test_the_pipes_hold_many_step_reports_so_a_pausing_front_does_not_stop_the_e
     assert [len(r.recv_bytes()) for _ in range(40)] == [len(data)] * 40
     r.close()
     w.close()
+
+
+class _HeapReportingCore(_SlowCore):
+    def stats(self) -> dict[str, float]:
+        import gc
+
+        return {"frozen_objects": float(gc.get_freeze_count())}
+
+
+def _heap_reporting_core(config) -> _HeapReportingCore:
+    return _HeapReportingCore(config)
+
+
+def test_the_engine_process_freezes_its_startup_heap(tiny_checkpoint: Path) -> None:
+    # What the child holds once its core is built (torch, numpy, the model) is out of the cyclic collector's
+    # reach before its first step: a full collection then walks only what serving created (memory.py).
+    config = build_engine_config(EngineArgs(model=str(tiny_checkpoint), device="cpu", **ENGINE))
+    engine = EngineProcess(config, core_factory=_heap_reporting_core)
+    try:
+        assert engine.stats()["frozen_objects"] > 10_000
+    finally:
+        engine.shutdown()

@@ -126,3 +126,51 @@ if _trace_path and "--multiprocessing-fork" in sys.argv:
         EngineCore.step = traced
 
     _once_the_engine_is_loaded(_trace, "engine-trace")
+
+# With VLMSERVE_GC_LOG=DIR, every vlmserve process (the front and the engine) times Python's cyclic garbage
+# collections by generation (before and after a gc.freeze) and rewrites DIR/gc-<pid>.json each second: count, total and longest pause.
+_gc_dir = os.environ.get("VLMSERVE_GC_LOG")
+if _gc_dir and ("serve" in sys.argv or "--multiprocessing-fork" in sys.argv):
+    import gc
+    import json
+    import threading
+    import time
+
+    _gc_stats: dict = {}  # "gen<g>" (before any gc.freeze) or "gen<g>-frozen" (after): count, total, longest
+    _gc_t0 = [0.0]
+    _gc_long: list = []
+    _gc_start = time.perf_counter()
+
+    def _gc_timer(phase: str, info: dict) -> None:
+        if phase == "start":
+            _gc_t0[0] = time.perf_counter()
+            return
+        ms = 1000 * (time.perf_counter() - _gc_t0[0])
+        key = f"gen{info['generation']}" + ("-frozen" if gc.get_freeze_count() else "")
+        s = _gc_stats.setdefault(key, {"count": 0, "total_ms": 0.0, "max_ms": 0.0})
+        s["count"] += 1
+        s["total_ms"] += ms
+        s["max_ms"] = max(s["max_ms"], ms)
+        if ms > 5:  # (seconds since the process started, generation, ms), to place it before or in a load
+            _gc_long.append((round(time.perf_counter() - _gc_start, 2), info["generation"], round(ms, 1)))
+
+    gc.callbacks.append(_gc_timer)
+
+    def _gc_dump() -> None:
+        path = os.path.join(_gc_dir, f"gc-{os.getpid()}.json")
+        while True:
+            time.sleep(1.0)
+            with open(path + ".tmp", "w") as f:
+                json.dump(
+                    {
+                        "argv": sys.argv[:3],
+                        "frozen": gc.get_freeze_count(),
+                        "stats": _gc_stats,
+                        "long": _gc_long,
+                        "at_s": round(time.perf_counter() - _gc_start, 1),
+                    },
+                    f,
+                )
+            os.replace(path + ".tmp", path)
+
+    threading.Thread(target=_gc_dump, name="gc-log", daemon=True).start()

@@ -27,3 +27,21 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
     except (OSError, AttributeError):  # musl and other C libraries
         return False
     return bool(mallopt(_M_ARENA_MAX, arenas))
+
+
+def freeze_startup_heap() -> int:
+    """Collect, then move every object alive now out of the cyclic garbage collector's reach (`gc.freeze`);
+    returns how many were frozen. Call it once a serving process has started (model loaded, app built).
+
+    A server keeps millions of objects from startup to exit (torch and its modules, the model, the tokenizer,
+    the app's routes and models). Every full collection walks them all, and the process stops meanwhile: on
+    the 2-core machine with the small bench model, 130-190 ms pauses in the engine process (every stream's
+    next token waits) and in the front (no stream is written, the engine's reports pile up). Frozen, they are
+    left out: a full collection walks only what serving created since. Frozen objects that die later are
+    still freed by reference counting; only cycles among them are kept.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()

@@ -67,6 +67,7 @@ from vlmserve.engine.messages import (
     Stop,
 )
 from vlmserve.engine.outputs import CompletionDelta
+from vlmserve.memory import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -173,6 +174,7 @@ def run_engine(
     except BaseException as e:
         reports.send_bytes(dumps(LoadFailed(_picklable(e))))
         return
+    freeze_startup_heap()  # before the first step: full collections then skip the model and torch
     reports.send_bytes(dumps(Ready(core.stats())))
     inbox: queue.SimpleQueue[Command | None] = queue.SimpleQueue()
     threading.Thread(
