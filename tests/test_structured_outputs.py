@@ -491,6 +491,67 @@ def test_aborts_between_steps_with_masks_on_the_fill_thread(
     assert engine.structured.num_tracked == 0
 
 
+def test_a_step_that_fails_after_its_masks_started_waits_for_their_fill(
+    llm: LLM, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step can fail between the start of the next step's fill and that step's sampling (here: while
+    detokenizing). The engine waits for the orphaned fill before it goes on: no fill is still reading
+    matchers that later steps advance, or writing a buffer lent again. The step's requests fail; a request
+    that arrives after it ends as its constraint says."""
+    import vlmserve.engine.structured as structured
+    from vlmserve.engine.async_engine import step_or_fail
+    from vlmserve.engine.core import EngineCore
+
+    if not llm.engine.async_scheduling:
+        pytest.skip("the synchronous loop starts no fill before its sampling")
+    monkeypatch.setattr(structured, "PARALLEL_FILL_MIN_ROWS", 1)
+    running: list[int] = []
+    compute = structured._compute_masks
+
+    def slow(*args: object) -> None:
+        running.append(1)
+        try:
+            time.sleep(0.2)  # far longer than the rest of the failing step
+            compute(*args)  # type: ignore[arg-type]
+        finally:
+            running.pop()
+
+    monkeypatch.setattr(structured, "_compute_masks", slow)
+    deltas = EngineCore._deltas
+    calls = {"n": 0}
+
+    def failing_once(self: EngineCore, *args: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 3:  # a decode step's, after the next step's fill started
+            raise RuntimeError("detokenizer broke")
+        return deltas(self, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(EngineCore, "_deltas", failing_once)
+    engine = llm.engine
+    constraint = StructuredOutputsParams(json=SCHEMA)
+    engine.add_request(
+        llm.make_request("a", [], SamplingParams(max_tokens=30, structured_outputs=constraint), "failed")
+    )
+    finished: dict[str, str | None] = {}
+    for _ in range(10):
+        out, _, dead = step_or_fail(engine, 0)
+        assert dead is None and not running  # the orphaned fill ended before step_or_fail returned
+        finished.update({d.request_id: d.finish_reason for d in out if d.finished})
+        if "failed" in finished:
+            break
+    assert finished == {"failed": "error"} and calls["n"] >= 3
+    choice = StructuredOutputsParams(choice=["yes", "no way"])
+    params = SamplingParams(max_tokens=20, temperature=1.0, seed=1, structured_outputs=choice)
+    engine.add_request(llm.make_request("b", [], params, "after"))
+    text = ""
+    while engine.has_unfinished_requests():
+        out, _, dead = step_or_fail(engine, 0)
+        assert dead is None
+        text += "".join(d.text for d in out)
+        finished.update({d.request_id: d.finish_reason for d in out if d.finished})
+    assert finished["after"] == "stop" and text in ("yes", "no way")
+
+
 @pytest.mark.parametrize("vocab", [100, 128, 131])
 def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
     rng = np.random.default_rng(vocab)

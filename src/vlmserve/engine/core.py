@@ -467,12 +467,14 @@ class EngineCore:
     def fail_scheduled(self, message: str) -> list[CompletionDelta]:
         """Finish the requests of the step that failed with an error (and of the step in flight with it);
         the rest keep running."""
+        self.structured.settle()  # a fill the failed step started (its matchers are advanced next)
         self._in_flight = self._to_launch = None
         rids = dict.fromkeys(rid for rid in self._last_scheduled if rid in self._choices)
         delivered, self._undelivered = self._undelivered, []
         return delivered + self._fail(list(rids), message)
 
     def fail_all(self, message: str) -> list[CompletionDelta]:
+        self.structured.settle()
         self._in_flight = self._to_launch = None
         delivered, self._undelivered = self._undelivered, []
         return delivered + self._fail(list(self._choices), message)

@@ -295,6 +295,7 @@ class StructuredOutputs:
         self._executor: Any = None
         # One thread that fills a step's masks while the engine thread goes on (PendingBitmask.start).
         self._fill_thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._background: _Fill | None = None  # the fill on that thread not yet collected (finish_fill)
         # Requests whose matcher erred (a parser limit hit computing a mask, a refused token): their output
         # no longer follows the constraint; the engine fails them (`take_errors`).
         self._errors: dict[str, str] = {}
@@ -389,7 +390,16 @@ class StructuredOutputs:
 
         fill.done = self._fill_thread.submit(run)
         started.wait()
+        self._background = fill
         return fill
+
+    def settle(self) -> None:
+        """Wait for a fill started on the fill thread and never collected: its step failed between the
+        start and the sampling. Until it ends it reads its matchers (which the next step's tokens advance)
+        and writes its buffer (which the runner lends again two fills later)."""
+        fill, self._background = self._background, None
+        if fill is not None and fill.done is not None:
+            concurrent.futures.wait([fill.done])
 
     def finish_fill(self, fill: _Fill) -> GrammarBitmask | None:
         """Wait for a fill; its rows that cannot be used allow every token this step and their requests
@@ -398,6 +408,8 @@ class StructuredOutputs:
             return None
         if fill.done is not None:
             fill.done.result()
+            if self._background is fill:
+                self._background = None
         bits = fill.bits
         # A row that allows no token: the grammar cannot go on with this model's vocabulary (e.g. a choice of
         # strings whose bytes no token spells). Sampling from it would pick an arbitrary token.
