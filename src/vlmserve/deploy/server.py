@@ -54,7 +54,7 @@ from vlmserve.api.serving import ModelServer
 from vlmserve.config import EngineArgs
 from vlmserve.engine.inputs import EngineRequest
 from vlmserve.engine.outputs import CompletionDelta
-from vlmserve.memory import limit_malloc_arenas
+from vlmserve.memory import freeze_startup_heap, limit_malloc_arenas
 
 logger = logging.getLogger(__name__)
 
@@ -159,6 +159,9 @@ class LLMServer:
         limit_malloc_arenas()
         started = time.perf_counter()
         self.server = ModelServer.from_engine_args(engine_args)
+        # What the replica holds from here to its end (the processor, Ray's and the app's objects) leaves the
+        # cyclic collector's reach, as in `vlmserve serve`'s front (memory.py).
+        freeze_startup_heap()
         logger.info(
             "replica of %s ready in %.1fs (device %s)",
             self.server.model_id,
