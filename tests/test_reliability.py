@@ -8,7 +8,6 @@ sockets. RELIABILITY.md lists each case with the test that covers it, here or in
 from __future__ import annotations
 
 import asyncio
-import gc
 import hmac
 import json
 import logging
@@ -108,18 +107,6 @@ def idle(live: LiveServer, server: ModelServer) -> tuple[int, int]:
     assert wait_until(lambda: not engine_leaks(server), 20), engine_leaks(server)
     time.sleep(0.1)  # their connections close a moment later
     return open_fds(), live.num_tasks()
-
-
-def test_the_front_freezes_its_startup_heap_when_the_app_starts(server: ModelServer) -> None:
-    # Built and started (the lifespan), the app's process has its startup objects out of the cyclic
-    # collector's reach; a full collection of them took 120-200 ms on the 2-core machine (memory.py).
-    gc.unfreeze()
-    try:
-        with LiveServer(build_app(server, shutdown_servers=False)) as live_server:
-            assert gc.get_freeze_count() > 10_000
-            assert httpx.get(live_server.base_url + "/health", timeout=10).status_code == 200
-    finally:
-        gc.unfreeze()
 
 
 # ------------------------------------------------------------------------------------------ overload

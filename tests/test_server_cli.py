@@ -5,6 +5,7 @@ flight before it exits."""
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -135,4 +136,7 @@ def test_api_key_and_sigterm_drains_the_stream_in_flight(tiny_checkpoint: Path, 
         stop_process(process)
     output = log.read_text()
     assert "shutting down the engine of tiny" in output
+    # The front froze what it held after startup (memory.py): hundreds of thousands of objects.
+    frozen = re.search(r"froze (\d+) startup objects", output)
+    assert frozen and int(frozen.group(1)) > 10_000, output
     assert key not in output

@@ -37,7 +37,6 @@ from vlmserve.api.protocol import ChatCompletionRequest, CompletionRequest, Mode
 from vlmserve.api.routes import router as extra_routes
 from vlmserve.api.serving import ModelServer
 from vlmserve.api.streaming import until_disconnect
-from vlmserve.memory import freeze_startup_heap
 
 logger = logging.getLogger(__name__)
 
@@ -73,8 +72,6 @@ def build_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        # The engines are loaded and the app built: what lives now lives to the end (memory.py).
-        freeze_startup_heap()
         loop_monitor = EventLoopMonitor(metrics.event_loop_lag)
         loop_monitor.start()
         app.state.loop_monitor = loop_monitor

@@ -131,7 +131,7 @@ def api_keys(flag_values: list[str] | None) -> list[str]:
 
 
 def serve(args: argparse.Namespace) -> int:
-    from vlmserve.memory import limit_malloc_arenas
+    from vlmserve.memory import freeze_startup_heap, limit_malloc_arenas
 
     limit_malloc_arenas()  # first: arenas made before the cap are not limited by it
     from vlmserve.api.middleware import DEFAULT_BODY_READ_TIMEOUT_S, DEFAULT_MAX_REQUEST_BODY_BYTES
@@ -191,6 +191,9 @@ def serve(args: argparse.Namespace) -> int:
         body_read_timeout=args.body_read_timeout or DEFAULT_BODY_READ_TIMEOUT_S,
         playground=args.playground,
     )
+    # The engine is loaded and the app built: what lives now lives to the end (memory.py).
+    frozen = freeze_startup_heap()
+    logger.info("froze %d startup objects out of the garbage collector's full collections", frozen)
     logger.info("serving model id %r at http://%s:%d/v1", server.model_id, args.host, args.port)
     run_server(
         app,
