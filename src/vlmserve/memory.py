@@ -32,14 +32,15 @@ def limit_malloc_arenas(arenas: int = 2) -> bool:
 def freeze_startup_heap() -> int:
     """Collect, then move every object alive now out of the cyclic garbage collector's reach (`gc.freeze`);
     returns how many were frozen. Called once a serving process has started (model loaded, app built): by
-    `vlmserve serve`, a Ray replica and the engine process; a library user's own process is left alone.
+    `vlmserve serve`, a Ray replica, the engine process and its tensor-parallel workers; a library user's
+    own process is left alone.
 
-    A server keeps hundreds of thousands of objects from startup to exit (torch and its modules, the model, the tokenizer,
-    the app's routes and models). Every full collection walks them all, and the process stops meanwhile: on
-    the 2-core machine with the small bench model, 120-200 ms pauses in the engine process (every stream's
-    next token waits) and in the front (no stream is written, the engine's reports pile up). Frozen, they are
-    left out: a full collection walks only what serving created since. Frozen objects that die later are
-    still freed by reference counting; only cycles among them are kept.
+    A server keeps hundreds of thousands of objects from startup to exit (torch and its modules, the model,
+    the tokenizer, the app's routes and models). Every full collection walks them all, and the process stops
+    meanwhile: on the 2-core machine with the small bench model, 120-200 ms pauses in the engine process
+    (every stream's next token waits) and in the front (no stream is written, the engine's reports pile up).
+    Frozen, they are left out: a full collection walks only what serving created since. Frozen objects that
+    die later are still freed by reference counting; only cycles among them are kept.
     """
     import gc
 

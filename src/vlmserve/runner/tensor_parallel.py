@@ -378,6 +378,7 @@ def worker_main(
     """A worker process: join the group, load this rank's shard, build the runner, then run every step the
     driver sends until it sends None or its pipe closes. Any failure exits the process (the driver's
     watcher fails the engine): a rank that skipped a step would leave the others' collectives waiting."""
+    from vlmserve.memory import freeze_startup_heap
     from vlmserve.models.loader import load_model
     from vlmserve.models.processor import Qwen2_5_VLProcessor
     from vlmserve.runner.kv_quant import kv_storage_dtype
@@ -409,6 +410,9 @@ def worker_main(
         processor = Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         dtype = kv_storage_dtype(config.kv_cache_dtype, next(model.parameters()).dtype, device)
         runner = ModelRunner(model, patchify=processor.patchify, kv_cache_dtype=dtype, **kwargs)
+        # A full collection here would stall every rank's collectives: out of its reach, as in rank 0's
+        # engine process (memory.py).
+        freeze_startup_heap()
         conn.send(("ready", None))
     except BaseException as e:
         logger.exception("tensor-parallel worker %d failed to start", rank)
