@@ -407,6 +407,48 @@ def test_windowed_forwarding_passes_on_a_failure_and_stops_the_source_when_close
     assert closed == [True]
 
 
+def test_windowed_forwarding_is_cancelled_even_as_a_delta_arrives() -> None:
+    """Ray cancels the task that drives a replica's stream when its client leaves. A cancellation that lands
+    in the same loop turn as a delta's arrival must still end the stream and close the source (which aborts
+    the engine request): asyncio.wait_for on Python 3.11 returns the arrived item instead and drops the
+    cancellation, and the request then ran to its end for nobody (a Ray test once saw all 48 x 480 tokens
+    generated after the client had gone)."""
+    closed = []
+    stop = asyncio.Event()
+
+    async def source(cancel_consumer):  # a delta every loop turn; cancels the consumer as one arrives
+        try:
+            i = 0
+            while not stop.is_set():  # (only a lost cancellation needs this way out)
+                await asyncio.sleep(0)
+                if i == 3:
+                    # Queued before the delta's own wake-ups: it runs after the delta reached the window's
+                    # queue and before the consumer resumes.
+                    asyncio.get_running_loop().call_soon(cancel_consumer)
+                yield _delta(i)
+                i += 1
+        finally:
+            closed.append(True)
+
+    async def run() -> bool:
+        task: asyncio.Task[None] | None = None
+
+        async def consume() -> None:
+            async for _ in _forward(source(lambda: task.cancel()), 0.05):  # type: ignore[union-attr]
+                pass
+
+        task = asyncio.create_task(consume())
+        done, _ = await asyncio.wait([task], timeout=2)
+        if not done:
+            stop.set()
+            await task
+            return False
+        return task.cancelled()
+
+    assert asyncio.run(run()), "the cancellation was lost: the stream went on without its client"
+    assert closed == [True]
+
+
 # --------------------------------------------------------------------------------------------- tensor parallelism
 
 

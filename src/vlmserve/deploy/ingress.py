@@ -252,7 +252,8 @@ class RemoteModelServer:
         try:
             # The replica answers [] at once; a replica that left meanwhile never will (the router holds a
             # call pinned to it): give up, its requests stream on their own streams.
-            opened_on = await asyncio.wait_for(anext(stream), CHANNEL_OPEN_TIMEOUT_S)
+            async with asyncio.timeout(CHANNEL_OPEN_TIMEOUT_S):  # not wait_for: it can drop a cancellation
+                opened_on = await anext(stream)
             if opened_on != channel.replica_id:
                 # The deployment's router ignored the pin (a request_router_config of the user's own): this
                 # is that replica's channel now, or a second one to it (closed; the first one serves).
@@ -303,7 +304,9 @@ class RemoteModelServer:
         try:
             while len(finished) < n:
                 try:
-                    item = await (asyncio.wait_for(queue.get(), CHANNEL_GRACE_S) if ended else queue.get())
+                    # asyncio.timeout, not wait_for: on Python 3.11 wait_for can drop a cancellation.
+                    async with asyncio.timeout(CHANNEL_GRACE_S if ended else None):
+                        item = await queue.get()
                 except TimeoutError:
                     item = EngineError(f"the replica ended {request_id} without its last output")
                 if item is _STREAM_END:

@@ -275,7 +275,8 @@ class LLMServer:
                     return
                 outbox.wakeup.clear()
                 try:
-                    await asyncio.wait_for(outbox.wakeup.wait(), CHANNEL_IDLE_S)
+                    async with asyncio.timeout(CHANNEL_IDLE_S):  # not wait_for: see _forward
+                        await outbox.wakeup.wait()
                 except TimeoutError:
                     if outbox.active == 0 and not outbox.items:
                         return
@@ -360,8 +361,12 @@ async def _forward(
             if not first:
                 deadline = loop.time() + interval_s
                 while not batch[-1].finished and (left := deadline - loop.time()) > 0:
+                    # NOTE: asyncio.timeout, not wait_for: on Python 3.11 a cancellation (Ray's, when the
+                    # client leaves) that lands as a delta arrives makes wait_for return the delta and drop
+                    # the cancellation, and the engine request runs to its end for nobody.
                     try:
-                        item = await asyncio.wait_for(queue.get(), left)
+                        async with asyncio.timeout(left):
+                            item = await queue.get()
                     except TimeoutError:
                         break
                     if item is None or isinstance(item, BaseException):
