@@ -570,16 +570,17 @@ def test_apply_token_bitmask_matches_row_by_row(vocab: int) -> None:
 
 def test_mask_fill_threads_setting(monkeypatch: pytest.MonkeyPatch) -> None:
     """VLMSERVE_MASK_FILL_THREADS sets the mask pool's size; a value that is not a count says so by name."""
+    from vlmserve import envs
     from vlmserve.engine import structured
 
     monkeypatch.setenv("VLMSERVE_MASK_FILL_THREADS", "3")
-    assert structured._mask_fill_threads() == 3
+    assert structured._mask_fill_threads(envs._count("VLMSERVE_MASK_FILL_THREADS")) == 3
     monkeypatch.delenv("VLMSERVE_MASK_FILL_THREADS")
-    assert 1 <= structured._mask_fill_threads() <= 4
+    assert 1 <= structured._mask_fill_threads(envs._count("VLMSERVE_MASK_FILL_THREADS")) <= 4
     for bad in ("four", "0", "-2"):
         monkeypatch.setenv("VLMSERVE_MASK_FILL_THREADS", bad)
         with pytest.raises(ValueError, match="VLMSERVE_MASK_FILL_THREADS must be a whole number"):
-            structured._mask_fill_threads()
+            envs._count("VLMSERVE_MASK_FILL_THREADS")
 
 
 def test_apply_token_bitmask_every_row_without_row_index() -> None:

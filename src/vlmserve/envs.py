@@ -14,6 +14,16 @@ def _float(name: str, default: float) -> float:
     return default if value in (None, "") else float(value)
 
 
+def _count(name: str) -> int | None:
+    """A whole number >= 1; None when unset."""
+    value = os.environ.get(name, "")
+    if not value:
+        return None
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"{name} must be a whole number >= 1, got {value!r}")
+    return int(value)
+
+
 def _path(name: str, default: Path) -> Path:
     value = os.environ.get(name)
     return default if not value else Path(value).expanduser()
@@ -27,3 +37,5 @@ VLMSERVE_CACHE_DIR: Path = _path("VLMSERVE_CACHE_DIR", Path.home() / ".cache" / 
 VLMSERVE_API_KEY: str | None = os.environ.get("VLMSERVE_API_KEY") or None
 # Set by the operator: then vlmserve leaves glibc's malloc arenas as configured (memory.py).
 MALLOC_ARENA_MAX_SET: bool = bool(os.environ.get("MALLOC_ARENA_MAX"))
+# Threads of llguidance's pool that fills structured outputs' masks; unset: min(4, CPUs) (engine/structured.py).
+VLMSERVE_MASK_FILL_THREADS: int | None = _count("VLMSERVE_MASK_FILL_THREADS")

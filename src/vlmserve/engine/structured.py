@@ -33,6 +33,7 @@ from typing import Any
 import llguidance
 import numpy as np
 
+from vlmserve import envs
 from vlmserve.engine.sampling_params import StructuredOutputsParams
 
 logger = logging.getLogger(__name__)
@@ -65,13 +66,8 @@ PARALLEL_FILL_MIN_ROWS = 16
 # threads and 2.5 ms (2.9 with 10 other busy processes) with llguidance's default of 12
 # (benchmarks/grammar_masks.py); served, 4 and 12 threads are level (10,349 and 10,137 output tok/s, W2
 # under the schema, benchmarks/RESULTS.md). Fewer threads leave the cores to the engine thread and the front.
-def _mask_fill_threads() -> int:
-    value = os.environ.get("VLMSERVE_MASK_FILL_THREADS", "")
-    if not value:
-        return min(4, os.cpu_count() or 1)
-    if not value.isdigit() or int(value) < 1:
-        raise ValueError(f"VLMSERVE_MASK_FILL_THREADS must be a whole number >= 1, got {value!r}")
-    return int(value)
+def _mask_fill_threads(configured: int | None = envs.VLMSERVE_MASK_FILL_THREADS) -> int:
+    return configured or min(4, os.cpu_count() or 1)
 
 
 MASK_FILL_THREADS = _mask_fill_threads()
