@@ -399,10 +399,11 @@ def test_a_step_that_makes_no_progress_is_reported_stalled_then_clears(
 def test_the_pipes_hold_many_step_reports_so_a_pausing_front_does_not_stop_the_engine(
     engine: EngineProcess,
 ) -> None:
-    import fcntl
-
+    fcntl = pytest.importorskip("fcntl")  # POSIX
     if not hasattr(fcntl, "F_GETPIPE_SZ"):
-        pytest.skip("pipe buffer sizes are a Linux feature")
+        pytest.skip(
+            "pipe buffer sizes are a Linux feature: elsewhere widen_pipe leaves the pipes as they are"
+        )
     # Both pipes of a running engine process: a step report of 128 streams is ~15 KB, Linux's default
     # buffer (64 KiB) holds four of them; the widened one holds dozens.
     for conn in (engine._reports, engine._commands):

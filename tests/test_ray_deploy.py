@@ -373,9 +373,8 @@ def test_a_client_leaving_leaves_the_channel_to_the_streams_on_it(
     cancelled request made: the channel's call must not count among them. It did, and a client that left
     during autoscaling failed another stream with "stopped mid-stream".)"""
     handle = serve.get_deployment_handle("LLMServer:a", app_name="py")  # b sets a window: no channel
-    time.sleep(
-        CHANNEL_IDLE_S + 1
-    )  # a channel left open by earlier tests idles out: the next request opens one
+    # A channel left open by earlier tests idles out: the next request opens one.
+    time.sleep(CHANNEL_IDLE_S + 1)
     before: ReplicaState = handle.replica_state.remote().result(timeout_s=30)
     url = ray_cluster.url("/py/v1/completions")
     body = {"model": "a", "prompt": "go", "max_tokens": 400, "stream": True, **NO_EOS}
