@@ -258,29 +258,37 @@ def test_cpu_decode_and_few_token_steps_use_one_thread_only_for_small_models(
 
 
 def test_images_sent_as_pixels_are_patchified_by_the_runner(tiny_checkpoint: Path) -> None:
-    """An engine on a GPU takes resized uint8 pixels and patchifies them on the device; the same path on
-    the CPU gives the same tokens as float32 patches made by the processor."""
+    """An engine on a GPU takes uint8 pixels and patchifies them on the device, resized on the host or (its
+    default, image_resize="device") there too; each path on the CPU gives the same tokens as float32 patches
+    made by the processor."""
     images = [random_image(70, 50, seed=7), random_image(40, 90, seed=8)]
     params = SamplingParams(temperature=0, max_tokens=12, ignore_eos=True)
     tokens = {}
-    for pixels in (False, True):
-        llm = LLM(
-            str(tiny_checkpoint), max_model_len=1024, device="cpu"
-        )  # fresh caches: each run encodes its images
-        # What an engine on a GPU is configured with (EngineConfig.images_as_pixels).
-        llm.inputs = InputProcessor(
-            llm.processor, dataclasses.replace(llm.config, device="cuda" if pixels else "cpu")
+    for mode in ("patches", "pixels", "device resize"):
+        llm = LLM(  # fresh caches: each run encodes its images
+            str(tiny_checkpoint),
+            max_model_len=1024,
+            device="cpu",
+            image_resize="device" if mode == "device resize" else "host",
         )
+        if mode != "device resize":  # what an engine on a GPU that resizes on the host is configured with
+            llm.inputs = InputProcessor(
+                llm.processor, dataclasses.replace(llm.config, device="cuda" if mode == "pixels" else "cpu")
+            )
         text, _ = _chat(llm, "What are these?", images)
         request = llm.make_request(text, images, params)
         data = request.images[0].data.values
-        if pixels:
-            assert data.dtype == torch.uint8 and data.dim() == 3 and data.shape[-1] == 3
-        else:
+        if mode == "patches":
             assert data.dtype == torch.float32 and data.dim() == 2
-        tokens[pixels] = llm.run([request])[0].outputs[0].token_ids
-        if pixels:  # the reference loop takes such images with the processor's patchify, and says so
-            with pytest.raises(ValueError, match="patchify"):
+        else:
+            assert data.dtype == torch.uint8 and data.dim() == 3 and data.shape[-1] == 3
+            _, grid_h, grid_w = request.images[0].data.grid_thw
+            resized = (grid_h * 14, grid_w * 14)
+            assert resized != (50, 70)  # the tiny checkpoint's processor resizes this image
+            assert tuple(data.shape[:2]) == ((50, 70) if mode == "device resize" else resized)
+        tokens[mode] = llm.run([request])[0].outputs[0].token_ids
+        if mode != "patches":  # the reference loop takes such images with the processor's encoder_input
+            with pytest.raises(ValueError, match="encoder_input"):
                 _oracle(llm, request, 1)
             oracle = greedy_generate(
                 llm.engine.model,
@@ -289,7 +297,7 @@ def test_images_sent_as_pixels_are_patchified_by_the_runner(tiny_checkpoint: Pat
                 request.mrope_positions,
                 request.mrope_delta,
                 12,
-                patchify=llm.processor.patchify,
+                encoder_input=llm.processor.encoder_input,
             )
-            assert oracle == tokens[True]
-    assert tokens[True] == tokens[False]
+            assert oracle == tokens[mode]
+    assert tokens["pixels"] == tokens["patches"] == tokens["device resize"]

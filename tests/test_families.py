@@ -297,7 +297,7 @@ def test_engine_on_gpu_with_cuda_graphs_matches_the_plain_loop(checkpoint: Path)
             req.mrope_positions,
             req.mrope_delta,
             16,
-            patchify=llm.processor.patchify,
+            encoder_input=llm.processor.encoder_input,
         )
         assert out.outputs[0].token_ids == expected, req.request_id
 

@@ -286,3 +286,25 @@ def test_patchify_on_the_gpu_is_bit_identical_to_the_cpu(tmp_path: Path) -> None
     for size in ((1280, 720), (448, 448), (97, 301)):
         pixels, _ = proc.resize_image(random_image(*size, seed=sum(size)))
         assert torch.equal(proc.patchify(pixels.cuda()).cpu(), proc.patchify(pixels))
+
+
+def test_images_resized_on_the_gpu_equal_pils(tmp_path: Path) -> None:
+    """The device resize (image_resize="device", a GPU engine's default) on the GPU, W1's size, a 12 MP photo
+    and an upscale, against PIL's resize: the same encoder input, bit for bit."""
+    import numpy as np
+    from PIL import Image, ImageFilter
+
+    from vlmserve.checkpoints.checkpoint import write_checkpoint
+    from vlmserve.models.processor import Qwen2_5_VLProcessor
+
+    proc = Qwen2_5_VLProcessor.from_pretrained(write_checkpoint(tmp_path / "7b", preset="7b", weights=False))
+    rng = np.random.default_rng(0)
+    for width, height in ((1280, 720), (4032, 3024), (200, 90)):
+        noise = Image.fromarray(rng.integers(0, 256, (height, width, 3), dtype=np.uint8))
+        for img in (noise, noise.filter(ImageFilter.GaussianBlur(2))):
+            feature = proc.process("a<|image_pad|>b", [img], as_pixels=True, resize_on_device=True).images[0]
+            assert tuple(feature.data.values.shape[:2]) == (height, width)  # resized on the device
+            got = proc.encoder_input(feature.data.values.cuda(), feature.data.grid_thw, torch.bfloat16)
+            expected, grid = proc.preprocess_image(img)  # PIL on the host
+            assert tuple(grid) == tuple(feature.data.grid_thw)
+            assert torch.equal(got.cpu(), expected.to(torch.bfloat16))

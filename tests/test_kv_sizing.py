@@ -138,7 +138,7 @@ def test_largest_step_runs_through_the_runner(tiny_checkpoint: Path) -> None:
         engine.eos_token_ids,
         max_model_len=config.max_model_len,
         max_num_seqs=config.max_num_seqs,
-        patchify=engine.processor.patchify,
+        encoder_input=engine.processor.encoder_input,
     )
     sched = step.schedule()
     tokens = runner.launch(sched).result()

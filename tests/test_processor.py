@@ -32,6 +32,7 @@ from vlmserve.checkpoints.tokenizer import (
     write_preprocessor_config,
 )
 from vlmserve.models.processor import ImageProcessorConfig, Qwen2_5_VLProcessor, smart_resize
+from vlmserve.models.resample import pil_resize, vertical_first
 
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 512 * 28 * 28  # small enough that 1280x720 and 1600x1200 are downscaled
@@ -234,6 +235,11 @@ def test_pixel_values_match_hf(ours: Qwen2_5_VLProcessor, hf: HFImageTextProcess
     pixels, _ = ours.resize_image(img)
     for dtype in (torch.bfloat16, torch.float16):
         assert torch.equal(ours.patchify(pixels, dtype), pixel_values.to(dtype))
+    # An engine that resizes on its device gets the pixels as decoded and resizes them there: the same values.
+    feature = ours.process("a<|image_pad|>b", [img], as_pixels=True, resize_on_device=True).images[0]
+    assert tuple(feature.data.values.shape[:2]) == (height, width)
+    assert tuple(feature.data.grid_thw) == tuple(grid)
+    assert torch.equal(ours.encoder_input(feature.data.values, feature.data.grid_thw), pixel_values)
 
 
 @pytest.mark.parametrize(
@@ -250,6 +256,48 @@ def test_per_call_pixel_range(
     assert grid != ours.preprocess_image(img)[1]  # the override changed the size
     torch.testing.assert_close(pixel_values, ref["pixel_values"], rtol=0, atol=1e-5)
     assert ours.num_image_tokens(240, 320, min_pixels, max_pixels) == grid[1] * grid[2] // 4
+
+
+def test_the_device_resize_is_pils_bit_for_bit() -> None:
+    """resample.py's torch resize against PIL's own: random sizes up and down, each filter it has, images
+    taller than 100:1 (the pass order differs between Pillow versions, and the rule follows the installed one)."""
+    rng = np.random.default_rng(0)
+    cases = [
+        (
+            int(rng.integers(1, 160)),
+            int(rng.integers(1, 160)),
+            int(rng.integers(1, 200)),
+            int(rng.integers(1, 200)),
+        )
+        for _ in range(40)
+    ]
+    cases += [
+        (720, 1280, 728, 1288),
+        (1200, 1600, 588, 784),
+        (2000, 12, 168, 28),
+        (301, 3, 224, 224),
+        (300, 2, 400, 224),
+    ]
+    for i, (height, width, out_h, out_w) in enumerate(cases):
+        array = rng.integers(0, 256, (height, width, 3), dtype=np.uint8)
+        if i % 2:  # smooth content as well as noise (noise makes the first pass overshoot and clip often)
+            array = np.asarray(
+                Image.fromarray(array)
+                .resize((max(1, width // 4), max(1, height // 4)))
+                .resize((width, height))
+            )
+        for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.BOX):
+            expected = np.asarray(Image.fromarray(array).resize((out_w, out_h), resample))
+            got = pil_resize(torch.from_numpy(array.copy()), (out_h, out_w), resample).numpy()
+            assert np.array_equal(got, expected), (height, width, out_h, out_w, resample)
+    # Both Pillow rules of the pass order (the installed one is exercised above).
+    assert vertical_first(720, 1280, 300, 1200, pillow_major=13) and not vertical_first(
+        720, 1280, 300, 1200, pillow_major=12
+    )
+    assert not vertical_first(720, 1280, 700, 600, pillow_major=13)
+    assert vertical_first(301, 3, 224, 224, pillow_major=12) and not vertical_first(
+        300, 3, 224, 224, pillow_major=12
+    )
 
 
 def test_image_hash(ours: Qwen2_5_VLProcessor) -> None:

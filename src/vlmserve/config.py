@@ -52,6 +52,12 @@ class EngineArgs(BaseModel):
     )
     limit_mm_per_prompt: dict[str, int] = Field(default_factory=lambda: {"image": 4})
     mm_processor_kwargs: dict[str, int] = Field(default_factory=dict)
+    image_resize: Literal["auto", "host", "device"] = Field(
+        "auto",
+        description="where images are resized, to the same pixels either way (PIL's arithmetic): host (PIL on "
+        "the serving front) or device (the engine's device; the front then does no per-pixel work); "
+        "auto: device on a GPU",
+    )
     max_queued_requests: int | None = Field(
         None, ge=1, description="waiting requests before 503; None: no cap"
     )
@@ -144,7 +150,12 @@ class EngineConfig:
         rather than float32 patches made by the input processor: on a GPU (an eighth of the bytes to copy,
         no normalise / patchify pass on the host) and across the pipe to an engine process (an eighth of
         the bytes to pickle). The one place this is decided; the input processor and the engine read it."""
-        return self.device == "cuda" or self.engine_process
+        return self.device == "cuda" or self.engine_process or self.image_resize == "device"
+
+    @property
+    def resize_images_on_device(self) -> bool:
+        """Whether images reach the engine as decoded and are resized on its device (`image_resize`)."""
+        return self.image_resize == "device"
 
     model_path: str
     served_model_name: str
@@ -164,6 +175,7 @@ class EngineConfig:
     kv_cache_dtype: str = "auto"
     limit_mm_per_prompt: dict[str, int] = field(default_factory=dict)
     mm_processor_kwargs: dict[str, int] = field(default_factory=dict)
+    image_resize: str = "host"  # "host" or "device" ("auto" resolved by build_config.py)
     max_queued_requests: int | None = None
     seed: int = 0
     enforce_eager: bool = False

@@ -14,8 +14,9 @@ from typing import Any, NamedTuple
 class EncoderInput(NamedTuple):
     """What the vision encoder takes for one image. A NamedTuple: `values` is also `[0]`, `grid_thw` `[1]`."""
 
-    # A torch.Tensor: (H, W, 3) uint8 resized pixels when `as_pixels` (the runner patchifies them on its
-    # device), else (grid_t * grid_h * grid_w, C*T*P*P) float32 patches.
+    # A torch.Tensor: (H, W, 3) uint8 pixels when `as_pixels` (the runner patchifies them on its device,
+    # resizing them first to the grid's size when they are not yet), else (grid_t * grid_h * grid_w,
+    # C*T*P*P) float32 patches.
     values: Any
     grid_thw: tuple[int, int, int]  # in patches of patch_size pixels
     as_pixels: bool = False

@@ -59,6 +59,11 @@ def build_engine_config(args: EngineArgs) -> EngineConfig:
         encoder_cache_tokens=args.encoder_cache_tokens or 4 * max(budget, 16384),
         limit_mm_per_prompt=dict(args.limit_mm_per_prompt),
         mm_processor_kwargs=dict(args.mm_processor_kwargs),
+        # On a GPU the resize costs the device a fraction of a millisecond and saves the front ~25 ms of one
+        # core per 1280x720 image (PIL's resize); on a CPU it would only move that work into the engine.
+        image_resize=("device" if device == "cuda" else "host")
+        if args.image_resize == "auto"
+        else args.image_resize,
         max_queued_requests=args.max_queued_requests,
         seed=args.seed,
         enforce_eager=args.enforce_eager,

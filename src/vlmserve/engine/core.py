@@ -166,7 +166,7 @@ class EngineCore:
             self.workers.start_runners(runner_kwargs)
         self.runner = ModelRunner(
             self.model,
-            patchify=self.processor.patchify,
+            encoder_input=self.processor.encoder_input,
             kv_cache_dtype=dtype,
             workers=self.workers,
             **runner_kwargs,  # type: ignore[arg-type]

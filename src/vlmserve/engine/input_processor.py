@@ -93,6 +93,7 @@ class InputProcessor:
         self.config = config
         self.max_model_len = config.max_model_len
         self.images_as_pixels = config.images_as_pixels
+        self.resize_on_device = config.resize_images_on_device
         self.image_limit: int | None = config.limit_mm_per_prompt.get("image")
         # The operator's image bounds: mm_processor_kwargs, else the checkpoint's. A request may ask for
         # anything inside them, never more pixels (= more tokens, more compute) than the operator set.
@@ -211,6 +212,7 @@ class InputProcessor:
             max_pixels=max_pixels,
             image_pixels=image_bounds,
             as_pixels=self.images_as_pixels,
+            resize_on_device=self.resize_on_device,
         )
 
     def process_chat(

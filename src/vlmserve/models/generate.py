@@ -20,12 +20,12 @@ def prompt_embeddings(
     model: Qwen2_5_VLForConditionalGeneration,
     token_ids: list[int],
     images: list[ImageFeature],
-    patchify: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    encoder_input: Callable[[torch.Tensor, tuple[int, int, int]], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """(L, hidden) embeddings of a prompt with every image's placeholders replaced by its encoder output.
 
     Images carry float32 patches, or uint8 pixels (from a processor whose engine runs on a GPU) that
-    `patchify` (the processor's) turns into patches."""
+    `encoder_input` (the processor's) turns into patches."""
     device = next(model.parameters()).device
     ids = torch.tensor(token_ids, device=device)
     if not images:
@@ -34,12 +34,12 @@ def prompt_embeddings(
     for img in images:
         data = img.data.values
         if img.data.as_pixels:
-            if patchify is None:
+            if encoder_input is None:
                 raise ValueError(
                     "the images are uint8 pixels (EngineConfig.images_as_pixels, as for an engine on a GPU or in "
-                    "its own process): pass patchify=processor.patchify"
+                    "its own process): pass encoder_input=processor.encoder_input"
                 )
-            data = patchify(data)
+            data = encoder_input(data, tuple(img.data.grid_thw))
         parts.append(data)
     patches = torch.cat(parts).to(device)
     grids = [tuple(img.data.grid_thw) for img in images]
@@ -59,7 +59,7 @@ def greedy_generate(
     mrope_delta: int,
     max_new_tokens: int,
     eos_token_ids: tuple[int, ...] = (),
-    patchify: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    encoder_input: Callable[[torch.Tensor, tuple[int, int, int]], torch.Tensor] | None = None,
 ) -> list[int]:
     """Greedy tokens after the prompt. positions (3, L) or None for text positions 0..L-1."""
     device = next(model.parameters()).device
@@ -67,7 +67,7 @@ def greedy_generate(
     if positions is None:
         positions = torch.arange(n).expand(3, n)
     cache = ContiguousKVCache(len(model.model.layers), scale=model.model.layers[0].self_attn.head_dim ** -0.5)
-    x = prompt_embeddings(model, token_ids, images, patchify)
+    x = prompt_embeddings(model, token_ids, images, encoder_input)
     pos = positions.to(device)
     out: list[int] = []
     for step in range(max_new_tokens):

@@ -2,9 +2,15 @@
 reference): the resize arithmetic (`smart_resize`), RGB conversion, rescale + normalise + patchify, and the
 content hash that keys the encoder and prefix caches.
 
-Owns: one image in, resized pixels / patches / grid / hash out. Does not know: prompts, tokens or positions
+The resize is PIL's arithmetic, run either by PIL on the host or by `pil_resize` (resample.py) in torch on
+the engine's device, where a 1280x720 image takes a fraction of a millisecond instead of ~25 ms of one host
+core. Which one an engine uses is its `image_resize` setting; on the device path the decoded image reaches
+the engine whole and the front does no per-pixel work but the hash.
+
+Owns: one image in, pixels / patches / grid / hash out. Does not know: prompts, tokens or positions
 (processor.py, mrope.py), how images are fetched or decoded (media/), or where patches run (the engine
-decides whether it patchifies on its device). The numbers match HF bit for bit (tests/test_processor.py).
+decides whether it resizes and patchifies on its device). The numbers match HF bit for bit
+(tests/test_processor.py), on either path.
 """
 
 from __future__ import annotations
@@ -19,12 +25,18 @@ import numpy as np
 import torch
 from PIL import Image
 
+from vlmserve.models.resample import FILTERS, pil_resize
+
 # Defaults of HF's Qwen2VLImageProcessor, used where preprocessor_config.json leaves a field out.
 DEFAULT_MIN_PIXELS = 56 * 56
 DEFAULT_MAX_PIXELS = 28 * 28 * 1280
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
+# Images of up to this many pixels reach the engine as decoded when it resizes on its device; larger ones are
+# resized on the host first. A 16 M-pixel image is 48 MB to copy; its resize's transient buffers (int32
+# copies of one pass's output) are freed before the vision tower runs.
+DEVICE_RESIZE_MAX_PIXELS = 16_777_216
 
 
 @dataclass(frozen=True)
@@ -220,6 +232,22 @@ class ImageProcessor:
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """`preprocess_image` up to the resized pixels: ((H, W, 3) uint8, grid_thw); `patchify` does the rest,
         on whatever device the pixels are."""
+        pixels, grid, _ = self.prepare(image, min_pixels, max_pixels)
+        return pixels, grid
+
+    def prepare(
+        self,
+        image: Image.Image,
+        min_pixels: int | None = None,
+        max_pixels: int | None = None,
+        *,
+        resize_on_device: bool = False,
+    ) -> tuple[torch.Tensor, tuple[int, int, int], str]:
+        """One image -> ((H, W, 3) uint8 pixels, grid_thw, content hash), what an engine request carries.
+
+        The pixels are resized here with PIL, unless `resize_on_device` (and the checkpoint's filter is one
+        resample.py has, and the image has at most DEVICE_RESIZE_MAX_PIXELS): then they are the decoded image
+        as it is, and `encoder_input` resizes them on the engine's device to the same pixels."""
         c = self.config
         if c.do_convert_rgb:
             image = convert_rgb(image)
@@ -236,10 +264,24 @@ class ImageProcessor:
                 f"Image size {width}x{height} is not a multiple of {factor} and preprocessor_config.json sets "
                 "do_resize=false; resize the image to multiples of patch_size*merge_size or enable do_resize."
             )
-        if c.do_resize:
+        grid = (1, resized_h // c.patch_size, resized_w // c.patch_size)
+        device = resize_on_device and c.resample in FILTERS and width * height <= DEVICE_RESIZE_MAX_PIXELS
+        if (resized_h, resized_w) != (height, width) and not device:
             image = image.resize((resized_w, resized_h), resample=Image.Resampling(c.resample))
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3), a writable copy
-        return pixels, (1, resized_h // c.patch_size, resized_w // c.patch_size)
+        if tuple(pixels.shape[:2]) == (resized_h, resized_w):
+            return pixels, grid, self.pixels_hash(pixels)
+        return pixels, grid, self.pixels_hash(pixels, resize_to=(resized_h, resized_w))
+
+    def encoder_input(
+        self, pixels: torch.Tensor, grid_thw: tuple[int, int, int], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """(H, W, 3) uint8 pixels from `prepare` -> the encoder's patches, on the pixels' device: resized
+        there first when they are not yet the grid's size (`resize_on_device`), then `patchify`."""
+        size = (grid_thw[1] * self.config.patch_size, grid_thw[2] * self.config.patch_size)
+        if tuple(pixels.shape[:2]) != size:
+            pixels = pil_resize(pixels, size, self.config.resample)
+        return self.patchify(pixels, dtype)
 
     def patchify(self, pixels: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Resized (H, W, 3) uint8 pixels -> (grid_h * grid_w, C*T*P*P) patches on the pixels' device: rescale +
@@ -268,15 +310,17 @@ class ImageProcessor:
         """Content hash of an image as this processor would preprocess it (`pixels_hash` of its resized pixels)."""
         return self.pixels_hash(self.resize_image(image, min_pixels, max_pixels)[0])
 
-    def pixels_hash(self, pixels: torch.Tensor) -> str:
-        """Content hash of resized (H, W, 3) uint8 pixels, the encoder's input before the fixed normalisation:
-        the same hash means the same encoder input, whatever file, mode or palette the pixels came from. The
-        resized pixels are also fewer bytes to hash than the decoded image (and need no copy to read).
+    def pixels_hash(self, pixels: torch.Tensor, resize_to: tuple[int, int] | None = None) -> str:
+        """Content hash of (H, W, 3) uint8 pixels as the encoder will take them: resized pixels, or decoded
+        pixels and the size the device resizes them to (`resize_to`). The same hash means the same encoder
+        input, whatever file, mode or palette the pixels came from.
 
         SHA-256, truncated to 128 bits: server CPUs of the last years hash it in hardware (x86's SHA
         extensions, ARMv8's crypto extensions), 2.5x faster than blake2b there (2.0 vs 5.4 ms for a 1288x728
         image on the 2-core machine), and every image of every request goes through it on the serving front."""
         h = hashlib.sha256(self._hash_salt)
+        if resize_to is not None:
+            h.update(f"resized to {resize_to}|".encode())
         h.update(f"{tuple(pixels.shape)}|".encode())
         h.update(pixels.contiguous().numpy())
         return h.hexdigest()[:32]

@@ -392,6 +392,13 @@ class Qwen2_5_VLProcessor:
         """Resized (H, W, 3) uint8 pixels -> (grid_h * grid_w, C*T*P*P) patches on the pixels' device."""
         return self._images.patchify(pixels, dtype)
 
+    def encoder_input(
+        self, pixels: torch.Tensor, grid_thw: tuple[int, int, int], dtype: torch.dtype = torch.float32
+    ) -> torch.Tensor:
+        """An image's uint8 pixels as a request carries them -> its patches on the pixels' device (resized
+        there first when the request left that to the device)."""
+        return self._images.encoder_input(pixels, grid_thw, dtype)
+
     def image_hash(
         self, image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> str:
@@ -413,12 +420,14 @@ class Qwen2_5_VLProcessor:
         image_pixels: Sequence[tuple[int | None, int | None]] | None = None,
         *,
         as_pixels: bool = False,
+        resize_on_device: bool = False,
     ) -> ProcessedPrompt:
         """Tokenize a rendered chat prompt that holds one <|image_pad|> per image, expand each placeholder
         to the image's token count and compute M-RoPE positions. Token ids equal HF's processor input_ids.
         `image_pixels`: a (min_pixels, max_pixels) per image, in place of the shared pair (per-image detail).
-        `as_pixels`: images leave as resized uint8 pixels for the engine to patchify on its device (the
-        engine's configuration decides, `EngineConfig.images_as_pixels`), else as float32 patches."""
+        `as_pixels`: images leave as uint8 pixels for the engine to patchify on its device (the engine's
+        configuration decides, `EngineConfig.images_as_pixels`), else as float32 patches; with
+        `resize_on_device` as well, as decoded pixels that the engine also resizes (`EngineConfig.image_resize`)."""
         pieces = prompt.split(self._image_token)
         if len(pieces) - 1 != len(images):
             raise ValueError(
@@ -449,14 +458,16 @@ class Qwen2_5_VLProcessor:
         grids: list[tuple[int, int, int]] = []
         for i, (img, piece) in enumerate(zip(images, encoded[1:], strict=True)):
             lo, hi = image_pixels[i] if image_pixels is not None else (min_pixels, max_pixels)
-            pixels, grid = self.resize_image(img, lo, hi)
-            # The encoder's input: float32 patches, or the uint8 pixels for the engine to patchify on its
-            # device (`as_pixels`).
+            pixels, grid, mm_hash = self._images.prepare(
+                img, lo, hi, resize_on_device=as_pixels and resize_on_device
+            )
+            # The encoder's input: float32 patches, or the uint8 pixels for the engine to (resize and) patchify
+            # on its device (`as_pixels`).
             pixel_values = pixels if as_pixels else self.patchify(pixels)
             length = grid[0] * grid[1] * grid[2] // merge_area
             features.append(
                 ImageFeature(
-                    mm_hash=self.pixels_hash(pixels),
+                    mm_hash=mm_hash,
                     offset=len(token_ids),
                     length=length,
                     data=EncoderInput(pixel_values, grid, as_pixels),

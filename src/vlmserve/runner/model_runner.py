@@ -31,6 +31,7 @@ from vlmserve.devices import to_device
 from vlmserve.engine.request import Request
 from vlmserve.engine.scheduler import SchedulerOutput
 from vlmserve.models.qwen2_5_vl import Qwen2_5_VLForConditionalGeneration
+from vlmserve.multimodal import EncoderInput
 from vlmserve.runner.attention import (
     PagedAttentionMetadata,
     TorchPagedAttention,
@@ -214,7 +215,8 @@ class ModelRunner:
         max_model_len: int = 32768,
         max_num_seqs: int = 64,
         enforce_eager: bool = False,
-        patchify: Callable[[torch.Tensor, torch.dtype], torch.Tensor] | None = None,
+        encoder_input: Callable[[torch.Tensor, tuple[int, int, int], torch.dtype], torch.Tensor]
+        | None = None,
         kv_cache_dtype: torch.dtype | None = None,
         workers: WorkerGroup | None = None,
         capture_graphs: bool = True,
@@ -225,9 +227,9 @@ class ModelRunner:
         # The other tensor-parallel ranks (rank 0, this runner, sends them each step); None without.
         self.workers = workers
         self._unsent_free: list[str] = []  # encoder outputs freed here, not yet freed on the other ranks
-        # Resized (H, W, 3) uint8 pixels -> float32 patches, on the pixels' device (the processor's); images
-        # may arrive as those pixels instead of patches.
-        self.patchify = patchify
+        # (H, W, 3) uint8 pixels, grid_thw, dtype -> patches on the pixels' device, resized there first when
+        # the pixels are not yet the grid's size (the processor's); images may arrive as pixels, not patches.
+        self.encoder_input = encoder_input
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
@@ -346,17 +348,19 @@ class ModelRunner:
         if not imgs:
             return None
         # Each image's patches straight to the device (a host-side cat would copy them once more first).
-        parts = [self._patches(img.data.values) for img in imgs]
+        parts = [self._patches(img.data) for img in imgs]
         return imgs, (parts[0] if len(parts) == 1 else torch.cat(parts)).to(self.dtype)
 
-    def _patches(self, data: torch.Tensor) -> torch.Tensor:
-        """An image's encoder input on the device: float32 patches as given, or uint8 pixels patchified there
-        (straight into the model's dtype)."""
-        if data.dtype != torch.uint8:
-            return to_device(data, self.device)
-        if self.patchify is None:
-            raise RuntimeError("an image arrived as pixels, but this runner was given no patchify function")
-        return self.patchify(to_device(data, self.device), self.dtype)
+    def _patches(self, data: EncoderInput) -> torch.Tensor:
+        """An image's encoder input on the device: float32 patches as given, or uint8 pixels (resized and)
+        patchified there, straight into the model's dtype."""
+        if data.values.dtype != torch.uint8:
+            return to_device(data.values, self.device)
+        if self.encoder_input is None:
+            raise RuntimeError(
+                "an image arrived as pixels, but this runner was given no encoder_input function"
+            )
+        return self.encoder_input(to_device(data.values, self.device), tuple(data.grid_thw), self.dtype)
 
     def _encode(self, imgs: list[Any], patches: torch.Tensor) -> None:
         grids = [tuple(img.data.grid_thw) for img in imgs]

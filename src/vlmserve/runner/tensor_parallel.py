@@ -409,7 +409,7 @@ def worker_main(
             return
         processor = Qwen2_5_VLProcessor.from_pretrained(config.model_path)
         dtype = kv_storage_dtype(config.kv_cache_dtype, next(model.parameters()).dtype, device)
-        runner = ModelRunner(model, patchify=processor.patchify, kv_cache_dtype=dtype, **kwargs)
+        runner = ModelRunner(model, encoder_input=processor.encoder_input, kv_cache_dtype=dtype, **kwargs)
         # A full collection here would stall every rank's collectives: out of its reach, as in rank 0's
         # engine process (memory.py).
         freeze_startup_heap()
