@@ -108,6 +108,39 @@ def test_fp8_scaled_mm_matches_reference() -> None:
 
 
 @needs_fp8
+def test_quantize_rows_matches_the_torch_quantization() -> None:
+    """The one-kernel per-token quantization in front of cuBLASLt's row-wise GEMM against the torch ops it
+    replaced: the same scales, and the same e4m3 values up to a rounding step in rare elements (Triton's
+    division); K not a multiple of its block, a zero row, bf16 and float32 inputs."""
+    from vlmserve.models.quantization import kernels
+
+    gen = torch.Generator().manual_seed(11)
+    for rows, k, dtype in [(1, 3584, torch.bfloat16), (130, 18944, torch.bfloat16), (7, 1000, torch.float32)]:
+        x = (torch.randn(rows, k, generator=gen) * 3).to("cuda", dtype)
+        if rows > 1:
+            x[rows // 2] = 0  # a zero row: the smallest scale, all-zero values
+        q, s = kernels.quantize_rows(x)
+        ref_q, ref_s = kernels.quantize_activations(x, k)
+        assert q.shape == (rows, k) and s.shape == (rows, 1)
+        torch.testing.assert_close(s, ref_s, rtol=1e-6, atol=0)
+        differ = q.float() != ref_q.float()
+        assert differ.float().mean().item() < 1e-3
+        assert _rel(q.float() * s, ref_q.float() * ref_s) < 1e-3
+    # Per-channel weights take the row-wise GEMM from ROWWISE_MM_MIN_ROWS rows, the Triton kernel below.
+    weight = torch.empty(512, 1024, device="cuda", dtype=kernels.FP8)
+    per_channel = torch.ones(512, 1, device="cuda")
+    for rows, backend in [
+        (kernels.ROWWISE_MM_MIN_ROWS - 1, "triton"),
+        (kernels.ROWWISE_MM_MIN_ROWS, "scaled_mm"),
+    ]:
+        x = torch.zeros(rows, 1024, device="cuda", dtype=torch.bfloat16)
+        expected = (
+            backend if backend == "triton" or kernels.scaled_mm_applies(x, weight, per_channel) else "triton"
+        )
+        assert kernels.fp8_backend(x, weight, per_channel) == expected
+
+
+@needs_fp8
 def test_fp8_block_scaled_mm_matches_reference_and_replays_in_a_graph() -> None:
     """cuBLASLt's 128x128 block-scaled GEMM (Hopper, from SCALED_MM_MIN_ROWS rows): row counts that are no
     multiple of 4 (padded), 4 to 148 K blocks, bias; chosen by `auto` for such weights; the same in a CUDA
@@ -158,7 +191,9 @@ def test_quantized_model_on_gpu_matches_cpu_reference_with_and_without_cuda_grap
         ckpt, quant = write_checkpoint(tmp_path / "f", text=TEXT, seed=3), "fp8"
     else:
         ckpt, quant = write_quantized_checkpoint(tmp_path / "q", fmt, text=TEXT, seed=3), None
-    ids = list(range(10, 90))  # 80 rows: past SCALED_MM_MIN_ROWS (per-channel FP8: cuBLASLt's row-wise GEMM)
+    ids = list(
+        range(10, 150)
+    )  # 140 rows: past ROWWISE_MM_MIN_ROWS (per-channel FP8: cuBLASLt's row-wise GEMM)
 
     def logits(device: str, dtype: str) -> torch.Tensor:
         model = load_model(ckpt, dtype, device, progress=False, quantization=quant)

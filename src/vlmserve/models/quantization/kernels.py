@@ -3,9 +3,9 @@ and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy
 
     fp8_linear   at decode sizes, a Triton GEMM with activations quantized per row and 128 columns (in
                  registers up to PREQUANT_MIN_ROWS rows, by one kernel beforehand above), for block and
-                 per-channel scales; from SCALED_MM_MIN_ROWS rows on Hopper, torch._scaled_mm (cuBLASLt):
-                 128x128 block scales with activations per row and 128 columns, or per-channel scales with
-                 activations per row
+                 per-channel scales; on Hopper from SCALED_MM_MIN_ROWS / ROWWISE_MM_MIN_ROWS rows,
+                 torch._scaled_mm (cuBLASLt): 128x128 block scales with activations per row and 128
+                 columns, or per-channel scales with activations per row (quantized by one kernel)
     awq_linear   a Triton GEMM that unpacks the int4 weights in registers (a tile of packed bytes loaded once,
                  its two nibbles interleaved back into K order) and multiplies on the tensor cores
 
@@ -231,6 +231,25 @@ if TRITON:
         tl.store(s_ptr + row * stride_sm + g * stride_sg + tl.arange(0, 1), a_s)
 
     @triton.jit
+    def _quantize_rows_kernel(x_ptr, q_ptr, s_ptr, K, stride_xm, stride_qm, BLOCK: tl.constexpr):
+        # One program per row, one scale for the whole row (per token): its absolute maximum in one pass
+        # over K, then the e4m3 values in a second.
+        row = tl.program_id(0)
+        amax = tl.zeros((BLOCK,), dtype=tl.float32)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            amax = tl.maximum(amax, tl.abs(x))
+        a_s = tl.maximum(tl.max(amax, axis=0) / 448.0, 1e-12)
+        for k0 in range(0, K, BLOCK):
+            k = k0 + tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + row * stride_xm + k, mask=k < K, other=0.0).to(tl.float32)
+            tl.store(
+                q_ptr + row * stride_qm + k, tl.clamp(x / a_s, -448.0, 448.0).to(tl.float8e4nv), mask=k < K
+            )
+        tl.store(s_ptr + row + tl.arange(0, 1), a_s + tl.zeros((1,), dtype=tl.float32))
+
+    @triton.jit
     def _fp8_gemm_kernel(
         x_ptr,  # (M, K) activations, bf16 / fp16 / fp32
         b_ptr,  # (N, K) fp8
@@ -288,6 +307,18 @@ if TRITON:
                           other=0.0)  # fmt: skip
             acc += tl.dot(a, tl.trans(b)) * a_s[:, None] * b_s[None, :]
         _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
+
+
+def quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(M, K) -> (M, K) fp8 and (M, 1) float32 scales, one per row (token), by one Triton kernel: the same
+    values as quantize_activations(x2, K), whose torch ops cost ~6 launches per linear."""
+    if x2.stride(1) != 1:
+        x2 = x2.contiguous()
+    m, k = x2.shape
+    xq = torch.empty(m, k, dtype=FP8, device=x2.device)
+    xs = torch.empty(m, 1, dtype=torch.float32, device=x2.device)
+    _quantize_rows_kernel[(m,)](x2, xq, xs, k, x2.stride(0), xq.stride(0), BLOCK=1024, num_warps=4)
+    return xq, xs
 
 
 def quantize_act_groups(
@@ -362,8 +393,11 @@ PREQUANT_MIN_ROWS = 16
 
 # Rows from which torch._scaled_mm (cuBLASLt) runs where it applies: below, the split-K Triton kernel streams
 # the weights faster (it quantizes the activations without extra launches); from here cuBLASLt's tiles win, more
-# so the larger the batch (per-size figures: benchmarks/RESULTS.md).
+# so the larger the batch (per-size figures: benchmarks/RESULTS.md). Block-scaled weights from 64 rows,
+# per-channel ones from 128 (the 7B's linears per step on the H200, per-channel: 3.52 ms by Triton against 4.00
+# by cuBLASLt at 64 rows, 5.08 against 3.86 at 128, 9.40 against 4.46 at 256).
 SCALED_MM_MIN_ROWS = 64
+ROWWISE_MM_MIN_ROWS = 128
 
 # cuBLASLt's block-scaled FP8 GEMM: 128x128 weight blocks, activations in 1x128 groups (Hopper).
 CUBLAS_BLOCK = 128
@@ -435,8 +469,8 @@ def fp8_scaled_mm(
         xq, xs = quantize_act_groups(x2, CUBLAS_BLOCK, outer_major=True, rows=-(-m // 16) * 16)
         scale_b = block_scales
     else:
-        xq, xs = quantize_activations(x2, x2.shape[1])  # (M, K), (M, 1): per token
-        xq, scale_b = xq.contiguous(), scale.view(1, -1)
+        xq, xs = quantize_rows(x2)  # (M, K), (M, 1): per token
+        scale_b = scale.view(1, -1)
     out = torch._scaled_mm(
         xq,
         weight.t(),  # (K, N) column-major, as cuBLASLt wants the second operand
@@ -451,12 +485,12 @@ def fp8_backend(
     x2: torch.Tensor, weight: torch.Tensor, scale: torch.Tensor, block_scales: torch.Tensor | None = None
 ) -> str:
     """'scaled_mm_block' / 'scaled_mm' where cuBLASLt's block-scaled / row-wise FP8 GEMM applies from
-    SCALED_MM_MIN_ROWS rows, else 'triton' (or 'torch' without Triton)."""
-    if x2.shape[0] >= SCALED_MM_MIN_ROWS:
-        if block_scaled_mm_applies(x2, weight, block_scales):
-            return "scaled_mm_block"
-        if scaled_mm_applies(x2, weight, scale):
-            return "scaled_mm"
+    SCALED_MM_MIN_ROWS / ROWWISE_MM_MIN_ROWS rows, else 'triton' (or 'torch' without Triton)."""
+    rows = x2.shape[0]
+    if rows >= SCALED_MM_MIN_ROWS and block_scaled_mm_applies(x2, weight, block_scales):
+        return "scaled_mm_block"
+    if rows >= ROWWISE_MM_MIN_ROWS and scaled_mm_applies(x2, weight, scale):
+        return "scaled_mm"
     return "triton" if TRITON else "torch"
 
 
