@@ -421,8 +421,9 @@ def main(argv: list[str] | None = None) -> None:
     # take several times longer than later ones.
     for i in range(3):
         run_batch(core, proc, [make_prompt(proc, w1_size, w1_len, seed=990 + i)], 8)
-    # What a server does on its host before the engine sees a W1 request (image resize; on a GPU the
-    # normalise + patchify run in the engine): part of a served request's time to first token.
+    # What a server that resizes on its host (`--image-resize host`) does there before the engine sees a W1
+    # request: part of such a request's time to first token. A GPU server by default leaves the resize, like
+    # the normalise + patchify, to the engine's device.
     times = []
     for _ in range(5):
         t = time.perf_counter()
