@@ -300,6 +300,34 @@ def test_the_device_resize_is_pils_bit_for_bit() -> None:
     )
 
 
+def test_images_left_to_the_device_resize(ours: Qwen2_5_VLProcessor, monkeypatch: pytest.MonkeyPatch) -> None:
+    """What `resize_on_device` leaves as decoded, and the hash that keys the caches then: the same image
+    twice gives one hash, another image or another target size another; an image that needs no resize,
+    or one over DEVICE_RESIZE_MAX_PIXELS, is resized (or not) on the host exactly as without the option."""
+    from vlmserve.models import image_processor
+
+    def feature(img: Image.Image, **kwargs: Any) -> Any:
+        return ours.process("a<|image_pad|>b", [img], as_pixels=True, resize_on_device=True, **kwargs).images[
+            0
+        ]
+
+    img = _image(320, 240)
+    first, again = feature(img), feature(Image.fromarray(np.asarray(img).copy()))
+    assert tuple(first.data.values.shape) == (240, 320, 3)
+    assert first.mm_hash == again.mm_hash
+    assert first.mm_hash != feature(_image(320, 240, seed=1)).mm_hash
+    smaller = feature(img, max_pixels=64 * 28 * 28)
+    assert smaller.mm_hash != first.mm_hash and smaller.data.grid_thw != first.data.grid_thw
+    exact = _image(28 * 8, 28 * 6)  # already a multiple of 28 inside the pixel range: nothing to resize
+    assert (
+        feature(exact).mm_hash == ours.process("a<|image_pad|>b", [exact], as_pixels=True).images[0].mm_hash
+    )
+    monkeypatch.setattr(image_processor, "DEVICE_RESIZE_MAX_PIXELS", 320 * 240 - 1)
+    host = feature(img)
+    assert tuple(host.data.values.shape[:2]) == tuple(n * 14 for n in host.data.grid_thw[1:])
+    assert host.mm_hash == ours.image_hash(img)
+
+
 def test_image_hash(ours: Qwen2_5_VLProcessor) -> None:
     img = _image(64, 48)
     same = Image.fromarray(np.asarray(img).copy())
