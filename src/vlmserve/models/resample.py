@@ -93,7 +93,9 @@ def coefficients(in_size: int, out_size: int, resample: int) -> tuple[np.ndarray
     return index, fixed
 
 
-@functools.lru_cache(maxsize=512)
+# Device copies of the tables for the sizes seen last: a few hundred KB each at most (12 MP -> 1 MP: 15 taps),
+# so a few MB of device memory however many image sizes a server sees.
+@functools.lru_cache(maxsize=32)
 def _coefficients_on(
     in_size: int, out_size: int, resample: int, device: torch.device
 ) -> tuple[torch.Tensor, torch.Tensor]:
