@@ -1,10 +1,10 @@
 """PIL's resize in torch: the same pixels as `Image.resize` for 8-bit RGB images, computed on any device.
 
 Pillow resamples in two separable passes; which runs first depends on its version (`vertical_first`). Each
-pass is a fixed-point
-convolution (Pillow's Resample.c): per output pixel, filter weights normalised in double precision and rounded
-to 22 fractional bits (`precompute_coeffs`, `normalize_coeffs_8bpc`), an int32 sum that starts at one half,
-shifted down and clipped to 0..255, so the first pass's output is 8-bit before the second pass reads it.
+pass is a fixed-point convolution (Pillow's Resample.c): per output pixel, filter weights normalised in double
+precision and rounded to 22 fractional bits (`precompute_coeffs`, `normalize_coeffs_8bpc`), an int32 sum that
+starts at one half, shifted down and clipped to 0..255, so the first pass's output is 8-bit before the second
+pass reads it.
 Here the weights are computed with numpy in float64, in Pillow's order of operations, and the sums in int32
 on the pixels' device: bit-identical pixels (tests/test_processor.py). A float resample (torch's antialiased
 `interpolate`, torchvision's) is not: it keeps the first pass's overshoot unclipped and rounds once, so it
