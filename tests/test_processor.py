@@ -32,7 +32,7 @@ from vlmserve.checkpoints.tokenizer import (
     write_preprocessor_config,
 )
 from vlmserve.models.processor import ImageProcessorConfig, Qwen2_5_VLProcessor, smart_resize
-from vlmserve.models.resample import pil_resize, vertical_first
+from vlmserve.models.resample import torch_resize, vertical_first
 
 MIN_PIXELS = 56 * 56
 MAX_PIXELS = 512 * 28 * 28  # small enough that 1280x720 and 1600x1200 are downscaled
@@ -259,8 +259,9 @@ def test_per_call_pixel_range(
 
 
 def test_the_device_resize_is_pils_bit_for_bit() -> None:
-    """resample.py's torch resize against PIL's own: random sizes up and down, each filter it has, images
-    taller than 100:1 (the pass order differs between Pillow versions, and the rule follows the installed one)."""
+    """resample.py's torch resize (what a GPU runs; on the CPU `pil_resize` calls PIL itself) against PIL's
+    own: random sizes up and down, each filter it has, images taller than 100:1 (the pass order differs between
+    Pillow versions, and the rule follows the installed one)."""
     rng = np.random.default_rng(0)
     cases = [
         (
@@ -288,7 +289,7 @@ def test_the_device_resize_is_pils_bit_for_bit() -> None:
             )
         for resample in (Image.Resampling.BICUBIC, Image.Resampling.BILINEAR, Image.Resampling.BOX):
             expected = np.asarray(Image.fromarray(array).resize((out_w, out_h), resample))
-            got = pil_resize(torch.from_numpy(array.copy()), (out_h, out_w), resample).numpy()
+            got = torch_resize(torch.from_numpy(array.copy()), (out_h, out_w), resample).numpy()
             assert np.array_equal(got, expected), (height, width, out_h, out_w, resample)
     # Both Pillow rules of the pass order (the installed one is exercised above).
     assert vertical_first(720, 1280, 300, 1200, pillow_major=13) and not vertical_first(

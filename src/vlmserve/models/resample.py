@@ -133,9 +133,18 @@ def _pass(pixels: torch.Tensor, dim: int, out_size: int, resample: int) -> torch
 
 def pil_resize(pixels: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
     """(H, W, C) uint8 on any device -> (size[0], size[1], C) uint8 equal to PIL's
-    `Image.fromarray(pixels).resize((size[1], size[0]), resample)`."""
+    `Image.fromarray(pixels).resize((size[1], size[0]), resample)`: PIL itself for pixels on the CPU (its C
+    loops beat torch's gathers there), `torch_resize` on an accelerator."""
     if resample not in FILTERS:
         raise ValueError(f"resample={resample} is not one of {sorted(int(r) for r in FILTERS)}")
+    if pixels.device.type == "cpu":
+        image = Image.fromarray(pixels.numpy()).resize((size[1], size[0]), Image.Resampling(resample))
+        return torch.from_numpy(np.array(image, dtype=np.uint8))
+    return torch_resize(pixels, size, resample)
+
+
+def torch_resize(pixels: torch.Tensor, size: tuple[int, int], resample: int) -> torch.Tensor:
+    """`pil_resize` in torch ops, on the pixels' device."""
     height, width = pixels.shape[:2]
     out_h, out_w = size
     passes = [(1, out_w), (0, out_h)]
