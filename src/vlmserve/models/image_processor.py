@@ -232,7 +232,7 @@ class ImageProcessor:
     ) -> tuple[torch.Tensor, tuple[int, int, int]]:
         """`preprocess_image` up to the resized pixels: ((H, W, 3) uint8, grid_thw); `patchify` does the rest,
         on whatever device the pixels are."""
-        pixels, grid, _ = self.prepare(image, min_pixels, max_pixels)
+        pixels, grid, _ = self._pixels(image, min_pixels, max_pixels, resize_on_device=False)
         return pixels, grid
 
     def prepare(
@@ -248,6 +248,14 @@ class ImageProcessor:
         The pixels are resized here with PIL, unless `resize_on_device` (and the checkpoint's filter is one
         resample.py has, and the image has at most DEVICE_RESIZE_MAX_PIXELS): then they are the decoded image
         as it is, and `encoder_input` resizes them on the engine's device to the same pixels."""
+        pixels, grid, size = self._pixels(image, min_pixels, max_pixels, resize_on_device)
+        resized = tuple(pixels.shape[:2]) == size
+        return pixels, grid, self.pixels_hash(pixels, resize_to=None if resized else size)
+
+    def _pixels(
+        self, image: Image.Image, min_pixels: int | None, max_pixels: int | None, resize_on_device: bool
+    ) -> tuple[torch.Tensor, tuple[int, int, int], tuple[int, int]]:
+        """(pixels, grid_thw, the (height, width) the encoder takes) for `prepare` and `resize_image`."""
         c = self.config
         if c.do_convert_rgb:
             image = convert_rgb(image)
@@ -265,13 +273,13 @@ class ImageProcessor:
                 "do_resize=false; resize the image to multiples of patch_size*merge_size or enable do_resize."
             )
         grid = (1, resized_h // c.patch_size, resized_w // c.patch_size)
-        device = resize_on_device and c.resample in FILTERS and width * height <= DEVICE_RESIZE_MAX_PIXELS
-        if (resized_h, resized_w) != (height, width) and not device:
+        leave_to_device = (
+            resize_on_device and c.resample in FILTERS and width * height <= DEVICE_RESIZE_MAX_PIXELS
+        )
+        if (resized_h, resized_w) != (height, width) and not leave_to_device:
             image = image.resize((resized_w, resized_h), resample=Image.Resampling(c.resample))
         pixels = torch.from_numpy(np.array(image, dtype=np.uint8))  # (H, W, 3), a writable copy
-        if tuple(pixels.shape[:2]) == (resized_h, resized_w):
-            return pixels, grid, self.pixels_hash(pixels)
-        return pixels, grid, self.pixels_hash(pixels, resize_to=(resized_h, resized_w))
+        return pixels, grid, (resized_h, resized_w)
 
     def encoder_input(
         self, pixels: torch.Tensor, grid_thw: tuple[int, int, int], dtype: torch.dtype = torch.float32
@@ -308,7 +316,7 @@ class ImageProcessor:
         self, image: Image.Image, min_pixels: int | None = None, max_pixels: int | None = None
     ) -> str:
         """Content hash of an image as this processor would preprocess it (`pixels_hash` of its resized pixels)."""
-        return self.pixels_hash(self.resize_image(image, min_pixels, max_pixels)[0])
+        return self.prepare(image, min_pixels, max_pixels)[2]
 
     def pixels_hash(self, pixels: torch.Tensor, resize_to: tuple[int, int] | None = None) -> str:
         """Content hash of (H, W, 3) uint8 pixels as the encoder will take them: resized pixels, or decoded
