@@ -126,18 +126,15 @@ def test_quantize_rows_matches_the_torch_quantization() -> None:
         differ = q.float() != ref_q.float()
         assert differ.float().mean().item() < 1e-3
         assert _rel(q.float() * s, ref_q.float() * ref_s) < 1e-3
-    # Per-channel weights take the row-wise GEMM from ROWWISE_MM_MIN_ROWS rows, the Triton kernel below.
+    # Per-channel weights take the split-K Triton kernel below ROWWISE_MM_MIN_ROWS rows, and cuBLASLt's
+    # row-wise GEMM from there where it applies (Hopper and newer).
     weight = torch.empty(512, 1024, device="cuda", dtype=kernels.FP8)
     per_channel = torch.ones(512, 1, device="cuda")
-    for rows, backend in [
-        (kernels.ROWWISE_MM_MIN_ROWS - 1, "triton"),
-        (kernels.ROWWISE_MM_MIN_ROWS, "scaled_mm"),
-    ]:
-        x = torch.zeros(rows, 1024, device="cuda", dtype=torch.bfloat16)
-        expected = (
-            backend if backend == "triton" or kernels.scaled_mm_applies(x, weight, per_channel) else "triton"
-        )
-        assert kernels.fp8_backend(x, weight, per_channel) == expected
+    below = torch.zeros(kernels.ROWWISE_MM_MIN_ROWS - 1, 1024, device="cuda", dtype=torch.bfloat16)
+    at = torch.zeros(kernels.ROWWISE_MM_MIN_ROWS, 1024, device="cuda", dtype=torch.bfloat16)
+    assert kernels.fp8_backend(below, weight, per_channel) == "triton"
+    row_wise = kernels.scaled_mm_applies(at, weight, per_channel)
+    assert kernels.fp8_backend(at, weight, per_channel) == ("scaled_mm" if row_wise else "triton")
 
 
 @needs_fp8
