@@ -149,7 +149,8 @@ class EngineConfig:
         """Whether requests carry images as resized uint8 pixels that the runner patchifies on its device,
         rather than float32 patches made by the input processor: on a GPU (an eighth of the bytes to copy,
         no normalise / patchify pass on the host) and across the pipe to an engine process (an eighth of
-        the bytes to pickle). The one place this is decided; the input processor and the engine read it."""
+        the bytes to pickle), and whenever the engine resizes images itself (`image_resize="device"`). The one
+        place this is decided; the input processor and the engine read it."""
         return self.device == "cuda" or self.engine_process or self.image_resize == "device"
 
     @property

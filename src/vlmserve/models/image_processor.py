@@ -34,8 +34,8 @@ OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 MAX_ASPECT_RATIO = 200
 # Images of up to this many pixels reach the engine as decoded when it resizes on its device; larger ones are
-# resized on the host first. A 16 M-pixel image is 48 MB to copy; its resize's transient buffers (int32
-# copies of one pass's output) are freed before the vision tower runs.
+# resized on the host first. A 16 M-pixel image is 48 MB to copy; its resize's transient buffers (the
+# gathered int32 blocks of resample.py, up to 64 MB each) are freed before the vision tower runs.
 DEVICE_RESIZE_MAX_PIXELS = 16_777_216
 
 
