@@ -394,7 +394,7 @@ def main():
                             ),
                             ref8,
                         )
-                if m < kernels.PREQUANT_MIN_ROWS:
+                if m < 16:
                     cands["fp8_fused_reduce"] = (lambda: fp8_fused_reduce(x, qb, sb_cm), ref8)
                 if m <= 64:
                     for tn, ov in (

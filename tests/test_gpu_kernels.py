@@ -185,6 +185,34 @@ def test_fused_rms_norm_and_rotary_match_torch(dtype: torch.dtype) -> None:
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_fused_qk_norm_rotary_matches_the_norms_then_the_rotary(dtype: torch.dtype) -> None:
+    """Qwen3's q / k head norms and the rotary in one kernel, against RMSNorm and apply_rotary's torch paths
+    (q's weight on q's heads, k's on k's), from the strided view of the fused projection the model passes."""
+    from vlmserve.models.layers import fused
+    from vlmserve.models.layers.norm import RMSNorm
+    from vlmserve.models.layers.rotary import apply_rotary
+
+    torch.manual_seed(0)
+    for tokens, hq, hkv, dim in ((1, 32, 8, 128), (37, 16, 8, 128), (5, 3, 1, 64)):
+        qkv = torch.randn(tokens, (hq + 2 * hkv) * dim, device="cuda", dtype=dtype) * 3
+        qk = qkv[:, : (hq + hkv) * dim].view(tokens, hq + hkv, dim)
+        q_norm, k_norm = RMSNorm(dim, 1e-6).to("cuda", dtype), RMSNorm(dim, 1e-6).to("cuda", dtype)
+        with torch.no_grad():
+            q_norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+            k_norm.weight.copy_(1 + 0.1 * torch.randn(dim))
+        freqs = torch.randn(tokens, dim // 2, device="cuda") * 50
+        cos, sin = torch.cat([freqs.cos()] * 2, -1), torch.cat([freqs.sin()] * 2, -1)
+        with torch.enable_grad():  # the torch paths (the fused ones run only without autograd)
+            ref_q = apply_rotary(q_norm(qk[:, :hq]), cos, sin).detach()
+            ref_k = apply_rotary(k_norm(qk[:, hq:]), cos, sin).detach()
+        with torch.inference_mode():
+            got = fused.qk_norm_rotary(qk, q_norm.weight, k_norm.weight, hq, 1e-6, cos, sin)
+        tol = 2e-2 if dtype != torch.float32 else 1e-5
+        torch.testing.assert_close(got[:, :hq], ref_q, rtol=tol, atol=tol)
+        torch.testing.assert_close(got[:, hq:], ref_k, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_fused_add_rms_norm_matches_the_add_then_the_norm(dtype: torch.dtype) -> None:
     """The residual add fused into the norm: the sum bit-identical to the plain add, the norm to RMSNorm's
     kernel over that sum (and both within rounding of the torch path)."""

@@ -91,6 +91,54 @@ if AVAILABLE:
         tl.store(out + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
+    def _qk_norm_rotary_kernel(
+        x_ptr,
+        wq_ptr,
+        wk_ptr,
+        cos_ptr,
+        sin_ptr,
+        out_ptr,
+        stride_xt,
+        stride_xh,
+        stride_ot,
+        stride_oh,
+        stride_c,
+        HEADS,
+        Q_HEADS,
+        eps,
+        HALF: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK: tl.constexpr,
+    ):
+        # Qwen3's per-head RMSNorm of q and k (q's weight for the first Q_HEADS heads, k's for the rest), then
+        # the rotary, for all heads of one token: what RMSNorm then _rotary_kernel compute, with the same
+        # roundings (the norm's output is rounded to the input dtype before the rotation reads it).
+        t = tl.program_id(0)
+        h = tl.arange(0, BLOCK_H)[:, None]
+        d = tl.arange(0, BLOCK)[None, :]
+        dm = d < HALF
+        ok = (h < HEADS) & dm
+        base = x_ptr + t * stride_xt + h * stride_xh + d
+        x1 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
+        x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
+        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+        is_q = h < Q_HEADS
+        w1 = tl.where(is_q, tl.load(wq_ptr + d, mask=dm, other=0.0), tl.load(wk_ptr + d, mask=dm, other=0.0))
+        w2 = tl.where(
+            is_q,
+            tl.load(wq_ptr + HALF + d, mask=dm, other=0.0),
+            tl.load(wk_ptr + HALF + d, mask=dm, other=0.0),
+        )
+        dt = out_ptr.dtype.element_ty
+        n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1.to(tl.float32)).to(dt).to(tl.float32)
+        n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2.to(tl.float32)).to(dt).to(tl.float32)
+        cos = tl.load(cos_ptr + t * stride_c + d, mask=dm)
+        sin = tl.load(sin_ptr + t * stride_c + d, mask=dm)
+        out = out_ptr + t * stride_ot + h * stride_oh + d
+        tl.store(out, (n1 * cos - n2 * sin).to(dt), mask=ok)
+        tl.store(out + HALF, (n2 * cos + n1 * sin).to(dt), mask=ok)
+
+    @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
         row = tl.program_id(0)
         cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
@@ -158,6 +206,28 @@ def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tenso
             BLOCK_H=triton.next_power_of_2(h),
             BLOCK=triton.next_power_of_2(d // 2),
         )
+    return out
+
+
+def qk_norm_rotary(
+    x: torch.Tensor,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    q_heads: int,
+    eps: float,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+) -> torch.Tensor:
+    """x (T, Hq + Hkv, D) q's heads then k's (any strides with a unit last stride), weights (D,) of x's dtype;
+    cos, sin (T, D) float32 -> (T, Hq + Hkv, D) contiguous: rotary(rms_norm(head)) per head, one launch."""
+    t, h, d = x.shape
+    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    if t:
+        _qk_norm_rotary_kernel[(t,)](
+            x, q_weight, k_weight, cos, sin, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
+            cos.stride(0), h, q_heads, eps, HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
+            BLOCK=triton.next_power_of_2(d // 2),
+        )  # fmt: skip
     return out
 
 

@@ -15,6 +15,7 @@ from typing import Protocol
 import torch
 from torch import nn
 
+from vlmserve.models.layers import fused
 from vlmserve.models.layers.attention import AttentionBackend
 from vlmserve.models.layers.mlp import GatedMLP
 from vlmserve.models.layers.norm import RMSNorm
@@ -82,7 +83,16 @@ class Attention(nn.Module):
         t = x.shape[0]
         qkv = self.qkv_proj(x)
         v = qkv[:, self.q_size + self.kv_size :].view(t, self.num_kv_heads, self.head_dim)
-        if self.qk_norm:
+        if self.qk_norm and fused.use_fused(qkv) and self.q_norm.weight.dtype == qkv.dtype:
+            # both norms and the rotary in one launch instead of four (Qwen3's decode step is launch-bound)
+            qk = qkv[:, : self.q_size + self.kv_size].view(
+                t, self.num_heads + self.num_kv_heads, self.head_dim
+            )
+            qk = fused.qk_norm_rotary(
+                qk, self.q_norm.weight, self.k_norm.weight, self.num_heads, self.q_norm.eps, cos, sin
+            )
+            q, k = qk.split([self.num_heads, self.num_kv_heads], dim=1)
+        elif self.qk_norm:
             q, k = qkv[:, : self.q_size + self.kv_size].split([self.q_size, self.kv_size], dim=-1)
             q = apply_rotary(self.q_norm(q.reshape(t, self.num_heads, self.head_dim)), cos, sin)
             k = apply_rotary(self.k_norm(k.reshape(t, self.num_kv_heads, self.head_dim)), cos, sin)

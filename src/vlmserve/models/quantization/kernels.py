@@ -1,9 +1,8 @@
 """GPU GEMMs for quantized weights: FP8 (W8A8, activations quantized per token / per token-group on the fly)
 and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy).
 
-    fp8_linear   at decode sizes, a Triton GEMM with activations quantized per row and 128 columns (in
-                 registers up to PREQUANT_MIN_ROWS rows, by one kernel beforehand above), for block and
-                 per-channel scales; on Hopper from SCALED_MM_MIN_ROWS / ROWWISE_MM_MIN_ROWS rows,
+    fp8_linear   at decode sizes, a Triton GEMM on activations quantized per row and 128 columns by one
+                 kernel beforehand, for block and per-channel scales; on Hopper from SCALED_MM_MIN_ROWS / ROWWISE_MM_MIN_ROWS rows,
                  torch._scaled_mm (cuBLASLt): 128x128 block scales with activations per row and 128
                  columns, or per-channel scales with activations per row (quantized by one kernel)
     awq_linear   a Triton GEMM that unpacks the int4 weights in registers (a tile of packed bytes loaded once,
@@ -126,7 +125,7 @@ def _tiles(
     else:
         t = Tiles(64 if m <= 128 else 128, 128, block_k, 8 if m > 128 else 4, 3)
     for field, value in (override or {}).items():  # benchmarks and tests pin fields ("splits": 1 or more)
-        if field not in ("splits", "prequant"):
+        if field != "splits":
             setattr(t, field, value)
     m_tiles, n_tiles, k_tiles = -(-m // t.block_m), -(-n // t.block_n), -(-k // t.block_k)
     want = (override or {}).get("splits")
@@ -251,7 +250,7 @@ if TRITON:
 
     @triton.jit
     def _fp8_gemm_kernel(
-        x_ptr,  # (M, K) activations, bf16 / fp16 / fp32
+        x_ptr,  # (M, K) fp8 activations
         b_ptr,  # (N, K) fp8
         bs_ptr,  # (N, G) float32 weight scales
         bias_ptr,
@@ -266,18 +265,17 @@ if TRITON:
         stride_bsn,
         stride_bsk,
         GROUP_K,  # columns per weight scale (block_k; K for per-channel scales)
-        xs_ptr,  # PREQUANT: (M, cdiv(K, BLOCK_K)) float32 activation scales
+        xs_ptr,  # (M, cdiv(K, BLOCK_K)) float32 activation scales
         stride_xsm,
-        PREQUANT: tl.constexpr,
         HAS_BIAS: tl.constexpr,
         SPLIT: tl.constexpr,
         BLOCK_M: tl.constexpr,
         BLOCK_N: tl.constexpr,
         BLOCK_K: tl.constexpr,  # divides GROUP_K; also the activation scale group (ACT_GROUP)
     ):
-        # Activations are quantized per row and BLOCK_K columns: at decode sizes here, in registers (no
-        # extra launch, no FP8 copy of x); with more rows once beforehand (PREQUANT), since every N tile's
-        # program would quantize the same activation tiles again.
+        # Activations come quantized per row and BLOCK_K columns (quantize_act_groups): quantizing them in
+        # here, in every N tile's program, cost more than the extra launch even at one row (the 7B's linears
+        # at batch 1 on the H200: 2.77 ms a step in registers, 2.39 beforehand; benchmarks/RESULTS.md).
         pid_m = tl.program_id(0)
         pid_n = tl.program_id(1)
         pid_s = tl.program_id(2)
@@ -292,15 +290,9 @@ if TRITON:
             k0 = (pid_s * TILES_PER_SPLIT + i) * BLOCK_K
             k = k0 + offs_k
             k_ok = k < K
-            x_ok = m_ok[:, None] & k_ok[None, :]
-            if PREQUANT:  # x_ptr: fp8 activations, xs_ptr: their (M, cdiv(K, BLOCK_K)) scales
-                a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0)
-                a_s = tl.load(xs_ptr + offs_m * stride_xsm + k0 // BLOCK_K, mask=m_ok & (k0 < K), other=0.0)
-            else:
-                x = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=x_ok, other=0.0).to(
-                    tl.float32
-                )
-                a, a_s = _quantize_tile(x)
+            a = tl.load(x_ptr + offs_m[:, None] * stride_xm + k[None, :], mask=m_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
+            a_s = tl.load(xs_ptr + offs_m * stride_xsm + k0 // BLOCK_K, mask=m_ok & (k0 < K), other=0.0)
             b = tl.load(b_ptr + offs_n[:, None] * stride_bn + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
                         other=0.0)  # fmt: skip
             b_s = tl.load(bs_ptr + offs_n * stride_bsn + (k0 // GROUP_K) * stride_bsk, mask=n_ok & (k0 < K),
@@ -372,24 +364,13 @@ def fp8_triton(
     tile_k = triton_act_group(scale, block_k)
     if tile_k < 32:
         raise ValueError(f"FP8 block size {block_k} along K: the Triton kernel needs a multiple of 32")
-    if x2.stride(1) != 1:
-        x2 = x2.contiguous()
     t = _tiles(m, n, k, tile_k, x2.device, tiles)
     if t.block_k != tile_k:
         raise ValueError(f"the FP8 kernel's K tile is its activation group ({tile_k}), got {t.block_k}")
-    prequant = (tiles or {}).get("prequant", int(m >= PREQUANT_MIN_ROWS))
-    if prequant:
-        xq, xs = quantize_act_groups(x2, tile_k)
-        tail = (weight.stride(0), scale.stride(0), scale.stride(1), group_k, xs, xs.stride(0))
-        out = _launch(_fp8_gemm_kernel, xq, n, t, bias, (weight, scale), tail, PREQUANT=True, dtype=x2.dtype)
-        return out
-    tail = (weight.stride(0), scale.stride(0), scale.stride(1), group_k, x2, 0)
-    return _launch(_fp8_gemm_kernel, x2, n, t, bias, (weight, scale), tail, PREQUANT=False)
+    xq, xs = quantize_act_groups(x2, tile_k)
+    tail = (weight.stride(0), scale.stride(0), scale.stride(1), group_k, xs, xs.stride(0))
+    return _launch(_fp8_gemm_kernel, xq, n, t, bias, (weight, scale), tail, dtype=x2.dtype)
 
-
-# Rows from which the Triton FP8 GEMM reads activations quantized by one kernel beforehand instead of quantizing
-# them in every program (faster from 16 rows up on the H200: benchmarks/RESULTS.md).
-PREQUANT_MIN_ROWS = 16
 
 # Rows from which torch._scaled_mm (cuBLASLt) runs where it applies: below, the split-K Triton kernel streams
 # the weights faster (it quantizes the activations without extra launches); from here cuBLASLt's tiles win, more
