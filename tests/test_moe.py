@@ -135,6 +135,29 @@ def test_triton_moe_matches_torch_reference(
 
 @pytest.mark.gpu
 @needs_cuda
+@pytest.mark.parametrize(("tokens", "experts", "top_k"), [(1, 128, 8), (130, 128, 8), (9, 60, 3)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_routing_kernel_matches_softmax_topk_renormalised(
+    tokens: int, experts: int, top_k: int, dtype: torch.dtype
+) -> None:
+    """The one-launch router (route_topk) picks the torch path's experts in its order, with its weights
+    (among equal logits, which bf16 makes likely, either may come first: the picked logits are compared)."""
+    from vlmserve.models.layers.moe import route_topk
+
+    torch.manual_seed(tokens)
+    logits = torch.randn(tokens, experts, device="cuda").to(dtype)
+    weights, ids = route_topk(logits, top_k)
+    probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
+    ref_w, ref_ids = torch.topk(probs, top_k, dim=-1)
+    ref_w = (ref_w / ref_w.sum(dim=-1, keepdim=True)).to(dtype)
+    assert ids.dtype == torch.int32 and weights.dtype == dtype
+    assert torch.equal(logits.gather(1, ids.long()), logits.gather(1, ref_ids))
+    assert all(len(set(row)) == top_k for row in ids.tolist())  # k distinct experts per token
+    torch.testing.assert_close(weights, ref_w, rtol=1e-2 if dtype == torch.bfloat16 else 1e-5, atol=1e-6)
+
+
+@pytest.mark.gpu
+@needs_cuda
 @pytest.mark.parametrize("tokens", [8, 16])  # one row per block (32 rows), aligned blocks (64)
 def test_triton_moe_replays_in_a_cuda_graph_with_new_routing(tokens: int) -> None:
     """The expert layout is built on the device without a host sync and with shapes fixed by the token count,

@@ -48,6 +48,21 @@ def test_awq_kernels_match_reference(
     assert _rel(got, ref) < 1e-2
 
 
+@pytest.mark.parametrize("rows", [1, 5, 16])
+def test_awq_wide_outputs_at_decode_sizes_match_reference(rows: int) -> None:
+    """From AWQ_NARROW_MIN_N outputs decode batches take narrower tiles (an output count that is no multiple
+    of them here: the last tile masked)."""
+    from vlmserve.models.quantization import awq, kernels
+
+    n, k, group = kernels.AWQ_NARROW_MIN_N + 16, 256, 128
+    gen = torch.Generator().manual_seed(rows)
+    w = torch.randn(n, k, generator=gen) / k**0.5
+    qw, qz, s = (t.cuda() for t in awq.quantize(w, group))
+    x = torch.randn(rows, k, generator=gen).to("cuda", torch.bfloat16)
+    ref = kernels.awq_linear_reference(x, qw, qz, s, group, None)
+    assert _rel(kernels.awq_linear(x, qw, qz, s, group, None), ref) < 1e-2
+
+
 @needs_fp8
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("rows", [1, 3, 16, 17, 128, 301])

@@ -77,8 +77,11 @@ class SparseMoE(nn.Module):
             self.experts = Experts(num_experts, hidden_size, n, tp.rank * n)
 
     def route(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(T, H) -> routing weights (T, k) in x's dtype and expert ids (T, k) int64."""
+        """(T, H) -> routing weights (T, k) in x's dtype and expert ids (T, k): int64, or int32 from the GPU
+        kernel (`route_topk`)."""
         logits = self.gate(x)  # (T, E)
+        if TRITON and logits.is_cuda and not torch.is_grad_enabled():
+            return route_topk(logits, self.top_k)
         probs = torch.softmax(logits, dim=-1, dtype=torch.float32)
         weights, ids = torch.topk(probs, self.top_k, dim=-1)
         weights = weights / weights.sum(dim=-1, keepdim=True)
@@ -145,7 +148,7 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
     (and a CUDA graph) do not depend on the routing."""
     m = topk_ids.numel()
     dev = topk_ids.device
-    flat = topk_ids.flatten()
+    flat = topk_ids.flatten().long()
     counts = torch.zeros(num_experts, dtype=torch.int64, device=dev)
     counts.scatter_add_(0, flat, torch.ones_like(flat))  # bincount without a host sync
     padded = (counts + block_m - 1) // block_m * block_m
@@ -165,6 +168,30 @@ def align_rows(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[
 
 
 if TRITON:
+
+    @triton.jit
+    def _route_topk_kernel(logits_ptr, w_ptr, ids_ptr, E, stride_l, TOP_K: tl.constexpr, BLOCK_K: tl.constexpr,
+                           BLOCK_E: tl.constexpr):  # fmt: skip
+        # One token: its TOP_K largest logits (the lowest index first among equals), then their softmax, which
+        # is the full softmax's top k renormalised to sum to 1 (exp(l_i) / sum_all over sum_sel exp(l_j) /
+        # sum_all). Replaces softmax, topk, sum, divide and two casts: five launches per MoE layer at decode.
+        t = tl.program_id(0)
+        e = tl.arange(0, BLOCK_E)
+        logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)
+        slot = tl.arange(0, BLOCK_K)
+        vals = tl.full((BLOCK_K,), float("-inf"), tl.float32)
+        ids = tl.zeros((BLOCK_K,), tl.int32)
+        for j in tl.static_range(TOP_K):
+            best = tl.max(logits, 0)
+            idx = tl.min(tl.where(logits == best, e, BLOCK_E), 0)
+            vals = tl.where(slot == j, best, vals)
+            ids = tl.where(slot == j, idx, ids)
+            logits = tl.where(e == idx, float("-inf"), logits)
+        p = tl.exp(vals - tl.max(vals, 0))  # unused slots: exp(-inf) = 0
+        p = p / tl.sum(p, 0)
+        ok = slot < TOP_K
+        tl.store(w_ptr + t * TOP_K + slot, p.to(w_ptr.dtype.element_ty), mask=ok)
+        tl.store(ids_ptr + t * TOP_K + slot, ids, mask=ok)
 
     @triton.jit
     def _grouped_gemm_kernel(
@@ -284,6 +311,20 @@ if TRITON:
             BLOCK_M=block_m,
             **cfg,
         )
+
+
+def route_topk(logits: torch.Tensor, top_k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(T, E) router logits on a GPU -> weights (T, k) in the logits' dtype and expert ids (T, k) int32: the
+    top k of the softmax renormalised (what SparseMoE.route computes in torch), one launch."""
+    t, e = logits.shape
+    weights = torch.empty(t, top_k, dtype=logits.dtype, device=logits.device)
+    ids = torch.empty(t, top_k, dtype=torch.int32, device=logits.device)
+    if t:
+        _route_topk_kernel[(t,)](
+            logits, weights, ids, e, logits.stride(0), TOP_K=top_k,
+            BLOCK_K=triton.next_power_of_2(top_k), BLOCK_E=triton.next_power_of_2(e), num_warps=4,
+        )  # fmt: skip
+    return weights, ids
 
 
 def fused_moe_triton(

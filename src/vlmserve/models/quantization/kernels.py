@@ -566,6 +566,12 @@ if TRITON:
         _store_tile(acc, c_ptr, bias_ptr, offs_m, offs_n, M, N, stride_cm, pid_s, HAS_BIAS, SPLIT)
 
 
+# Outputs from which AWQ at decode sizes (<= 16 rows) takes 32-column tiles instead of 64: twice the programs
+# streaming at once. The 7B's gate_up (37,888 outputs) on the H200: 58 us against 64 at 1-16 rows; narrower
+# outputs (3,584-4,608) were slower with them (benchmarks/decode_gemm_variants.py, RESULTS.md).
+AWQ_NARROW_MIN_N = 16384
+
+
 def awq_linear(
     x: torch.Tensor,
     qweight: torch.Tensor,
@@ -589,6 +595,8 @@ def awq_linear(
         return x2.new_empty(*shape[:-1], n)
     if x2.stride(1) != 1:
         x2 = x2.contiguous()
+    if tiles is None and m <= 16 and n >= AWQ_NARROW_MIN_N:
+        tiles = {"block_n": 32}
     t = _tiles(m, n, k, block_k, x2.device, tiles)
     if group % t.block_k:
         raise ValueError(f"the AWQ kernel's K tile ({t.block_k}) must divide the group size ({group})")
