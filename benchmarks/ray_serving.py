@@ -18,7 +18,9 @@ controller, ingress and server replicas, their engine processes). CPU millisecon
 request costs the machine, whoever else is running; on a saturated 2-core machine it is what bounds req/s,
 and unlike req/s it barely moves when other jobs share the cores.
 
-Setups: `serve`; `run` (the app as built: image-aware router, the window of --window-ms); `run-pow2` (the same
+Setups: `serve`; `run` (the app as built: image-aware router, the window of --window-ms, and on the cluster
+`vlmserve run` starts for one application, Ray Serve's direct ingress: the ingress replica serves HTTP on the
+port itself); `run-proxy` (the same through Ray Serve's HTTP proxy, `--no-direct-ingress`); `run-pow2` (`run`
 with Ray Serve's default power-of-two-choices router). For two replicas or more, the Prometheus counters of
 the image and prefix caches and of the router are read from /metrics after each run.
 
@@ -157,13 +159,13 @@ def wait_healthy(base: str, timeout: float = 600) -> None:
 class Server:
     def __init__(self, setup: str, args: argparse.Namespace, work: Path, port: int) -> None:
         self.setup, self.args, self.work, self.port = setup, args, work, port
-        self.base = f"http://127.0.0.1:{port}"
         self.env = {
             **os.environ,
             "RAY_USAGE_STATS_ENABLED": "0",
             "VLMSERVE_CACHE_DIR": str(work / f"cache-{port}"),
             **dict(item.split("=", 1) for item in args.ray_env if setup != "serve"),
         }
+        self.base = f"http://127.0.0.1:{port}"
         self.proc: subprocess.Popen[bytes] | None = None
         self.root = 0
 
@@ -202,7 +204,16 @@ class Server:
             )
         )
         run = subprocess.run(
-            [*VLMSERVE, "run", str(config), "--non-blocking"], env=self.env, capture_output=True, text=True
+            [
+                *VLMSERVE,
+                "run",
+                str(config),
+                "--non-blocking",
+                *(["--no-direct-ingress"] if self.setup == "run-proxy" else []),
+            ],
+            env=self.env,
+            capture_output=True,
+            text=True,
         )
         if run.returncode != 0:
             raise SystemExit(f"vlmserve run failed:\n{run.stdout}\n{run.stderr}")
@@ -268,7 +279,7 @@ def measure(server: Server, setup: str, rnd: int, concurrency: int, seed: int, w
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--checkpoint", type=Path, required=True, help="e.g. a small-bench checkpoint")
-    p.add_argument("--setups", default="serve,run", help="comma-separated: serve, run, run-pow2")
+    p.add_argument("--setups", default="serve,run", help="comma-separated: serve, run, run-proxy, run-pow2")
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--concurrency", default="1,8,32")
     p.add_argument("--num-requests", type=int, default=64)

@@ -733,3 +733,56 @@ def test_shutdown_stops_serve_and_the_cluster(ray_cluster: Cluster) -> None:
     with pytest.raises(httpx.TransportError):
         httpx.get(ray_cluster.url("/py/v1/models"), timeout=5)
     assert ray_cluster.cli("status").returncode == 1
+
+
+def test_vlmserve_run_serves_one_app_through_direct_ingress(tiny_checkpoint: Path, tmp_path: Path) -> None:
+    """A cluster `vlmserve run` starts for one application: its ingress replica answers HTTP on the asked
+    port itself (Ray Serve's proxy on another), tokens stream one at a time, status and shutdown work; a
+    second deploy asking another port is refused with what to do."""
+    port = free_port()
+    cache = Cluster("", 0, port, tmp_path, tmp_path / "ray" / "cluster.json")
+    config = tmp_path / "serve_config.yaml"
+    config.write_text(
+        f"http_options: {{host: 127.0.0.1, port: {port}}}\n"
+        "applications:\n"
+        "  - name: direct\n"
+        "    route_prefix: /\n"
+        "    import_path: vlmserve:build_openai_app\n"
+        "    args:\n"
+        f"      llm_configs: [{{model_loading_config: {{model_id: d, model_source: {tiny_checkpoint}}}, "
+        "engine_kwargs: {max_model_len: 512, kv_cache_memory_gb: 0.01}}]\n"
+    )
+    result = cache.cli("run", str(config), "--non-blocking", "--num-cpus", "2")
+    try:
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "starting a local Ray cluster" in result.stdout
+        record = cluster.load_record(cache.record_path)
+        assert record is not None and record.ingress_port == port
+        assert record.proxy_port is not None and record.proxy_port != port
+
+        client = openai.OpenAI(base_url=cache.url("/v1"), api_key="placeholder", max_retries=0, timeout=60)
+        stream = client.chat.completions.create(
+            model="d",
+            messages=[{"role": "user", "content": "hi"}],
+            max_tokens=8,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=NO_EOS,
+        )
+        chunks = list(stream)
+        usage = chunks[-1].usage
+        assert usage is not None and usage.completion_tokens == 8
+        # one chunk per token (a token that ends mid-character is held back), not lumps
+        assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 6
+
+        other = cache.cli("run", str(config), "--non-blocking", "--port", str(free_port()))
+        assert other.returncode == 1
+        assert f"direct ingress on port {port}" in other.stderr
+
+        status = cache.cli("status")
+        assert status.returncode == 0 and "direct:\n    status: RUNNING" in status.stdout
+    finally:
+        stopped = cache.cli("shutdown", "-y")
+    assert stopped.returncode == 0, stopped.stdout + stopped.stderr
+    with pytest.raises(httpx.TransportError):
+        httpx.get(cache.url("/v1/models"), timeout=5)

@@ -38,6 +38,13 @@ def add_parser(subparsers: argparse._SubParsersAction) -> None:
         help="HTTP port (default: the file's http_options.port, else 8000)",
     )
     p.add_argument(
+        "--no-direct-ingress",
+        dest="direct_ingress",
+        action="store_false",
+        help="serve through Ray Serve's HTTP proxy even where the application's ingress replica could serve "
+        "HTTP itself (a local cluster started for one application; the default there)",
+    )
+    p.add_argument(
         "--num-cpus",
         type=positive_int,
         default=None,
@@ -58,6 +65,7 @@ def run(args: argparse.Namespace) -> int:
             port=args.port,
             num_cpus=args.num_cpus,
             record_path=cluster.default_record_path(),
+            direct_ingress=args.direct_ingress,
         )
     except (RuntimeError, ValueError) as e:  # ClusterError, config errors, a failed deployment
         print(f"vlmserve run: error: {e}", file=sys.stderr)

@@ -8,6 +8,13 @@ machine's cores (a 2-core laptop included: the ingress asks for no CPU, each CPU
 Ctrl-C / SIGTERM and then removes what it deployed and stops the cluster it started; with --non-blocking it
 returns once the apps are RUNNING and leaves them serving.
 
+A cluster `run` starts for one application serves it through Ray Serve's direct ingress: the app's ingress
+replica answers HTTP on the given port itself, so a token crosses one Ray hop (replica -> ingress) instead of
+two (and the HTTP proxy, ~35 ms of CPU a request, is out of the path; benchmarks/RESULTS.md). Ray allocates
+direct-ingress ports from a range set when the cluster starts: here the one port asked for, while Serve's
+proxy, which Ray still starts, listens on a free port of its own. Several applications, a joined cluster
+(--address) or --no-direct-ingress use the proxy on the given port, as before.
+
 What `run` started is recorded in VLMSERVE_CACHE_DIR/ray/cluster.json (address, HTTP URL, the pid of the
 `ray start` process), so that `status` finds it and `shutdown` stops exactly that cluster: SIGTERM to the
 recorded `ray start --block` process, which stops the GCS, raylet and the other processes it started (the
@@ -61,9 +68,11 @@ class ClusterRecord:
     """The cluster `vlmserve run` last deployed to."""
 
     address: str  # GCS address, host:port
-    http_url: str  # where Ray Serve's HTTP proxy listens
+    http_url: str  # where clients send requests: the direct-ingress replica, else Ray Serve's HTTP proxy
     pid: int | None = None  # the `ray start --block` process vlmserve started; None: a joined cluster
     log_path: str | None = None
+    ingress_port: int | None = None  # the one direct-ingress port the cluster was started with
+    proxy_port: int | None = None  # Serve's proxy when it is not where clients go (direct ingress)
 
     @property
     def started_here(self) -> bool:
@@ -121,8 +130,11 @@ def _process(pid: int) -> tuple[str, str]:
     return state[:1], command
 
 
-def start_local_cluster(num_cpus: int | None, log_path: Path) -> tuple[str, int]:
-    """Start a head node on this machine; return (GCS address, pid of `ray start --block`)."""
+def start_local_cluster(
+    num_cpus: int | None, log_path: Path, ingress_port: int | None = None
+) -> tuple[str, int]:
+    """Start a head node on this machine; return (GCS address, pid of `ray start --block`). ingress_port:
+    Serve's direct ingress on, its ports limited to that one (the environment reaches every Ray process)."""
     port = free_port()
     cmd = [
         *_RAY_CLI,
@@ -143,6 +155,13 @@ def start_local_cluster(num_cpus: int | None, log_path: Path) -> tuple[str, int]
         # Serve is shut down before the cluster is stopped, so there is nothing left to drain on SIGTERM.
         "RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S": "0",
     }
+    if ingress_port is not None:
+        env["RAY_SERVE_ENABLE_DIRECT_INGRESS"] = "1"
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT"] = str(ingress_port)
+        env["RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT"] = str(ingress_port + 1)  # exclusive
+        # Ray keeps a stopping ingress replica answering for 30 s by default, for an external load balancer
+        # to notice; a local cluster has none, and shutdown would wait for it.
+        env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -291,6 +310,21 @@ def check_args(spec: AppSpec) -> None:
         LLMServingArgs.model_validate(spec.args)
 
 
+def one_ingress_replica(spec: AppSpec) -> bool:
+    """Whether the application's ingress runs as one replica (direct ingress gives it the one port): vlmserve's
+    builder unless ingress_deployment_config asks for more or for autoscaling; a built app by its ingress
+    deployment's replica count."""
+    from vlmserve.deploy.builder import build_openai_app
+    from vlmserve.deploy.config import LLMServingArgs
+
+    obj = _import(spec.import_path)
+    if obj is build_openai_app:
+        options = LLMServingArgs.model_validate(spec.args or {}).ingress_deployment_config
+        return options.get("num_replicas", 1) == 1 and not options.get("autoscaling_config")
+    deployment = getattr(obj, "_bound_deployment", None)  # a built Application
+    return getattr(deployment, "num_replicas", 1) == 1
+
+
 def build_application(spec: AppSpec) -> Any:
     """Import `spec.import_path`: a built Application is used as is, a builder is called with spec.args."""
     from ray.serve.deployment import Application
@@ -327,6 +361,7 @@ def run(
     port: int | None,
     num_cpus: int | None,
     record_path: Path,
+    direct_ingress: bool = True,
 ) -> int:
     from ray import serve
 
@@ -348,12 +383,26 @@ def run(
             save_record(record, record_path)
     elif previous is not None and previous_alive:
         record = previous
+        if record.ingress_port is not None and (len(apps) != 1 or port != record.ingress_port):
+            raise ClusterError(
+                f"the local Ray cluster serves one application through direct ingress on port "
+                f"{record.ingress_port}: deploy a single application with --port {record.ingress_port}, or "
+                "stop it first (`vlmserve shutdown -y`)"
+            )
         print(f"using the local Ray cluster at {record.address} (started by an earlier `vlmserve run`)")
     else:
         log_path = record_path.parent / "ray-start.log"
         print("starting a local Ray cluster ...", flush=True)
-        gcs, pid = start_local_cluster(num_cpus, log_path)
-        record = ClusterRecord(gcs, _url(host, port), pid, str(log_path))
+        direct = direct_ingress and len(apps) == 1 and one_ingress_replica(apps[0])
+        gcs, pid = start_local_cluster(num_cpus, log_path, ingress_port=port if direct else None)
+        record = ClusterRecord(
+            gcs,
+            _url(host, port),
+            pid,
+            str(log_path),
+            port if direct else None,
+            free_port() if direct else None,
+        )
         save_record(record, record_path)
         started_now = True
         print(f"Ray cluster at {gcs} (pid {pid}; log {log_path})")
@@ -361,7 +410,7 @@ def run(
     deployed: list[str] = []
     try:
         connect(record.address, quiet=non_blocking, started_here=record.started_here)
-        serve.start(http_options={"host": host, "port": port})
+        serve.start(http_options={"host": host, "port": record.proxy_port or port})
         for spec in apps:
             app = build_application(spec)
             serve.run(app, name=spec.name, route_prefix=spec.route_prefix, blocking=False)
