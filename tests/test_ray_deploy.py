@@ -36,6 +36,7 @@ from tests.conftest import free_port, random_image
 from tests.test_structured_server import ITEM_SCHEMA, PARAMETERS, TIME, WEATHER
 from vlmserve import LLMConfig, build_openai_app
 from vlmserve.deploy import cluster
+from vlmserve.deploy.ingress import STATS_REFRESH_S
 from vlmserve.deploy.server import CHANNEL_IDLE_S, ReplicaState
 
 pytestmark = pytest.mark.slow
@@ -774,6 +775,27 @@ def test_vlmserve_run_serves_one_app_through_direct_ingress(tiny_checkpoint: Pat
         assert usage is not None and usage.completion_tokens == 8
         # one chunk per token (a token that ends mid-character is held back), not lumps
         assert len([c for c in chunks if c.choices and c.choices[0].delta.content]) >= 6
+
+        # A client that goes away mid-stream aborts its request in the engine (the direct-ingress server
+        # passes the disconnect on as the proxy does). /metrics is refreshed every STATS_REFRESH_S on Ray:
+        # two readings a refresh apart that agree, with nothing running, mean the engine stopped early.
+        n, max_tokens = 32, 480
+        body = {"model": "d", "prompt": "go", "max_tokens": max_tokens, "n": n, "stream": True, **NO_EOS}
+        with httpx.stream("POST", cache.url("/v1/completions"), json=body, timeout=60) as response:
+            lines = response.iter_lines()
+            for _ in range(4):
+                next(lines)
+
+        def metric(name: str) -> float:
+            text = httpx.get(cache.url("/metrics"), timeout=10).text
+            return sum(float(v) for v in re.findall(rf"^{name}\{{[^}}]*\}} (\S+)$", text, re.M))
+
+        time.sleep(STATS_REFRESH_S + 1)
+        generated = metric("vllm:generation_tokens_total")
+        time.sleep(STATS_REFRESH_S + 1)
+        assert metric("vllm:num_requests_running") == 0
+        assert metric("vllm:generation_tokens_total") == generated
+        assert 0 < generated < n * max_tokens
 
         other = cache.cli("run", str(config), "--non-blocking", "--port", str(free_port()))
         assert other.returncode == 1
