@@ -738,8 +738,9 @@ def test_shutdown_stops_serve_and_the_cluster(ray_cluster: Cluster) -> None:
 
 def test_vlmserve_run_serves_one_app_through_direct_ingress(tiny_checkpoint: Path, tmp_path: Path) -> None:
     """A cluster `vlmserve run` starts for one application: its ingress replica answers HTTP on the asked
-    port itself (Ray Serve's proxy on another), tokens stream one at a time, status and shutdown work; a
-    second deploy asking another port is refused with what to do."""
+    port itself (Ray Serve's proxy on another), tokens stream one at a time, a client leaving aborts its
+    request, a second deploy asking another port is refused with what to do, one on the same port replaces
+    the application, status and shutdown work."""
     port = free_port()
     cache = Cluster("", 0, port, tmp_path, tmp_path / "ray" / "cluster.json")
     config = tmp_path / "serve_config.yaml"
@@ -800,6 +801,13 @@ def test_vlmserve_run_serves_one_app_through_direct_ingress(tiny_checkpoint: Pat
         other = cache.cli("run", str(config), "--non-blocking", "--port", str(free_port()))
         assert other.returncode == 1
         assert f"direct ingress on port {port}" in other.stderr
+
+        # Deploying again (an edited config) replaces the application on the same port.
+        config.write_text(config.read_text().replace("max_model_len: 512", "max_model_len: 480"))
+        again = cache.cli("run", str(config), "--non-blocking")
+        assert again.returncode == 0, again.stdout + again.stderr
+        assert "replacing application 'direct'" in again.stdout
+        assert httpx.get(cache.url("/v1/models"), timeout=30).json()["data"][0]["max_model_len"] == 480
 
         status = cache.cli("status")
         assert status.returncode == 0 and "direct:\n    status: RUNNING" in status.stdout

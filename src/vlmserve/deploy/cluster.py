@@ -13,7 +13,8 @@ replica answers HTTP on the given port itself, so a token crosses one Ray hop (r
 two (and the HTTP proxy, ~35 ms of CPU a request, is out of the path; benchmarks/RESULTS.md). Ray allocates
 direct-ingress ports from a range set when the cluster starts: here the one port asked for, while Serve's
 proxy, which Ray still starts, listens on a free port of its own. Several applications, a joined cluster
-(--address) or --no-direct-ingress use the proxy on the given port, as before.
+(--address) or --no-direct-ingress use the proxy on the given port, as before. Deploying again on such a
+cluster replaces the application (the old ingress replica stops first: the port is not shared).
 
 What `run` started is recorded in VLMSERVE_CACHE_DIR/ray/cluster.json (address, HTTP URL, the pid of the
 `ray start` process), so that `status` finds it and `shutdown` stops exactly that cluster: SIGTERM to the
@@ -162,6 +163,9 @@ def start_local_cluster(
         # Ray keeps a stopping ingress replica answering for 30 s by default, for an external load balancer
         # to notice; a local cluster has none, and shutdown would wait for it.
         env["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] = "1"
+        # Ray holds a released port back for minutes (for its HAProxy mode, not used here): the replica that
+        # replaces a dead or redeployed ingress must get the one port back at once.
+        env["RAY_SERVE_PORT_QUARANTINE_S"] = "0"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with log_path.open("w") as log:
         proc = subprocess.Popen(
@@ -411,6 +415,12 @@ def run(
     try:
         connect(record.address, quiet=non_blocking, started_here=record.started_here)
         serve.start(http_options={"host": host, "port": record.proxy_port or port})
+        if record.ingress_port is not None:
+            # One port, one ingress replica: a new one cannot start beside the old one (as a rolling update
+            # would start it), so what the cluster serves goes first.
+            for name in serve.status().applications:
+                print(f"replacing application {name!r} (direct ingress serves one application on its port)")
+                serve.delete(name)
         for spec in apps:
             app = build_application(spec)
             serve.run(app, name=spec.name, route_prefix=spec.route_prefix, blocking=False)
