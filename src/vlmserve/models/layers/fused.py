@@ -64,12 +64,17 @@ if AVAILABLE:
         cos_ptr,
         sin_ptr,
         out_ptr,
+        wq_ptr,  # NORM: q's (D,) norm weight, for heads below Q_HEADS
+        wk_ptr,  # NORM: k's, for the others
         stride_xt,
         stride_xh,
         stride_ot,
         stride_oh,
         stride_c,
         HEADS,
+        Q_HEADS,
+        eps,
+        NORM: tl.constexpr,  # Qwen3: each head RMS-normalised (then times its weight) before the rotation
         HALF: tl.constexpr,
         BLOCK_H: tl.constexpr,  # HEADS rounded up to a power of two
         BLOCK: tl.constexpr,  # HALF rounded up to a power of two (the vision tower's head dim is 80)
@@ -79,64 +84,28 @@ if AVAILABLE:
         t = tl.program_id(0)
         h = tl.arange(0, BLOCK_H)[:, None]
         d = tl.arange(0, BLOCK)[None, :]
-        ok = (h < HEADS) & (d < HALF)
-        base = x_ptr + t * stride_xt + h * stride_xh + d
-        x1 = tl.load(base, mask=ok).to(tl.float32)
-        x2 = tl.load(base + HALF, mask=ok).to(tl.float32)
-        dm = d < HALF
-        cos = tl.load(cos_ptr + t * stride_c + d, mask=dm)  # the two halves of cos / sin are equal
-        sin = tl.load(sin_ptr + t * stride_c + d, mask=dm)
-        out = out_ptr + t * stride_ot + h * stride_oh + d
-        tl.store(out, (x1 * cos - x2 * sin).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(out + HALF, (x2 * cos + x1 * sin).to(out_ptr.dtype.element_ty), mask=ok)
-
-    @triton.jit
-    def _qk_norm_rotary_kernel(
-        x_ptr,
-        wq_ptr,
-        wk_ptr,
-        cos_ptr,
-        sin_ptr,
-        out_ptr,
-        stride_xt,
-        stride_xh,
-        stride_ot,
-        stride_oh,
-        stride_c,
-        HEADS,
-        Q_HEADS,
-        eps,
-        HALF: tl.constexpr,
-        BLOCK_H: tl.constexpr,
-        BLOCK: tl.constexpr,
-    ):
-        # Qwen3's per-head RMSNorm of q and k (q's weight for the first Q_HEADS heads, k's for the rest), then
-        # the rotary, for all heads of one token: what RMSNorm then _rotary_kernel compute, with the same
-        # roundings (the norm's output is rounded to the input dtype before the rotation reads it).
-        t = tl.program_id(0)
-        h = tl.arange(0, BLOCK_H)[:, None]
-        d = tl.arange(0, BLOCK)[None, :]
         dm = d < HALF
         ok = (h < HEADS) & dm
+        dt = out_ptr.dtype.element_ty
         base = x_ptr + t * stride_xt + h * stride_xh + d
         x1 = tl.load(base, mask=ok, other=0.0).to(tl.float32)
         x2 = tl.load(base + HALF, mask=ok, other=0.0).to(tl.float32)
-        rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
-        is_q = h < Q_HEADS
-        w1 = tl.where(is_q, tl.load(wq_ptr + d, mask=dm, other=0.0), tl.load(wk_ptr + d, mask=dm, other=0.0))
-        w2 = tl.where(
-            is_q,
-            tl.load(wq_ptr + HALF + d, mask=dm, other=0.0),
-            tl.load(wk_ptr + HALF + d, mask=dm, other=0.0),
-        )
-        dt = out_ptr.dtype.element_ty
-        n1 = ((x1 * rstd).to(dt).to(tl.float32) * w1.to(tl.float32)).to(dt).to(tl.float32)
-        n2 = ((x2 * rstd).to(dt).to(tl.float32) * w2.to(tl.float32)).to(dt).to(tl.float32)
-        cos = tl.load(cos_ptr + t * stride_c + d, mask=dm)
+        if NORM:
+            # RMSNorm's roundings: normalised in float32, cast, times the weight, cast (what the rotation of
+            # the separate kernels would read)
+            rstd = tl.rsqrt((tl.sum(x1 * x1, 1) + tl.sum(x2 * x2, 1)) / (2 * HALF) + eps)[:, None]
+            is_q = h < Q_HEADS
+            w1 = tl.where(is_q, tl.load(wq_ptr + d, mask=dm), tl.load(wk_ptr + d, mask=dm)).to(tl.float32)
+            w2 = tl.where(is_q, tl.load(wq_ptr + HALF + d, mask=dm), tl.load(wk_ptr + HALF + d, mask=dm)).to(
+                tl.float32
+            )
+            x1 = ((x1 * rstd).to(dt).to(tl.float32) * w1).to(dt).to(tl.float32)
+            x2 = ((x2 * rstd).to(dt).to(tl.float32) * w2).to(dt).to(tl.float32)
+        cos = tl.load(cos_ptr + t * stride_c + d, mask=dm)  # the two halves of cos / sin are equal
         sin = tl.load(sin_ptr + t * stride_c + d, mask=dm)
         out = out_ptr + t * stride_ot + h * stride_oh + d
-        tl.store(out, (n1 * cos - n2 * sin).to(dt), mask=ok)
-        tl.store(out + HALF, (n2 * cos + n1 * sin).to(dt), mask=ok)
+        tl.store(out, (x1 * cos - x2 * sin).to(dt), mask=ok)
+        tl.store(out + HALF, (x2 * cos + x1 * sin).to(dt), mask=ok)
 
     @triton.jit
     def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_out, n_cols, BLOCK: tl.constexpr):
@@ -188,25 +157,7 @@ def add_rms_norm(
 
 def rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x (T, H, D) (any strides with a unit last stride); cos, sin (T, D) float32 -> (T, H, D) contiguous."""
-    t, h, d = x.shape
-    out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
-    if t:
-        _rotary_kernel[(t,)](
-            x,
-            cos,
-            sin,
-            out,
-            x.stride(0),
-            x.stride(1),
-            out.stride(0),
-            out.stride(1),
-            cos.stride(0),
-            h,
-            HALF=d // 2,
-            BLOCK_H=triton.next_power_of_2(h),
-            BLOCK=triton.next_power_of_2(d // 2),
-        )
-    return out
+    return _rotary(x, cos, sin)
 
 
 def qk_norm_rotary(
@@ -220,12 +171,22 @@ def qk_norm_rotary(
 ) -> torch.Tensor:
     """x (T, Hq + Hkv, D) q's heads then k's (any strides with a unit last stride), weights (D,) of x's dtype;
     cos, sin (T, D) float32 -> (T, Hq + Hkv, D) contiguous: rotary(rms_norm(head)) per head, one launch."""
+    return _rotary(x, cos, sin, (q_weight, k_weight, q_heads, eps))
+
+
+def _rotary(
+    x: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    norm: tuple[torch.Tensor, torch.Tensor, int, float] | None = None,
+) -> torch.Tensor:
     t, h, d = x.shape
     out = torch.empty((t, h, d), dtype=x.dtype, device=x.device)
+    wq, wk, q_heads, eps = norm if norm is not None else (x, x, h, 0.0)  # x: pointers the kernel never reads
     if t:
-        _qk_norm_rotary_kernel[(t,)](
-            x, q_weight, k_weight, cos, sin, out, x.stride(0), x.stride(1), out.stride(0), out.stride(1),
-            cos.stride(0), h, q_heads, eps, HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
+        _rotary_kernel[(t,)](
+            x, cos, sin, out, wq, wk, x.stride(0), x.stride(1), out.stride(0), out.stride(1), cos.stride(0), h,
+            q_heads, eps, NORM=norm is not None, HALF=d // 2, BLOCK_H=triton.next_power_of_2(h),
             BLOCK=triton.next_power_of_2(d // 2),
         )  # fmt: skip
     return out

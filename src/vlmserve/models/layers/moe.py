@@ -174,7 +174,8 @@ if TRITON:
                            BLOCK_E: tl.constexpr):  # fmt: skip
         # One token: its TOP_K largest logits (the lowest index first among equals), then their softmax, which
         # is the full softmax's top k renormalised to sum to 1 (exp(l_i) / sum_all over sum_sel exp(l_j) /
-        # sum_all). Replaces softmax, topk, sum, divide and two casts: five launches per MoE layer at decode.
+        # sum_all). Replaces softmax, topk, sum, divide and the weights' cast here, and the ids' int32 cast in
+        # fused_moe_triton: six launches per MoE layer at decode.
         t = tl.program_id(0)
         e = tl.arange(0, BLOCK_E)
         logits = tl.load(logits_ptr + t * stride_l + e, mask=e < E, other=float("-inf")).to(tl.float32)

@@ -2,9 +2,9 @@
 and AWQ int4 (W4A16, weights dequantized in registers, never as a full-size copy).
 
     fp8_linear   at decode sizes, a Triton GEMM on activations quantized per row and 128 columns by one
-                 kernel beforehand, for block and per-channel scales; on Hopper from SCALED_MM_MIN_ROWS / ROWWISE_MM_MIN_ROWS rows,
-                 torch._scaled_mm (cuBLASLt): 128x128 block scales with activations per row and 128
-                 columns, or per-channel scales with activations per row (quantized by one kernel)
+                 kernel beforehand, for block and per-channel scales; on Hopper from SCALED_MM_MIN_ROWS /
+                 ROWWISE_MM_MIN_ROWS rows, torch._scaled_mm (cuBLASLt): 128x128 block scales with
+                 activations per row and 128 columns, or per-channel scales with activations per row
     awq_linear   a Triton GEMM that unpacks the int4 weights in registers (a tile of packed bytes loaded once,
                  its two nibbles interleaved back into K order) and multiplies on the tensor cores
 
@@ -373,8 +373,8 @@ def fp8_triton(
 
 
 # Rows from which torch._scaled_mm (cuBLASLt) runs where it applies: below, the split-K Triton kernel streams
-# the weights faster (it quantizes the activations without extra launches); from here cuBLASLt's tiles win, more
-# so the larger the batch (per-size figures: benchmarks/RESULTS.md). Block-scaled weights from 64 rows,
+# the weights faster (narrow tiles, K split across programs); from here cuBLASLt's tiles win, more so the
+# larger the batch (per-size figures: benchmarks/RESULTS.md). Block-scaled weights from 64 rows,
 # per-channel ones from 128 (the 7B's linears per step on the H200, per-channel: 3.52 ms by Triton against 4.00
 # by cuBLASLt at 64 rows, 5.08 against 3.86 at 128, 9.40 against 4.46 at 256).
 SCALED_MM_MIN_ROWS = 64
