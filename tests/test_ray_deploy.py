@@ -14,6 +14,7 @@ import io
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -816,3 +817,25 @@ def test_vlmserve_run_serves_one_app_through_direct_ingress(tiny_checkpoint: Pat
     assert stopped.returncode == 0, stopped.stdout + stopped.stderr
     with pytest.raises(httpx.TransportError):
         httpx.get(cache.url("/v1/models"), timeout=5)
+
+
+def test_vlmserve_run_refuses_a_taken_port_before_starting_a_cluster(tmp_path: Path) -> None:
+    """Direct ingress binds the asked port in a replica, where a taken port would only show as a failed
+    deployment after Ray's retries: `vlmserve run` checks it first and says which port."""
+    cache = Cluster("", 0, 0, tmp_path, tmp_path / "ray" / "cluster.json")
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        config = tmp_path / "serve_config.yaml"
+        config.write_text(
+            f"http_options: {{host: 127.0.0.1, port: {port}}}\n"
+            "applications:\n"
+            "  - {name: a, route_prefix: /, import_path: vlmserve:build_openai_app,\n"
+            "     args: {llm_configs: [{model_loading_config: {model_id: a, model_source: demo}}]}}\n"
+        )
+        result = cache.cli("run", str(config), "--non-blocking")
+    assert result.returncode == 1
+    assert f"cannot listen on 127.0.0.1:{port}" in result.stderr
+    assert "starting a local Ray cluster" not in result.stdout
+    assert not cache.record_path.exists()

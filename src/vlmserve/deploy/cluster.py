@@ -105,6 +105,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def check_port_free(host: str, port: int) -> None:
+    """A port the cluster's ingress will listen on must be free before the cluster starts: taken, Ray would
+    retry binding it for a while and then fail the deployment with no word about the port."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(
+            socket.SOL_SOCKET, socket.SO_REUSEADDR, 1
+        )  # as the server sets it: TIME_WAIT is no owner
+        try:
+            s.bind((host, port))
+        except OSError as e:
+            raise ClusterError(f"cannot listen on {host}:{port} ({e.strerror}): choose another --port") from e
+
+
 def is_our_ray_process(pid: int, address: str) -> bool:
     """Whether `pid` is alive and is the `ray start` of `address` (not a process that reused the pid)."""
     if not _alive(pid):
@@ -395,9 +408,11 @@ def run(
             )
         print(f"using the local Ray cluster at {record.address} (started by an earlier `vlmserve run`)")
     else:
+        direct = direct_ingress and len(apps) == 1 and one_ingress_replica(apps[0])
+        if direct:
+            check_port_free(host, port)
         log_path = record_path.parent / "ray-start.log"
         print("starting a local Ray cluster ...", flush=True)
-        direct = direct_ingress and len(apps) == 1 and one_ingress_replica(apps[0])
         gcs, pid = start_local_cluster(num_cpus, log_path, ingress_port=port if direct else None)
         record = ClusterRecord(
             gcs,
